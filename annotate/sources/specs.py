@@ -1,0 +1,95 @@
+"""The exact RLDS feature layouts of BridgeData V2 and Fractal, as TFDS feature specs.
+
+The project's own writer uses these to produce fixtures and the embedded sample in
+the real layouts, so the real reader is exercised end to end without downloads.
+Layouts follow `bridge_orig` / `bridge_dataset` and `fractal20220817_data/0.1.0`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def bridge_features(cameras: int = 4, image_size: tuple[int, int] = (256, 256)) -> Any:
+    """BridgeData V2 (`bridge_orig`): 4 cameras image_0..3 (256x256 JPEG), 7-d state/action."""
+    import tensorflow_datasets as tfds
+
+    f = tfds.features
+    h, w = image_size
+    obs: dict[str, Any] = {
+        f"image_{i}": f.Image(shape=(h, w, 3), dtype=np.uint8, encoding_format="jpeg") for i in range(cameras)
+    }
+    obs["state"] = f.Tensor(shape=(7,), dtype=np.float32)
+    return f.FeaturesDict(
+        {
+            "steps": f.Dataset(
+                {
+                    "observation": f.FeaturesDict(obs),
+                    "action": f.Tensor(shape=(7,), dtype=np.float32),
+                    "discount": f.Scalar(dtype=np.float32),
+                    "reward": f.Scalar(dtype=np.float32),
+                    "is_first": f.Scalar(dtype=np.bool_),
+                    "is_last": f.Scalar(dtype=np.bool_),
+                    "is_terminal": f.Scalar(dtype=np.bool_),
+                    "language_instruction": f.Text(),
+                    "language_embedding": f.Tensor(shape=(512,), dtype=np.float32),
+                }
+            ),
+            "episode_metadata": f.FeaturesDict(
+                {
+                    "file_path": f.Text(),
+                    "episode_id": f.Scalar(dtype=np.int32),
+                    **{f"has_image_{i}": f.Scalar(dtype=np.bool_) for i in range(4)},
+                    "has_language": f.Scalar(dtype=np.bool_),
+                }
+            ),
+        }
+    )
+
+
+def fractal_features() -> Any:
+    """Fractal (`fractal20220817_data` 0.1.0, RT-1): one 256x320 camera, dict actions."""
+    import tensorflow_datasets as tfds
+
+    f = tfds.features
+    t = f.Tensor
+    observation = {
+        "image": f.Image(shape=(256, 320, 3), dtype=np.uint8, encoding_format="jpeg"),
+        "natural_language_instruction": f.Text(),
+        "natural_language_embedding": t(shape=(512,), dtype=np.float32),
+        "base_pose_tool_reached": t(shape=(7,), dtype=np.float32),
+        "gripper_closed": t(shape=(1,), dtype=np.float32),
+        "gripper_closedness_commanded": t(shape=(1,), dtype=np.float32),
+        "height_to_bottom": t(shape=(1,), dtype=np.float32),
+        "orientation_box": t(shape=(2, 3), dtype=np.float32),
+        "orientation_start": t(shape=(4,), dtype=np.float32),
+        "robot_orientation_positions_box": t(shape=(3, 3), dtype=np.float32),
+        "rotation_delta_to_go": t(shape=(3,), dtype=np.float32),
+        "src_rotation": t(shape=(4,), dtype=np.float32),
+        "vector_to_go": t(shape=(3,), dtype=np.float32),
+        "workspace_bounds": t(shape=(3, 3), dtype=np.float32),
+    }
+    action = {
+        "world_vector": t(shape=(3,), dtype=np.float32),
+        "rotation_delta": t(shape=(3,), dtype=np.float32),
+        "gripper_closedness_action": t(shape=(1,), dtype=np.float32),
+        "terminate_episode": t(shape=(3,), dtype=np.int32),
+        "base_displacement_vector": t(shape=(2,), dtype=np.float32),
+        "base_displacement_vertical_rotation": t(shape=(1,), dtype=np.float32),
+    }
+    return f.FeaturesDict(
+        {
+            "steps": f.Dataset(
+                {
+                    "observation": f.FeaturesDict(observation),
+                    "action": f.FeaturesDict(action),
+                    "reward": f.Scalar(dtype=np.float32),
+                    "is_first": f.Scalar(dtype=np.bool_),
+                    "is_last": f.Scalar(dtype=np.bool_),
+                    "is_terminal": f.Scalar(dtype=np.bool_),
+                }
+            ),
+        }
+    )

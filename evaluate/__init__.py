@@ -1,0 +1,1 @@
+"""SimplerEnv evaluation of trained policies (refine-eval comes with its own issue)."""

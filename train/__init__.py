@@ -1,0 +1,1 @@
+"""Fine-tuning VLAs on reasoning-enriched datasets (refine-train comes with its own issue)."""
