@@ -125,7 +125,9 @@ def sample_dir() -> str:
     """The embedded sample's TFDS builder directory (package data; works offline)."""
     root = resources.files("refinevla.annotate.sources") / "sample" / SAMPLE_NAME
     path = os.fspath(root)  # type: ignore[call-overload]
-    versions = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))) if os.path.isdir(path) else []
+    versions = (
+        sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))) if os.path.isdir(path) else []
+    )
     if not versions:
         raise SourceError(f"{path}: the embedded sample is missing from this installation (reinstall refinevla)")
     return os.path.join(path, versions[-1])

@@ -217,9 +217,7 @@ class RecordDecoder:
         arr = np.asarray(values, dtype=np.float32 if dtype.kind == "f" else np.int64).astype(dtype, copy=False)
         width = int(np.prod(shape)) if shape else 1
         if n_steps is not None and arr.size != n_steps * width:
-            raise SourceError(
-                f"{self.where}: field steps/{key} has {arr.size} values, expected {n_steps}x{width}"
-            )
+            raise SourceError(f"{self.where}: field steps/{key} has {arr.size} values, expected {n_steps}x{width}")
         return arr.reshape(-1, width) if shape else arr
 
     def decode(self, record: bytes, fallback_id: str) -> Episode:
@@ -240,7 +238,9 @@ class RecordDecoder:
             if vals:
                 v = vals[0]
                 meta[key.rsplit("/", 1)[-1]] = v.decode("utf-8") if isinstance(v, bytes) else int(v)
-        source_key = "#".join(str(meta[k.rsplit("/", 1)[-1]]) for k in self.episode_keys if k.rsplit("/", 1)[-1] in meta)
+        source_key = "#".join(
+            str(meta[k.rsplit("/", 1)[-1]]) for k in self.episode_keys if k.rsplit("/", 1)[-1] in meta
+        )
         episode_id = f"{m.dataset}:{source_key or fallback_id}"
         where = f"{self.where}: episode {episode_id}"
         if n_steps == 0:
@@ -347,9 +347,7 @@ def iter_shard_records(
         raise SourceError(f"{task.path}: unsupported TFDS file format {task.file_format!r}")
 
 
-def _read_task(
-    task: ShardTask, decoder: RecordDecoder, options: ReadOptions
-) -> tuple[list[Episode], list[str]]:
+def _read_task(task: ShardTask, decoder: RecordDecoder, options: ReadOptions) -> tuple[list[Episode], list[str]]:
     counters = ReadCounters()
     episodes = list(_decode_task(task, decoder, options, counters))
     return episodes, counters.corrupt

@@ -1,0 +1,247 @@
+"""`refine-data`: read robot episodes, compute statistics, annotate, publish.
+
+Thin by design: parse flags, call the library, report. Heavy imports happen inside
+commands so `refine-data --help` is instant. Errors a user can act on
+(`RefineError`) print as one red line with a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from .errors import RefineError
+
+app = typer.Typer(
+    name="refine-data",
+    help="Reasoning-enriched robot datasets: inspect sources, compute statistics, annotate with a teacher, publish.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Options shared by every command that reads a source (Typer's Annotated reuse).
+SourceArg = Annotated[
+    str,
+    typer.Argument(
+        help="bridge | fractal | sample | rlds:PATH (TFDS builder dir) | lerobot:PATH_OR_REPO_ID",
+        show_default=False,
+    ),
+]
+DataDirOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--data-dir", help="Where the RLDS datasets live (default: $TFDS_DATA_DIR, ~/tensorflow_datasets); gs:// ok."
+    ),
+]
+SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split.")]
+CameraOpt = Annotated[
+    list[str] | None, typer.Option("--camera", help="Camera feature(s) to read, primary first (e.g. image_1).")
+]
+InstructionKeyOpt = Annotated[str | None, typer.Option("--instruction-key", help="Feature holding the instruction.")]
+StateKeyOpt = Annotated[str | None, typer.Option("--state-key", help="Feature(s) forming the state, comma-separated.")]
+ActionKeyOpt = Annotated[
+    str | None, typer.Option("--action-key", help="Feature(s) forming the action, comma-separated.")
+]
+EpisodesOpt = Annotated[str | None, typer.Option("--episodes", help="Episode index range START:STOP (split order).")]
+WorkersOpt = Annotated[int, typer.Option("--workers", help="Reader processes (0 = read in this process).")]
+SkipCorruptOpt = Annotated[
+    bool, typer.Option("--skip-corrupt", help="Skip and count records that fail their CRC instead of stopping.")
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Turn `RefineError` into one red line + exit 1, and Ctrl-C into exit 130."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except RefineError as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _split_keys(value: str | None) -> tuple[str, ...]:
+    return tuple(k.strip() for k in value.split(",") if k.strip()) if value else ()
+
+
+def parse_range(value: str | None, limit: int | None = None) -> tuple[int, int | None]:
+    """ "START:STOP" (either side optional) plus --limit -> (start, stop)."""
+    start, stop = 0, None
+    if value:
+        lo, sep, hi = value.partition(":")
+        try:
+            start = int(lo) if lo else 0
+            stop = int(hi) if hi else None
+            if not sep:
+                stop = start + 1
+        except ValueError:
+            raise RefineError(f"--episodes {value!r}: expected START:STOP, e.g. 0:100") from None
+    if limit is not None:
+        stop = start + limit if stop is None else min(stop, start + limit)
+    return start, stop
+
+
+def open_cli_source(
+    source: str,
+    data_dir: str | None,
+    split: str,
+    camera: list[str] | None,
+    instruction_key: str | None,
+    state_key: str | None,
+    action_key: str | None,
+) -> Any:
+    """Open a source with the user's layout overrides applied."""
+    from .sources import SourceOverrides, open_source
+
+    overrides = SourceOverrides(
+        cameras=tuple(camera or ()),
+        instruction_key=instruction_key,
+        state_key=_split_keys(state_key),
+        action_key=_split_keys(action_key),
+    )
+    return open_source(source, data_dir=data_dir, split=split, overrides=overrides)
+
+
+@app.command()
+@user_errors
+def inspect(
+    source: SourceArg,
+    limit: Annotated[int | None, typer.Option("--limit", help="Show at most N episodes.")] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per episode, then a summary object.")
+    ] = False,
+    data_dir: DataDirOpt = None,
+    split: SplitOpt = "train",
+    camera: CameraOpt = None,
+    instruction_key: InstructionKeyOpt = None,
+    state_key: StateKeyOpt = None,
+    action_key: ActionKeyOpt = None,
+    episodes: EpisodesOpt = None,
+    workers: WorkersOpt = 0,
+    skip_corrupt: SkipCorruptOpt = False,
+) -> None:
+    """One line per episode (id, steps, instruction, cameras, action range), then a summary."""
+    from .inspect import episode_summary, run_summary
+    from .sources import ReadOptions
+
+    src = open_cli_source(source, data_dir, split, camera, instruction_key, state_key, action_key)
+    start, stop = parse_range(episodes, limit)
+    rows = []
+    for ep in src.iter_episodes(ReadOptions(start=start, stop=stop, workers=workers, skip_corrupt=skip_corrupt)):
+        row = episode_summary(ep)
+        rows.append(row)
+        if as_json:
+            typer.echo(json.dumps(row))
+        else:
+            lo, hi = row["action_min"], row["action_max"]
+            rng = " ".join(f"[{a:+.3f},{b:+.3f}]" for a, b in zip(lo, hi, strict=True))
+            typer.echo(
+                f"{row['episode_id']}  steps={row['steps']}  cameras={','.join(row['cameras'])}  "
+                f"instruction={row['instruction']!r}  action={rng}"
+            )
+    summary = run_summary(src.name, rows, src.counters.corrupt)
+    if as_json:
+        typer.echo(json.dumps({"summary": summary}))
+    else:
+        typer.echo(
+            f"{summary['dataset']}: {summary['episodes']} episodes, {summary['steps']} steps "
+            f"(mean {summary['mean_steps']:.1f}, min {summary['min_steps']}, max {summary['max_steps']}), "
+            f"{summary['instructions']} distinct instructions, {summary['corrupt_skipped']} corrupt records skipped"
+        )
+    for line in src.counters.corrupt:
+        typer.secho(f"skipped: {line}", fg=typer.colors.YELLOW, err=True)
+
+
+@app.command()
+@user_errors
+def stats(
+    source: SourceArg,
+    out: Annotated[Path, typer.Option("--out", help="Where to write dataset_statistics.json.")] = Path(
+        "dataset_statistics.json"
+    ),
+    transform: Annotated[
+        str, typer.Option("--transform", help="bridge_orig | fractal | none | auto (from the preset).")
+    ] = "auto",
+    key: Annotated[
+        str | None, typer.Option("--key", help="Top-level key (unnorm_key); default: the dataset name.")
+    ] = None,
+    data_dir: DataDirOpt = None,
+    split: SplitOpt = "train",
+    camera: CameraOpt = None,
+    instruction_key: InstructionKeyOpt = None,
+    state_key: StateKeyOpt = None,
+    action_key: ActionKeyOpt = None,
+    episodes: EpisodesOpt = None,
+    workers: WorkersOpt = 0,
+    skip_corrupt: SkipCorruptOpt = False,
+) -> None:
+    """Write OpenVLA-format action/proprio statistics (mean, std, min, max, q01, q99, mask)."""
+    from .sources import ReadOptions
+    from .stats import TRANSFORMS, compute_statistics
+
+    src = open_cli_source(source, data_dir, split, camera, instruction_key, state_key, action_key)
+    if transform == "auto":
+        transform = {"fractal20220817_data": "fractal"}.get(src.name, "bridge_orig" if _is_bridge_like(src) else "none")
+    if transform not in TRANSFORMS:
+        raise RefineError(f"--transform {transform!r}: choose from {', '.join(TRANSFORMS)}, auto")
+    start, stop = parse_range(episodes)
+    eps = src.iter_episodes(ReadOptions(start=start, stop=stop, workers=workers, skip_corrupt=skip_corrupt))
+    try:
+        entry = compute_statistics(eps, transform)
+    except ValueError as exc:
+        raise RefineError(f"{source}: {exc}") from None
+    unnorm_key = key or src.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({unnorm_key: entry}, indent=2))
+    typer.echo(
+        f"wrote {out}: {unnorm_key} ({transform}), {entry['num_trajectories']} trajectories, "
+        f"{entry['num_transitions']} transitions"
+    )
+    for line in src.counters.corrupt:
+        typer.secho(f"skipped: {line}", fg=typer.colors.YELLOW, err=True)
+
+
+def _is_bridge_like(src: Any) -> bool:
+    mapping = getattr(src, "mapping", None)
+    return mapping is not None and mapping.state == ("observation/state",) and mapping.action == ("action",)
+
+
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (annotate, publish) add themselves here."""
+    from importlib import import_module
+
+    for module in ("annotate_cmd", "publish_cmd"):
+        try:
+            mod = import_module(f"{__package__}.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__package__}.{module}":
+                raise
+            continue
+        mod.register(app)
+
+
+_register_optional_commands()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,135 @@
+"""Dataset factories shared by all tests: tiny datasets written by the project's own writers
+in the exact Bridge and Fractal feature layouts (no downloads)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from refinevla.annotate.sources import specs
+from refinevla.annotate.sources.rlds_writer import write_rlds
+
+IMAGE = (64, 64)
+
+
+def frame(seed: int, t: int, size: tuple[int, int] = IMAGE) -> np.ndarray:
+    """A structured frame (moving bright square) so JPEG round trips can be compared."""
+    h, w = size
+    img = np.full((h, w, 3), 40 + (seed * 23) % 120, dtype=np.uint8)
+    x = (t * 5 + seed * 7) % (w - 16)
+    img[10:26, x : x + 16] = (250, 220, 30)
+    return img
+
+
+def bridge_episode(seed: int, steps: int = 12, cameras: int = 2, size: tuple[int, int] = IMAGE) -> dict[str, Any]:
+    """A Bridge-layout TFDS example: the robot moves forward, closes the gripper, lifts."""
+    rng = np.random.default_rng(seed)
+    state = np.zeros((steps, 7), np.float32)
+    state[:, 0] = np.linspace(0.2, 0.35, steps)
+    state[:, 2] = np.concatenate([np.full(steps // 2, 0.05), np.linspace(0.05, 0.15, steps - steps // 2)])
+    state[:, 6] = np.where(np.arange(steps) < steps // 2, 1.0, 0.0)
+    state[:, :6] += rng.normal(0, 1e-3, (steps, 6)).astype(np.float32)
+    action = np.zeros((steps, 7), np.float32)
+    action[:-1, :6] = state[1:, :6] - state[:-1, :6]
+    action[:, 6] = state[:, 6]
+    return {
+        "steps": [
+            {
+                "observation": {
+                    **{f"image_{c}": frame(seed * 10 + c, t, size) for c in range(cameras)},
+                    "state": state[t],
+                },
+                "action": action[t],
+                "discount": 1.0,
+                "reward": float(t == steps - 1),
+                "is_first": t == 0,
+                "is_last": t == steps - 1,
+                "is_terminal": t == steps - 1,
+                "language_instruction": f"put the spoon {seed} on the towel",
+                "language_embedding": np.zeros(512, np.float32),
+            }
+            for t in range(steps)
+        ],
+        "episode_metadata": {
+            "file_path": f"/nfs/bridge/raw/scene_{seed}/traj{seed}.pkl",
+            "episode_id": seed,
+            **{f"has_image_{c}": c < cameras for c in range(4)},
+            "has_language": True,
+        },
+    }
+
+
+def fractal_episode(seed: int, steps: int = 8) -> dict[str, Any]:
+    """A Fractal-layout example: dict actions, pose + quaternion state, one 256x320 camera."""
+    rng = np.random.default_rng(seed)
+    gripper_cmd = np.zeros(steps, np.float32)
+    gripper_cmd[steps // 2] = 1.0  # close (relative command)
+    out = []
+    for t in range(steps):
+        quat = np.array([0.0, 0.0, np.sin(0.05 * t), np.cos(0.05 * t)], np.float32)  # x, y, z, w
+        out.append(
+            {
+                "observation": {
+                    "image": np.zeros((256, 320, 3), np.uint8) + np.uint8(t * 10),
+                    "natural_language_instruction": "pick coke can",
+                    "natural_language_embedding": np.zeros(512, np.float32),
+                    "base_pose_tool_reached": np.concatenate([[0.5 + 0.01 * t, 0.0, 0.8], quat]).astype(np.float32),
+                    "gripper_closed": np.array([float(t > steps // 2)], np.float32),
+                    "gripper_closedness_commanded": np.array([gripper_cmd[t]], np.float32),
+                    "height_to_bottom": np.array([0.3], np.float32),
+                    "orientation_box": np.zeros((2, 3), np.float32),
+                    "orientation_start": np.zeros(4, np.float32),
+                    "robot_orientation_positions_box": np.zeros((3, 3), np.float32),
+                    "rotation_delta_to_go": np.zeros(3, np.float32),
+                    "src_rotation": np.zeros(4, np.float32),
+                    "vector_to_go": np.zeros(3, np.float32),
+                    "workspace_bounds": np.zeros((3, 3), np.float32),
+                },
+                "action": {
+                    "world_vector": rng.normal(0, 0.05, 3).astype(np.float32),
+                    "rotation_delta": rng.normal(0, 0.05, 3).astype(np.float32),
+                    "gripper_closedness_action": np.array([gripper_cmd[t]], np.float32),
+                    "terminate_episode": np.array([0, 1, 0] if t < steps - 1 else [1, 0, 0], np.int32),
+                    "base_displacement_vector": np.zeros(2, np.float32),
+                    "base_displacement_vertical_rotation": np.zeros(1, np.float32),
+                },
+                "reward": float(t == steps - 1),
+                "is_first": t == 0,
+                "is_last": t == steps - 1,
+                "is_terminal": t == steps - 1,
+            }
+        )
+    return {"steps": out}
+
+
+@pytest.fixture
+def write_bridge(tmp_path: Path) -> Callable[..., str]:
+    """Write a Bridge-layout builder dir; returns `<dir>/<name>/<version>`."""
+
+    def make(
+        n: int = 5,
+        *,
+        name: str = "bridge_orig",
+        shards: int = 2,
+        file_format: str = "tfrecord",
+        steps: Callable[[int], int] = lambda i: 8 + i,
+        cameras: int = 2,
+        root: Path | None = None,
+    ) -> str:
+        feats = specs.bridge_features(cameras=cameras, image_size=IMAGE)
+        eps = [bridge_episode(i, steps(i), cameras) for i in range(n)]
+        return write_rlds(root or tmp_path / "data", feats, eps, name=name, num_shards=shards, file_format=file_format)
+
+    return make
+
+
+@pytest.fixture
+def fractal_dir(tmp_path: Path) -> str:
+    eps = [fractal_episode(i, 6 + i) for i in range(3)]
+    return write_rlds(
+        tmp_path / "data", specs.fractal_features(), eps, name="fractal20220817_data", version="0.1.0", num_shards=2
+    )
