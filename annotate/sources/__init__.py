@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from typing import TYPE_CHECKING
+
 from ..errors import SourceError
 from .base import EpisodeSource, ReadCounters, ReadOptions, SourceOverrides
+
+if TYPE_CHECKING:
+    from .rlds import RldsMapping
 
 __all__ = ["EpisodeSource", "ReadCounters", "ReadOptions", "SourceOverrides", "open_source"]
 
@@ -51,21 +56,22 @@ def open_source(
     if sep and scheme == "lerobot":
         from .lerobot import LeRobotSource
 
-        return LeRobotSource(rest, overrides=overrides)
+        lerobot: EpisodeSource = LeRobotSource(rest, overrides=overrides)
+        return lerobot
     raise SourceError(
         f"unknown source {uri!r}: use bridge, fractal, sample, rlds:PATH (a TFDS builder directory) "
         "or lerobot:PATH_OR_REPO_ID"
     )
 
 
-def _apply(mapping, overrides: SourceOverrides):  # type: ignore[no-untyped-def]
+def _apply(mapping: RldsMapping, overrides: SourceOverrides) -> RldsMapping:
     """Apply the user's layout flags on top of a preset mapping."""
 
     def step_path(key: str) -> str:
         # `--camera image_1` means observation/image_1; a full path is taken as is.
         return key if "/" in key or key in ("action", "language_instruction") else f"observation/{key}"
 
-    changes = {}
+    changes: dict[str, str | tuple[str, ...]] = {}
     if overrides.cameras:
         changes["cameras"] = tuple(step_path(c) for c in overrides.cameras)
     if overrides.instruction_key:
@@ -75,4 +81,4 @@ def _apply(mapping, overrides: SourceOverrides):  # type: ignore[no-untyped-def]
         changes["state_transform"] = "none"
     if overrides.action_key:
         changes["action"] = tuple(overrides.action_key)
-    return replace(mapping, **changes)
+    return replace(mapping, **changes)  # type: ignore[arg-type]

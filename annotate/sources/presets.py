@@ -124,7 +124,7 @@ def find_builder_dir(preset: Preset, data_dir: str | None) -> tuple[str, str]:
 def sample_dir() -> str:
     """The embedded sample's TFDS builder directory (package data; works offline)."""
     root = resources.files("refinevla.annotate.sources") / "sample" / SAMPLE_NAME
-    path = os.fspath(root)  # type: ignore[call-overload]
+    path = str(root)
     versions = (
         sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d))) if os.path.isdir(path) else []
     )

@@ -125,7 +125,7 @@ def _encode_images(episode: Mapping[str, Any], image_paths: list[tuple[str, ...]
             return {**node, path[0]: fix(node[path[0]], path[1:])}
         return node
 
-    out: Any = episode
+    out: Mapping[str, Any] = episode
     for p in image_paths:
         out = fix(out, p)
     return out
