@@ -1,0 +1,29 @@
+"""The wheel carries everything a fresh install needs offline: schemas, card templates, the sample."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_contains_package_data_and_no_bare_top_level_modules(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("refinevla-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/", 1)[0] for n in names if not n.startswith("refinevla-")}
+    assert top == {"refinevla"}  # never bare `evaluate` / `train` (they would shadow HF's `evaluate`)
+    assert any(n.startswith("refinevla/schemas/") and n.endswith(".json") for n in names)
+    sample = [n for n in names if n.startswith("refinevla/annotate/sources/sample/refinevla_sample/")]
+    assert any(n.endswith("dataset_info.json") for n in sample)
+    assert any(n.endswith("features.json") for n in sample)
+    assert any(".tfrecord-" in n for n in sample)
+    for sub in ("annotate", "schemas", "datacards", "train", "evaluate"):
+        assert f"refinevla/{sub}/__init__.py" in names
