@@ -57,7 +57,9 @@ def write_rlds(
     splits = {split: episodes, **(dict(extra_splits) if extra_splits else {})}
     split_infos = []
     for split_name, split_episodes in splits.items():
-        serialized = [features.serialize_example(_encode_images(ep, image_keys)) for ep in split_episodes]
+        serialized = [
+            _deterministic(features.serialize_example(_encode_images(ep, image_keys))) for ep in split_episodes
+        ]
         n = len(serialized)
         shards = max(1, min(num_shards, n)) if n else 1
         bounds = [round(i * n / shards) for i in range(shards + 1)]
@@ -93,6 +95,18 @@ def write_rlds(
         description=description or f"{name}, written by refinevla",
     )
     return out
+
+
+def _deterministic(record: bytes) -> bytes:
+    """Re-serialise with protobuf's deterministic map order.
+
+    TFDS serialises without `deterministic=True`, so the order of the Example's feature
+    map (not its content) changes between runs; committed data (the sample) must be
+    byte-identical when regenerated.
+    """
+    from tensorflow_datasets.proto import tf_example_pb2
+
+    return bytes(tf_example_pb2.Example.FromString(record).SerializeToString(deterministic=True))
 
 
 def _image_paths(features: Any) -> list[tuple[str, ...]]:
