@@ -1,0 +1,578 @@
+"""The annotation engine: keeps a teacher saturated, survives every fault, never pays twice.
+
+For each episode: build the request (prompt + keyframes) and its key; if the store has an
+answer for the key, use it (cached); otherwise ask the teacher under the concurrency, RPM
+and TPM limits, retrying transient failures with exponential backoff + jitter (and the
+server's `Retry-After`), never retrying a 400. Every raw answer is committed to the store
+*before* it is used; an answer that fails the schema or the semantic checks is re-asked
+with the errors, up to `max_attempts`, and then rejected with its reason. `--max-cost`
+and Ctrl-C stop dispatching cleanly; what was in flight is finished and stored.
+
+Requests are prepared (read, hashed, keyframes encoded) in a producer thread so the
+event loop only does I/O and bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import json
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from ..schemas import (
+    DEFAULT_SCHEMA_ID,
+    SemanticContext,
+    schema_digest,
+    semantic_errors,
+    teacher_response_format,
+    validate_teacher_answer,
+)
+from .episode import Episode
+from .pricing import PriceTable
+from .prompts import EpisodeFacts, FrameOptions, PromptBundle, build_prompt, load_template, reask_messages
+from .ratelimit import RateLimiter
+from .store import Attempt, ResultStore
+from .teachers.base import (
+    PermanentTeacherError,
+    Teacher,
+    TeacherRequest,
+    TeacherResponse,
+    TransientTeacherError,
+    redact,
+)
+
+IMAGE_TOKENS = 258  # what Gemini bills per image up to 384 px (OpenAI: 255 for a 256 px high-detail tile)
+
+Status = Literal["annotated", "cached", "rejected", "failed", "stopped"]
+
+
+@dataclass
+class EngineOptions:
+    """How the engine asks (all of it is user-facing through the CLI flags of the same names)."""
+
+    concurrency: int = 16  # requests in flight at most
+    rpm: float | None = None  # requests per minute (None: unlimited)
+    tpm: float | None = None  # tokens per minute, prompt + completion, estimated then settled
+    timeout: float = 120.0  # seconds per request
+    max_attempts: int = 3  # answers per episode (first ask + re-asks with the validation errors)
+    max_retries: int = 6  # transient failures (429/5xx/timeout) retried per ask before giving up for this run
+    retry_base: float = 1.0  # first backoff in seconds; doubles per retry, with jitter
+    retry_max: float = 60.0  # longest backoff in seconds
+    max_cost: float | None = None  # USD; stop dispatching when spent + in-flight estimate reaches it
+    schema_id: str = DEFAULT_SCHEMA_ID
+    template: str = "rationale-v1"  # prompt template version
+    frames: FrameOptions = field(default_factory=FrameOptions)
+    expected_completion_tokens: int = 1200  # estimate for TPM and budgets until real answers arrive
+
+
+@dataclass
+class PreparedRequest:
+    """An episode made ready to ask: the prompt, the key and the facts (frames dropped)."""
+
+    key: str
+    episode_id: str
+    dataset: str
+    instruction: str
+    actions: np.ndarray
+    states: np.ndarray
+    bundle: PromptBundle
+    estimated_prompt_tokens: int
+
+
+@dataclass
+class EpisodeResult:
+    """What happened to one episode; `record` is the full rationale when annotated or cached."""
+
+    episode_id: str
+    dataset: str
+    instruction: str
+    actions: np.ndarray
+    states: np.ndarray
+    key: str
+    status: Status
+    record: dict[str, Any] | None = None
+    reason: str | None = None
+    attempts: int = 0
+
+
+@dataclass
+class Counters:
+    """Live numbers for the progress display and the manifest (this run only)."""
+
+    total: int | None = None  # episodes selected, when known
+    annotated: int = 0
+    cached: int = 0
+    rejected: int = 0
+    failed: int = 0
+    stopped: int = 0
+    in_flight: int = 0
+    requests: int = 0  # answers received (including invalid ones)
+    retries: int = 0
+    reasks: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def finished(self) -> int:
+        return self.annotated + self.cached + self.rejected + self.failed + self.stopped
+
+    def requests_per_minute(self) -> float:
+        elapsed = max(1e-6, time.monotonic() - self.started)
+        return self.requests * 60.0 / elapsed
+
+    def eta_seconds(self) -> float | None:
+        done_new = self.annotated + self.rejected + self.failed
+        if self.total is None or done_new == 0:
+            return None
+        remaining = self.total - self.finished
+        elapsed = time.monotonic() - self.started
+        return max(0.0, remaining * elapsed / done_new)
+
+
+def request_key(
+    content_digest: str,
+    frame_key: dict[str, Any],
+    template_version: str,
+    template_digest: str,
+    schema_id: str,
+    teacher: str,
+    model: str,
+    sampling: dict[str, Any],
+) -> str:
+    """sha256 over everything that changes an answer (and nothing that does not)."""
+    payload = {
+        "episode": content_digest,
+        "frames": frame_key,
+        "prompt": [template_version, template_digest],
+        "schema": [schema_id, schema_digest(schema_id)],
+        "teacher": teacher,
+        "model": model,
+        "sampling": sampling,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+    """Rough prompt size: 4 characters a token for text, IMAGE_TOKENS per image."""
+    chars, images = 0, 0
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, str):
+            chars += len(content)
+            continue
+        for part in content:
+            if part.get("type") == "image_url":
+                images += 1
+            else:
+                chars += len(part.get("text", ""))
+    return chars // 4 + images * IMAGE_TOKENS
+
+
+def check_answer(
+    response: TeacherResponse, context: SemanticContext, schema_id: str
+) -> tuple[dict[str, Any] | None, list[str]]:
+    """Parse and validate a raw answer: (answer, []) when usable, (None, errors) when not.
+
+    Truncation is detected from `finish_reason` *before* parsing: a cut-off answer can
+    still parse (or a lenient server can close the braces), and must not be used.
+    """
+    if response.finish_reason == "length":
+        return None, ["the answer was cut off at the token limit (finish_reason=length); answer more concisely"]
+    if response.finish_reason not in (None, "stop", "eos", "end_turn"):
+        return None, [f"the answer ended with finish_reason={response.finish_reason!r}, not a completed answer"]
+    try:
+        answer = json.loads(response.text)
+    except json.JSONDecodeError as exc:
+        return None, [f"the answer is not valid JSON ({exc.msg} at character {exc.pos}); answer with one JSON object"]
+    errors = validate_teacher_answer(answer, schema_id)
+    if errors:
+        return None, errors
+    errors = semantic_errors(answer, context)
+    return (answer, []) if not errors else (None, errors)
+
+
+def assemble_record(prepared: PreparedRequest, answer: dict[str, Any], schema_id: str) -> dict[str, Any]:
+    """The full rationale record: the teacher's answer plus the step-level view aligned to time."""
+    facts: EpisodeFacts = prepared.bundle.facts
+    step_subtask: list[tuple[str, str]] = []
+    for sub in answer["task_plan"]:
+        step_subtask.extend([(sub["subtask"], sub["reason"])] * (sub["end_step"] - sub["start_step"] + 1))
+    reasons = [r["reason"] for r in answer["move_reasons"]]
+    step_reason: list[str] = []
+    for i, seg in enumerate(facts.segments):
+        step_reason.extend([reasons[i]] * (seg.end - seg.start + 1))
+    steps = [
+        {
+            "step": t,
+            "subtask": step_subtask[t][0],
+            "subtask_reason": step_subtask[t][1],
+            "move": facts.moves[t],
+            "move_reason": step_reason[t],
+            "gripper": facts.gripper[t],
+        }
+        for t in range(facts.num_steps)
+    ]
+    return {
+        "schema_id": schema_id,
+        "episode_id": prepared.episode_id,
+        "instruction": prepared.instruction,
+        "num_steps": facts.num_steps,
+        "observation": answer["observation"],
+        "situation_analysis": answer["situation_analysis"],
+        "spatial_reasoning": answer["spatial_reasoning"],
+        "task_plan": answer["task_plan"],
+        "objects": answer.get("objects"),
+        "move_reasons": answer["move_reasons"],
+        "steps": steps,
+    }
+
+
+class _RetriesExhausted(Exception):
+    pass
+
+
+class _BudgetReached(Exception):
+    pass
+
+
+_END = object()
+
+
+class Engine:
+    """Runs one annotation pass over episodes; results go to `sink` as they finish."""
+
+    def __init__(
+        self,
+        teacher: Teacher,
+        store: ResultStore,
+        options: EngineOptions,
+        prices: PriceTable | None = None,
+        sink: Callable[[EpisodeResult], None] | None = None,
+    ) -> None:
+        self.teacher = teacher
+        self.store = store
+        self.options = options
+        self.prices = prices or PriceTable({})
+        self.sink = sink or (lambda result: None)
+        self.counters = Counters()
+        self.template = load_template(options.template)
+        self.response_format = teacher_response_format(options.schema_id)
+        self.stop_reason: str | None = None  # "interrupted", "max-cost", or None for a full pass
+        self._stop = asyncio.Event()
+        self._hard_stop = False
+        self._pause_until = 0.0  # a 429's Retry-After pauses every new request, not just the one
+        self._rpm = RateLimiter(options.rpm) if options.rpm else None
+        self._tpm = RateLimiter(options.tpm) if options.tpm else None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reserved = 0.0  # estimated cost of asks in flight (for --max-cost)
+        self._prior_cost = 0.0  # spent by earlier runs on this store (counts against --max-cost)
+        # Every store call runs on one thread: the fsync of a commit never blocks the event loop,
+        # and the SQLite connection is only ever used from that thread.
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinevla-store")
+
+    async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._io, functools.partial(fn, *args))
+
+    # ----------------------------------------------------------------- preparation
+    def prepare(self, episode: Episode) -> PreparedRequest:
+        """Prompt, key and facts of an episode (CPU work; runs in the producer thread)."""
+        bundle = build_prompt(episode, self.options.frames, self.template)
+        key = request_key(
+            episode.content_digest(),
+            bundle.frame_key,
+            self.template.version,
+            self.template.digest,
+            self.options.schema_id,
+            self.teacher.name,
+            self.teacher.model,
+            self.teacher.sampling(),
+        )
+        return PreparedRequest(
+            key=key,
+            episode_id=episode.episode_id,
+            dataset=episode.dataset,
+            instruction=episode.instruction,
+            actions=episode.actions,
+            states=episode.states,
+            bundle=bundle,
+            estimated_prompt_tokens=estimate_prompt_tokens(bundle.messages),
+        )
+
+    def teacher_request(
+        self, prepared: PreparedRequest, messages: list[dict[str, Any]], attempt: int
+    ) -> TeacherRequest:
+        facts = prepared.bundle.facts
+        return TeacherRequest(
+            key=prepared.key,
+            episode_id=prepared.episode_id,
+            messages=messages,
+            response_format=self.response_format,
+            facts=facts,
+            context=SemanticContext(facts.num_steps, len(facts.segments), prepared.bundle.image_size),
+            attempt=attempt,
+        )
+
+    # ----------------------------------------------------------------- control
+    def request_stop(self, reason: str = "interrupted") -> None:
+        """Stop dispatching; a second call also cancels what is in flight (nothing committed is lost)."""
+        if self._stop.is_set():
+            self._hard_stop = True
+            for task in list(self._tasks):
+                task.cancel()
+            return
+        self.stop_reason = self.stop_reason or reason
+        self._stop.set()
+
+    def _estimated_cost(self, prompt_tokens: int) -> float:
+        return self.prices.cost(self.teacher.model, prompt_tokens, self.options.expected_completion_tokens)
+
+    def _spent(self) -> float:
+        return self.counters.cost + self._prior_cost
+
+    def _over_budget(self, extra: float) -> bool:
+        limit = self.options.max_cost
+        return limit is not None and self._spent() + self._reserved + extra > limit
+
+    # ----------------------------------------------------------------- the run
+    async def run(self, episodes: Iterable[Episode], total: int | None = None) -> Counters:
+        """Annotate every episode (or until stopped). Returns this run's counters."""
+        self.counters.total = total
+        if self.options.max_cost is not None:
+            self._prior_cost = (await self._db(self.store.spend)).cost
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(8, self.options.concurrency * 2))
+        producer_stop = threading.Event()
+        producer_error: list[BaseException] = []
+
+        def produce() -> None:
+            try:
+                for episode in episodes:
+                    if producer_stop.is_set():
+                        return
+                    item = self.prepare(episode)
+                    asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+            except BaseException as exc:  # surfaced in the event loop below
+                producer_error.append(exc)
+            finally:
+                if not producer_stop.is_set():
+                    asyncio.run_coroutine_threadsafe(queue.put(_END), loop).result()
+
+        producer = threading.Thread(target=produce, name="refinevla-prepare", daemon=True)
+        producer.start()
+        sem = asyncio.Semaphore(self.options.concurrency)
+        try:
+            await self.teacher.start()
+            while not self._stop.is_set():
+                get = asyncio.ensure_future(queue.get())
+                stop = asyncio.ensure_future(self._stop.wait())
+                await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+                stop.cancel()
+                if not get.done():
+                    get.cancel()
+                    break
+                item = get.result()
+                if item is _END:
+                    break
+                if await self._from_store(item):
+                    continue
+                est = self._estimated_cost(item.estimated_prompt_tokens)
+                if self._over_budget(est):
+                    self.stop_reason = self.stop_reason or "max-cost"
+                    self._finish(item, "stopped", reason="max-cost reached before asking")
+                    break
+                await sem.acquire()
+                if self._stop.is_set():
+                    sem.release()
+                    self._finish(item, "stopped", reason=self.stop_reason)
+                    break
+                self._reserved += est
+                task = asyncio.create_task(self._annotate(item, est, sem))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+            if self._tasks:
+                await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        finally:
+            producer_stop.set()
+            while not queue.empty():  # unblock a producer waiting on a full queue
+                queue.get_nowait()
+            await self.teacher.close()
+            self._io.shutdown(wait=True)
+        if producer_error and not self._stop.is_set():
+            raise producer_error[0]
+        return self.counters
+
+    async def _from_store(self, item: PreparedRequest) -> bool:
+        """Settle an episode from the store (answered or rejected in an earlier run)."""
+        stored = await self._db(self.store.answer, item.key)
+        if stored is not None:
+            record = assemble_record(item, stored.answer, self.options.schema_id)
+            self._finish(item, "cached", record=record, attempts=stored.attempts)
+            return True
+        rejected = await self._db(self.store.reject, item.key)
+        if rejected is not None:
+            self._finish(item, "rejected", reason=rejected.reason, attempts=rejected.attempts, count_as_cached=True)
+            return True
+        return False
+
+    def _finish(
+        self,
+        item: PreparedRequest,
+        status: Status,
+        *,
+        record: dict[str, Any] | None = None,
+        reason: str | None = None,
+        attempts: int = 0,
+        count_as_cached: bool = False,
+    ) -> None:
+        c = self.counters
+        if count_as_cached:
+            c.cached += 1
+        else:
+            setattr(c, status, getattr(c, status) + 1)
+        self.sink(
+            EpisodeResult(
+                episode_id=item.episode_id,
+                dataset=item.dataset,
+                instruction=item.instruction,
+                actions=item.actions,
+                states=item.states,
+                key=item.key,
+                status=status,
+                record=record,
+                reason=reason,
+                attempts=attempts,
+            )
+        )
+
+    async def _annotate(self, item: PreparedRequest, reserved: float, sem: asyncio.Semaphore) -> None:
+        """Ask (and re-ask) until a valid answer, a reject, or a give-up for this run."""
+        opts = self.options
+        try:
+            previous = await self._db(self.store.attempts, item.key)  # an interrupted re-ask sequence resumes here
+            messages = list(item.bundle.messages)
+            for att in previous:
+                if not att.errors:  # crashed between storing a valid answer and committing it
+                    answer = json.loads(att.raw)
+                    await self._db(
+                        self.store.commit_answer, item.key, item.episode_id, answer, att.attempt, self.teacher.model
+                    )
+                    self._accept(item, answer, att.attempt)
+                    return
+                messages += reask_messages(self.template, att.raw, att.errors)
+            attempt = len(previous)
+            last_raw, last_errors = (previous[-1].raw, previous[-1].errors) if previous else ("", [])
+            while attempt < opts.max_attempts:
+                attempt += 1
+                request = self.teacher_request(item, messages, attempt)
+                response = await self._ask(request, item.estimated_prompt_tokens)
+                answer, errors = check_answer(response, request.context, opts.schema_id)
+                cost = self.prices.cost(self.teacher.model, response.prompt_tokens, response.completion_tokens)
+                # Committed before anything else looks at it: a crash from here on never pays again.
+                stored = Attempt(
+                    attempt,
+                    response.text,
+                    response.finish_reason,
+                    errors,
+                    response.prompt_tokens,
+                    response.completion_tokens,
+                    cost,
+                )
+                if answer is not None:
+                    await self._db(
+                        self.store.record_answer, item.key, item.episode_id, self.teacher.model, stored, answer
+                    )
+                else:
+                    await self._db(self.store.record_attempt, item.key, item.episode_id, self.teacher.model, stored)
+                c = self.counters
+                c.requests += 1
+                c.prompt_tokens += response.prompt_tokens
+                c.completion_tokens += response.completion_tokens
+                c.cost += cost
+                if answer is not None:
+                    self._accept(item, answer, attempt)
+                    return
+                last_raw, last_errors = response.text, errors
+                if attempt < opts.max_attempts:
+                    c.reasks += 1
+                    messages = messages + reask_messages(self.template, response.text, errors)
+            reason = f"invalid after {attempt} attempt(s): " + "; ".join(last_errors[:5])
+            await self._db(self.store.commit_reject, item.key, item.episode_id, redact(reason), last_raw, attempt)
+            self._finish(item, "rejected", reason=redact(reason), attempts=attempt)
+        except PermanentTeacherError as exc:
+            reason = redact(f"the teacher refused the request: {exc}")
+            await self._db(self.store.commit_reject, item.key, item.episode_id, reason, "", 0)
+            self._finish(item, "rejected", reason=reason)
+        except _RetriesExhausted as exc:
+            self._finish(item, "failed", reason=redact(f"gave up for this run after retries: {exc}"))
+        except _BudgetReached:
+            self._finish(item, "stopped", reason="max-cost reached")
+        except asyncio.CancelledError:
+            self._finish(item, "stopped", reason="cancelled")
+        finally:
+            self._reserved -= reserved
+            sem.release()
+
+    def _accept(self, item: PreparedRequest, answer: dict[str, Any], attempts: int) -> None:
+        """Use an answer that is already committed to the store."""
+        record = assemble_record(item, answer, self.options.schema_id)
+        self._finish(item, "annotated", record=record, attempts=attempts)
+
+    async def _ask(self, request: TeacherRequest, estimated_prompt: int) -> TeacherResponse:
+        """One answer, retrying transient failures with backoff + jitter, honouring Retry-After."""
+        opts = self.options
+        estimate = estimated_prompt + opts.expected_completion_tokens
+        for retry in range(opts.max_retries + 1):
+            # Re-asks and retries spend money too: respect the budget before each one.
+            if (request.attempt > 1 or retry > 0) and opts.max_cost is not None and self._spent() >= opts.max_cost:
+                self.stop_reason = self.stop_reason or "max-cost"
+                raise _BudgetReached()
+            wait = self._pause_until - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if self._rpm:
+                await self._rpm.acquire(1)
+            if self._tpm:
+                await self._tpm.acquire(estimate)
+            self.counters.in_flight += 1
+            try:
+                # The client enforces the timeout; wait_for is the backstop for a teacher that does not.
+                response = await asyncio.wait_for(self.teacher.complete(request, opts.timeout), opts.timeout + 5.0)
+            except (TransientTeacherError, asyncio.TimeoutError) as exc:
+                if isinstance(exc, asyncio.TimeoutError):
+                    exc = TransientTeacherError(f"timed out after {opts.timeout:g}s")
+                if self._tpm:
+                    self._tpm.settle(-estimate)  # nothing was used
+                if retry >= opts.max_retries:
+                    raise _RetriesExhausted(str(exc)) from None
+                delay = min(opts.retry_max, opts.retry_base * 2**retry) * random.uniform(0.5, 1.0)
+                if exc.retry_after is not None:
+                    delay = max(delay, exc.retry_after)
+                    self._pause_until = max(self._pause_until, time.monotonic() + exc.retry_after)
+                self.counters.retries += 1
+                await asyncio.sleep(delay)
+                continue
+            finally:
+                self.counters.in_flight -= 1
+            if self._tpm:
+                self._tpm.settle(response.prompt_tokens + response.completion_tokens - estimate)
+            return response
+        raise _RetriesExhausted("no attempt made")  # unreachable: the loop returns or raises
+
+
+def iter_selected(episodes: Iterator[Episode], limit: int | None) -> Iterator[Episode]:
+    """The first `limit` episodes (all when None)."""
+    for i, episode in enumerate(episodes):
+        if limit is not None and i >= limit:
+            return
+        yield episode

@@ -1,0 +1,199 @@
+"""Versioned prompt templates and what goes into a teacher request for one episode.
+
+A template is a text file in this package (`rationale-v1.txt`) with `[system]`, `[user]` and
+`[reask]` sections and `$name` placeholders. Its sha256 goes into every request key and the
+manifest: editing a template makes new keys, so old answers are never passed off as answers
+to the new prompt.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import string
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from ..episode import Episode
+from ..primitives import GripperEvent, gripper_events, gripper_positions, motion_primitives
+from .keyframes import Keyframe, encode_keyframe, select_keyframes
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "EpisodeFacts",
+    "FrameOptions",
+    "Keyframe",
+    "MotionSegment",
+    "PromptBundle",
+    "PromptTemplate",
+    "build_prompt",
+    "episode_facts",
+    "load_template",
+    "reask_messages",
+    "select_keyframes",
+]
+
+DEFAULT_TEMPLATE = "rationale-v1"
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A loaded template: its version name, sections and digest."""
+
+    version: str  # file stem, e.g. "rationale-v1"
+    text: str  # the whole file
+    sections: dict[str, str]  # "system" / "user" / "reask" -> template text
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def render(self, section: str, **values: Any) -> str:
+        return string.Template(self.sections[section]).substitute(**values).strip()
+
+
+@cache
+def load_template(version: str = DEFAULT_TEMPLATE) -> PromptTemplate:
+    """Load a packaged template by version name."""
+    try:
+        text = resources.files(__name__).joinpath(f"{version}.txt").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"unknown prompt template {version!r}") from None
+    sections: dict[str, str] = {}
+    current: str | None = None
+    for line in text.splitlines(keepends=True):
+        stripped = line.strip()
+        if stripped.startswith("[") and stripped.endswith("]") and stripped[1:-1].isidentifier():
+            current = stripped[1:-1]
+            sections[current] = ""
+        elif current is not None:
+            sections[current] += line
+    missing = {"system", "user", "reask"} - set(sections)
+    if missing:
+        raise ValueError(f"prompt template {version!r} lacks sections {sorted(missing)}")
+    return PromptTemplate(version, text, sections)
+
+
+@dataclass(frozen=True)
+class MotionSegment:
+    """Consecutive steps sharing one motion primitive."""
+
+    start: int
+    end: int  # inclusive
+    move: str
+
+
+@dataclass
+class EpisodeFacts:
+    """What the data determines about an episode (given to the teacher, checked against its answer)."""
+
+    instruction: str
+    num_steps: int
+    moves: list[str]  # motion primitive per step
+    gripper: list[str]  # "open"/"closed" per step
+    events: list[GripperEvent]
+    segments: list[MotionSegment]
+    start_xyz: list[float]  # end-effector position at the first step
+    end_xyz: list[float]  # ... and at the last step
+
+
+def episode_facts(episode: Episode) -> EpisodeFacts:
+    """Motion primitives, gripper positions/events and motion segments of an episode."""
+    moves = motion_primitives(episode.states)
+    segments: list[MotionSegment] = []
+    for t, move in enumerate(moves):
+        if segments and segments[-1].move == move:
+            segments[-1] = MotionSegment(segments[-1].start, t, move)
+        else:
+            segments.append(MotionSegment(t, t, move))
+    return EpisodeFacts(
+        instruction=episode.instruction,
+        num_steps=len(episode),
+        moves=moves,
+        gripper=list(gripper_positions(episode.states)),
+        events=gripper_events(episode.states),
+        segments=segments,
+        start_xyz=[round(float(v), 4) for v in episode.states[0, :3]],
+        end_xyz=[round(float(v), 4) for v in episode.states[-1, :3]],
+    )
+
+
+@dataclass(frozen=True)
+class FrameOptions:
+    """How keyframes are chosen and encoded (part of every request key)."""
+
+    count: int = 6  # K evenly spaced keyframes (gripper-event steps are added to these)
+    camera: str | None = None  # None: the episode's primary (first) camera
+    max_side: int = 256  # longest side in pixels after resizing (never upscaled)
+    quality: int = 85  # JPEG quality when a frame has to be re-encoded
+
+    def as_key(self) -> dict[str, Any]:
+        return {"count": self.count, "camera": self.camera, "max_side": self.max_side, "quality": self.quality}
+
+
+@dataclass
+class PromptBundle:
+    """Everything one episode's first request needs; re-asks append to `messages`."""
+
+    messages: list[dict[str, Any]]
+    facts: EpisodeFacts
+    keyframes: list[Keyframe]
+    image_size: tuple[int, int] | None  # (width, height) of the first keyframe sent
+    template: PromptTemplate
+    frame_key: dict[str, Any] = field(default_factory=dict)  # the frame choice, for the request key
+
+
+def _event_text(events: list[GripperEvent]) -> str:
+    if not events:
+        return "none (the gripper does not change state)"
+    return "; ".join(f"step {e.step}: gripper {'closes' if e.kind == 'close' else 'opens'}" for e in events)
+
+
+def build_prompt(
+    episode: Episode,
+    frames: FrameOptions | None = None,
+    template: PromptTemplate | None = None,
+    facts: EpisodeFacts | None = None,
+) -> PromptBundle:
+    """The chat messages (OpenAI format, images as JPEG data URLs) asking for one episode's rationale."""
+    frames = frames or FrameOptions()
+    template = template or load_template()
+    facts = facts or episode_facts(episode)
+    camera = frames.camera or episode.cameras[0]
+    if camera not in episode.frames:
+        raise ValueError(f"episode {episode.episode_id} has no camera {camera!r} (has {episode.cameras})")
+    steps = select_keyframes(facts.num_steps, [e.step for e in facts.events], frames.count)
+    keyframes = [encode_keyframe(episode.frames[camera], s, frames.max_side, frames.quality) for s in steps]
+    image_size = keyframes[0].size if keyframes else None
+    w, h = image_size or (0, 0)
+    values = {
+        "instruction": facts.instruction,
+        "num_steps": facts.num_steps,
+        "last_step": facts.num_steps - 1,
+        "image_width": w,
+        "image_height": h,
+        "keyframes": ", ".join(f"image {i + 1} = step {k.step}" for i, k in enumerate(keyframes)) or "none",
+        "gripper_events": _event_text(facts.events),
+        "segments": "\n".join(f"{i}. steps {s.start}..{s.end}: {s.move}" for i, s in enumerate(facts.segments)),
+    }
+    content: list[dict[str, Any]] = [{"type": "text", "text": template.render("user", **values)}]
+    for k in keyframes:
+        url = "data:image/jpeg;base64," + base64.b64encode(k.jpeg).decode("ascii")
+        content.append({"type": "image_url", "image_url": {"url": url}})
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": template.render("system", **values)},
+        {"role": "user", "content": content},
+    ]
+    frame_key = {**frames.as_key(), "camera": camera, "steps": [k.step for k in keyframes]}
+    return PromptBundle(messages, facts, keyframes, image_size, template, frame_key)
+
+
+def reask_messages(template: PromptTemplate, raw_answer: str, errors: list[str]) -> list[dict[str, Any]]:
+    """The two messages appended for a re-ask: the teacher's answer, then what was wrong with it."""
+    listed = "\n".join(f"- {e}" for e in errors[:20])
+    return [
+        {"role": "assistant", "content": raw_answer},
+        {"role": "user", "content": template.render("reask", errors=listed)},
+    ]

@@ -1,0 +1,210 @@
+"""The durable request/answer store: what was paid for survives any crash.
+
+SQLite in WAL mode, one transaction per write, `synchronous=FULL`: when `record_attempt`
+or `commit_answer` returns, the answer is on disk, and only then does the engine use it.
+A `kill -9` (or a power cut) can lose only requests still in flight. A rerun reads the
+store first and asks the teacher nothing it has an answer for.
+
+Tables:
+* `attempts` — every raw answer received (valid or not) with its tokens and cost, so money
+  spent is accounted even for rejected answers, and an interrupted re-ask sequence resumes
+  from the answers already received instead of starting over;
+* `answers` — the validated teacher answer per request key;
+* `rejects` — keys given up on, with the reason and the last raw answer.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS attempts (
+    key TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    episode_id TEXT NOT NULL,
+    raw TEXT NOT NULL,
+    finish_reason TEXT,
+    errors TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cost REAL NOT NULL,
+    model TEXT NOT NULL,
+    created REAL NOT NULL,
+    PRIMARY KEY (key, attempt)
+);
+CREATE TABLE IF NOT EXISTS answers (
+    key TEXT PRIMARY KEY,
+    episode_id TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    model TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rejects (
+    key TEXT PRIMARY KEY,
+    episode_id TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    raw TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One raw answer as stored."""
+
+    attempt: int
+    raw: str
+    finish_reason: str | None
+    errors: list[str]  # why it was not accepted (empty for the accepted one)
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+
+@dataclass(frozen=True)
+class StoredAnswer:
+    key: str
+    episode_id: str
+    answer: dict[str, Any]
+    attempts: int
+    model: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    key: str
+    episode_id: str
+    reason: str
+    raw: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Spend:
+    """Totals over every attempt recorded (also those of earlier runs)."""
+
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float
+
+
+class ResultStore:
+    """A SQLite file of attempts, answers and rejects, keyed by request key."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection, used from the engine's event-loop thread only; writes are tiny.
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> None:
+        # Autocommit mode: each statement is its own durable transaction.
+        self._db.execute(sql, params)
+
+    def record_attempt(self, key: str, episode_id: str, model: str, attempt: Attempt) -> None:
+        """Persist a raw answer the moment it arrives (before it is parsed or used)."""
+        self._write(
+            "INSERT OR REPLACE INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                key,
+                attempt.attempt,
+                episode_id,
+                attempt.raw,
+                attempt.finish_reason,
+                json.dumps(attempt.errors),
+                attempt.prompt_tokens,
+                attempt.completion_tokens,
+                attempt.cost,
+                model,
+                time.time(),
+            ),
+        )
+
+    def record_answer(self, key: str, episode_id: str, model: str, attempt: Attempt, answer: dict[str, Any]) -> None:
+        """A valid answer: its attempt and the answer in one transaction (one fsync, not two)."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self.record_attempt(key, episode_id, model, attempt)
+            self.commit_answer(key, episode_id, answer, attempt.attempt, model)
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def set_attempt_errors(self, key: str, attempt: int, errors: list[str]) -> None:
+        self._write("UPDATE attempts SET errors = ? WHERE key = ? AND attempt = ?", (json.dumps(errors), key, attempt))
+
+    def attempts(self, key: str) -> list[Attempt]:
+        rows = self._db.execute(
+            "SELECT attempt, raw, finish_reason, errors, prompt_tokens, completion_tokens, cost "
+            "FROM attempts WHERE key = ? ORDER BY attempt",
+            (key,),
+        ).fetchall()
+        return [Attempt(a, raw, fr, json.loads(err), pt, ct, c) for a, raw, fr, err, pt, ct, c in rows]
+
+    def commit_answer(self, key: str, episode_id: str, answer: dict[str, Any], attempts: int, model: str) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO answers VALUES (?,?,?,?,?,?)",
+            (key, episode_id, json.dumps(answer, ensure_ascii=False), attempts, model, time.time()),
+        )
+
+    def commit_reject(self, key: str, episode_id: str, reason: str, raw: str, attempts: int) -> None:
+        self._write(
+            "INSERT OR REPLACE INTO rejects VALUES (?,?,?,?,?,?)", (key, episode_id, reason, raw, attempts, time.time())
+        )
+
+    def answer(self, key: str) -> StoredAnswer | None:
+        row = self._db.execute(
+            "SELECT key, episode_id, answer, attempts, model FROM answers WHERE key = ?", (key,)
+        ).fetchone()
+        if row is None:
+            return None
+        return StoredAnswer(row[0], row[1], json.loads(row[2]), row[3], row[4])
+
+    def reject(self, key: str) -> Reject | None:
+        row = self._db.execute(
+            "SELECT key, episode_id, reason, raw, attempts FROM rejects WHERE key = ?", (key,)
+        ).fetchone()
+        return Reject(*row) if row else None
+
+    def rejects(self) -> list[Reject]:
+        rows = self._db.execute(
+            "SELECT key, episode_id, reason, raw, attempts FROM rejects ORDER BY created"
+        ).fetchall()
+        return [Reject(*r) for r in rows]
+
+    def spend(self) -> Spend:
+        row = self._db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(prompt_tokens), 0), COALESCE(SUM(completion_tokens), 0), "
+            "COALESCE(SUM(cost), 0) FROM attempts"
+        ).fetchone()
+        return Spend(int(row[0]), int(row[1]), int(row[2]), float(row[3]))
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "answers": self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0],
+            "rejects": self._db.execute("SELECT COUNT(*) FROM rejects").fetchone()[0],
+            "attempts": self._db.execute("SELECT COUNT(*) FROM attempts").fetchone()[0],
+        }

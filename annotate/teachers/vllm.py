@@ -1,0 +1,186 @@
+"""A local `vllm.LLM` engine as the teacher: batched prompts, schema-constrained decoding.
+
+vLLM is imported only when this teacher starts, so users without it (or without a GPU) can
+use every other teacher. The engine's concurrent `complete` calls are gathered into batches
+(`max_batch` requests, or whatever arrived within `batch_window` seconds) and run through
+`LLM.chat` in a worker thread, which is how vLLM reaches its throughput.
+
+Structured output goes through vLLM's current API (`SamplingParams(structured_outputs=
+StructuredOutputsParams(json=schema))`, vLLM >= 0.10.2), falling back to the older
+`guided_decoding=GuidedDecodingParams(json=...)` (removed in 0.12). A start-up self-check
+asks for an object with one field the model could never guess unconstrained: a setup that
+silently ignores the constraint (it happens: unknown fields are dropped, HTTP 200 with free
+text) is caught before any data is annotated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from ..errors import RefineError
+from .base import TeacherRequest, TeacherResponse
+
+PROBE_FIELD = "refinevla_probe_q7"
+PROBE_VALUE = "constrained-decoding-active"
+PROBE_SCHEMA = {
+    "type": "object",
+    "properties": {PROBE_FIELD: {"type": "string", "enum": [PROBE_VALUE]}},
+    "required": [PROBE_FIELD],
+    "additionalProperties": False,
+}
+PROBE_MESSAGES = [{"role": "user", "content": "Say hello in one short sentence."}]
+
+
+def import_vllm() -> Any:
+    """The vllm module, or a RefineError saying how to get it."""
+    try:
+        import vllm
+    except ImportError as exc:
+        raise RefineError(
+            "--teacher vllm needs vLLM on a CUDA machine: pip install 'refinevla[vllm]' "
+            f"({exc.msg if hasattr(exc, 'msg') else exc}); or serve the model with `vllm serve` and use "
+            "--teacher openai-compatible --base-url http://HOST:8000/v1"
+        ) from None
+    return vllm
+
+
+def structured_sampling_params(vllm: Any, schema: dict[str, Any], temperature: float, max_tokens: int) -> Any:
+    """SamplingParams constraining the output to `schema`, with whichever API this vLLM has."""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:
+        StructuredOutputsParams = None
+    if StructuredOutputsParams is not None:
+        return vllm.SamplingParams(
+            temperature=temperature, max_tokens=max_tokens, structured_outputs=StructuredOutputsParams(json=schema)
+        )
+    try:
+        from vllm.sampling_params import GuidedDecodingParams
+    except ImportError:
+        raise RefineError("this vLLM has neither StructuredOutputsParams nor GuidedDecodingParams") from None
+    return vllm.SamplingParams(
+        temperature=temperature, max_tokens=max_tokens, guided_decoding=GuidedDecodingParams(json=schema)
+    )
+
+
+def probe_passed(text: str) -> bool:
+    try:
+        return bool(json.loads(text) == {PROBE_FIELD: PROBE_VALUE})
+    except json.JSONDecodeError:
+        return False
+
+
+class VllmTeacher:
+    """Batched offline generation with a local vLLM engine."""
+
+    name = "vllm"
+    paid = False
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        tensor_parallel_size: int = 1,
+        temperature: float = 0.2,
+        max_tokens: int = 4096,
+        max_batch: int = 64,
+        batch_window: float = 0.05,
+        llm: Any = None,
+        **engine_args: Any,
+    ) -> None:
+        self.model = model
+        self.tensor_parallel_size = tensor_parallel_size
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.max_batch = max_batch
+        self.batch_window = batch_window
+        self.engine_args = engine_args
+        self._llm = llm  # injectable (tests); built in start() otherwise
+        self._vllm: Any = None
+        self._queue: asyncio.Queue[tuple[TeacherRequest, asyncio.Future[TeacherResponse]]] | None = None
+        self._batcher: asyncio.Task[None] | None = None
+        self.batches: list[int] = []  # sizes of the batches run (for tests and logs)
+
+    def sampling(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "max_tokens": self.max_tokens}
+
+    async def start(self) -> None:
+        self._vllm = import_vllm()
+        if self._llm is None:
+            self._llm = await asyncio.to_thread(
+                self._vllm.LLM, model=self.model, tensor_parallel_size=self.tensor_parallel_size, **self.engine_args
+            )
+        await asyncio.to_thread(self.self_check)
+        self._queue = asyncio.Queue()
+        self._batcher = asyncio.create_task(self._run_batches())
+
+    def self_check(self) -> None:
+        """Refuse to run when the engine does not honour the structured-output constraint."""
+        params = structured_sampling_params(self._vllm, PROBE_SCHEMA, 0.0, 64)
+        outputs = self._llm.chat([PROBE_MESSAGES], sampling_params=params, use_tqdm=False)
+        text = outputs[0].outputs[0].text
+        if not probe_passed(text):
+            raise RefineError(
+                f"vLLM ignored the structured-output constraint in the start-up self-check (answer: {text[:80]!r}); "
+                "check the vLLM version and its structured-output backend (xgrammar/guidance)"
+            )
+
+    def build_batch(self, requests: list[TeacherRequest]) -> tuple[list[list[dict[str, Any]]], Any]:
+        """(conversations, sampling params) for one `LLM.chat` call; one schema per batch."""
+        schema = requests[0].response_format["json_schema"]["schema"]
+        params = structured_sampling_params(self._vllm, schema, self.temperature, self.max_tokens)
+        return [r.messages for r in requests], params
+
+    async def complete(self, request: TeacherRequest, timeout: float) -> TeacherResponse:
+        if self._queue is None:
+            raise RuntimeError("VllmTeacher.start() was not awaited")
+        future: asyncio.Future[TeacherResponse] = asyncio.get_running_loop().create_future()
+        await self._queue.put((request, future))
+        return await future
+
+    async def _run_batches(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            deadline = asyncio.get_running_loop().time() + self.batch_window
+            while len(batch) < self.max_batch:
+                remaining = deadline - asyncio.get_running_loop().time()
+                if remaining <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except asyncio.TimeoutError:
+                    break
+            live = [(r, f) for r, f in batch if not f.done()]
+            if not live:
+                continue
+            conversations, params = self.build_batch([r for r, _ in live])
+            self.batches.append(len(live))
+            try:
+                outputs = await asyncio.to_thread(self._llm.chat, conversations, sampling_params=params, use_tqdm=False)
+            except Exception as exc:  # one failed batch fails its requests, not the engine
+                for _, f in live:
+                    if not f.done():
+                        f.set_exception(exc)
+                continue
+            for (_, f), out in zip(live, outputs, strict=True):
+                if f.done():
+                    continue
+                completion = out.outputs[0]
+                f.set_result(
+                    TeacherResponse(
+                        text=completion.text,
+                        finish_reason=completion.finish_reason,
+                        prompt_tokens=len(out.prompt_token_ids or []),
+                        completion_tokens=len(completion.token_ids or []),
+                        model=self.model,
+                    )
+                )
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+            await asyncio.gather(self._batcher, return_exceptions=True)
+            self._batcher = None

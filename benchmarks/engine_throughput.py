@@ -1,0 +1,204 @@
+"""Engine throughput against a fixed-latency OpenAI-compatible server.
+
+An ideal client with C requests in flight against a server answering in L seconds achieves
+C / L requests per second. This runs the real pipeline — keyframe selection on real JPEG
+frames, request keys, the `openai` async client, answer validation, the SQLite store
+(`synchronous=FULL`) and the Parquet writer — and reports the achieved rate against that
+ideal, plus the engine's CPU time per request. The server runs in another process so its
+CPU is not counted as the engine's.
+
+    python benchmarks/engine_throughput.py                 # 1280 requests, C=64, L=0.2 s
+    python benchmarks/engine_throughput.py --requests 2000 --concurrency 128
+
+Episodes are built in memory from a pool of real 256x256 JPEG frames (reading the source
+is the source's own benchmark); each has a distinct id, so every request has its own key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import multiprocessing as mp
+import re
+import tempfile
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from refinevla.annotate.engine import Engine, EngineOptions
+from refinevla.annotate.episode import Episode, FrameSequence
+from refinevla.annotate.store import ResultStore
+from refinevla.annotate.teachers.openai_compat import OpenAICompatTeacher
+from refinevla.annotate.writer import DatasetWriter
+
+STEPS_RE = re.compile(rb"The episode has (\d+) steps")
+SEGMENT_RE = re.compile(rb"\\n(\d+)\. steps \d+\.\.\d+:")
+
+
+def _answer(head: bytes) -> bytes:
+    steps = int(STEPS_RE.search(head).group(1))  # type: ignore[union-attr]
+    segments = max(int(m) for m in SEGMENT_RE.findall(head)) + 1 if SEGMENT_RE.search(head) else 1
+    half = steps // 2
+    answer = {
+        "observation": "A spoon lies on the table next to a towel.",
+        "situation_analysis": "The spoon must be grasped and put on the towel.",
+        "spatial_reasoning": "The towel is left of the spoon.",
+        "task_plan": [
+            {"subtask": "grasp the spoon", "reason": "hold it first", "start_step": 0, "end_step": half - 1},
+            {"subtask": "place it", "reason": "the goal", "start_step": half, "end_step": steps - 1},
+        ],
+        "objects": None,
+        "move_reasons": [{"segment": i, "reason": "it brings the gripper closer"} for i in range(segments)],
+    }
+    body = {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "bench-model",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": json.dumps(answer)}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 2500, "completion_tokens": 400, "total_tokens": 2900},
+    }
+    return json.dumps(body).encode()
+
+
+def serve(port_queue: Any, latency: float, cpu_queue: Any, stop: Any) -> None:
+    """The fixed-latency server (runs in its own process)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            raw = self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(latency)
+            data = _answer(raw[:16384])  # the prompt text sits before the images
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.request_queue_size = 256
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port_queue.put(server.server_address[1])
+    stop.wait()
+    cpu_queue.put(time.process_time())
+    server.shutdown()
+
+
+def frame_pool(n: int = 48, size: int = 256) -> list[bytes]:
+    """Real JPEGs of synthetic table scenes (gradient + objects), ~10 KB each like Bridge frames."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    out = []
+    for i in range(n):
+        img = np.stack([(xx + i * 3) % 256, (yy + i * 5) % 256, (xx + yy) // 2 % 256], -1).astype(np.uint8)
+        for _ in range(4):
+            x, y, w, h = rng.integers(0, size - 60, 2).tolist() + rng.integers(20, 60, 2).tolist()
+            img[y : y + h, x : x + w] = rng.integers(0, 255, 3)
+        img = np.clip(img.astype(np.int16) + rng.integers(-8, 8, img.shape), 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+def make_episode(i: int, pool: list[bytes], steps: int) -> Episode:
+    t = np.arange(steps)
+    states = np.zeros((steps, 7), np.float32)
+    states[:, 0] = np.linspace(0.2, 0.35, steps)
+    states[:, 1] = 0.05 * np.sin(t / 5 + i)
+    states[:, 2] = np.where(t < steps // 2, 0.05, np.linspace(0.05, 0.2, steps))
+    states[:, 6] = np.where((t >= steps // 3) & (t < steps - 4), 0.0, 1.0)
+    actions = np.zeros_like(states)
+    actions[:-1, :6] = states[1:, :6] - states[:-1, :6]
+    frames = FrameSequence([pool[(i * 7 + k) % len(pool)] for k in range(steps)])
+    return Episode(
+        episode_id=f"bench:{i}",
+        dataset="bench",
+        instruction=f"put the spoon {i} on the towel",
+        actions=actions,
+        states=states,
+        frames={"image_0": frames},
+        is_first=t == 0,
+        is_last=t == steps - 1,
+        is_terminal=t == steps - 1,
+        rewards=np.zeros(steps, np.float32),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=1280)
+    ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--steps", type=int, default=38, help="steps per episode (Bridge averages ~38)")
+    ap.add_argument("--frames", type=int, default=6)
+    args = ap.parse_args()
+
+    ctx = mp.get_context("spawn")
+    port_q, cpu_q, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=serve, args=(port_q, args.latency, cpu_q, stop), daemon=True)
+    proc.start()
+    port = port_q.get(timeout=30)
+    pool = frame_pool()
+    episodes = [make_episode(i, pool, args.steps) for i in range(args.requests)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = OpenAICompatTeacher.for_provider(
+            "openai-compatible", model="bench-model", base_url=f"http://127.0.0.1:{port}/v1"
+        )
+        store = ResultStore(Path(tmp) / ".refine" / "store.sqlite")
+        writer = DatasetWriter(tmp, "refinevla.rationale/1", teacher.name, teacher.model)
+        opts = EngineOptions(concurrency=args.concurrency, timeout=30.0)
+        opts.frames = type(opts.frames)(count=args.frames)
+        engine = Engine(teacher, store, opts, sink=writer.add)
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        asyncio.run(engine.run(iter(episodes), total=len(episodes)))
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        counts = writer.close()
+        store.close()
+    stop.set()
+    server_cpu = cpu_q.get(timeout=30)
+    proc.join(timeout=10)
+
+    c = engine.counters
+    assert c.annotated == args.requests, f"only {c.annotated} of {args.requests} annotated ({c.failed} failed)"
+    achieved = c.requests / wall
+    ideal = args.concurrency / args.latency
+    rows = [
+        ("requests (all annotated, validated, stored)", f"{c.requests}"),
+        ("concurrency / server latency", f"{args.concurrency} / {args.latency:.2f} s"),
+        ("keyframes per request (JPEG 256x256)", f"{args.frames}+events"),
+        ("wall time", f"{wall:.2f} s"),
+        ("achieved requests/s", f"{achieved:.1f}"),
+        ("ideal requests/s (concurrency / latency)", f"{ideal:.1f}"),
+        ("achieved / ideal", f"{achieved / ideal:.3f}"),
+        ("engine CPU time (this process)", f"{cpu:.2f} s"),
+        ("engine CPU per request", f"{1000 * cpu / c.requests:.2f} ms"),
+        ("server CPU (other process)", f"{server_cpu:.2f} s"),
+        ("rows written (steps / episodes)", f"{counts['steps']} / {counts['episodes']}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    print(f"{'metric':<{width}}  value")
+    print(f"{'-' * width}  {'-' * 14}")
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""Fixtures for the annotation tests: tiny RLDS datasets and a fault-injecting OpenAI-compatible server.
+
+The server is a real HTTP server on 127.0.0.1 (stdlib `ThreadingHTTPServer`), so the real
+`openai` client, its timeouts and its error mapping are exercised. Each episode (recognised
+by the seed in its instruction, "put the spoon <seed> on the towel") can be given a script of
+behaviours, consumed one per request: ok, 429, 500, 400, hang, badjson, length, schema,
+semantic. Every request is recorded (path, headers, JSON body).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from refinevla.annotate.sources import specs
+from refinevla.annotate.sources.rlds_writer import write_rlds
+
+SEED_RE = re.compile(r"put the spoon (\d+) on the towel")
+
+
+def valid_answer(user_text: str) -> dict[str, Any]:
+    """A correct answer for the prompt's episode (steps and segments read from the prompt text)."""
+    steps = int(re.search(r"The episode has (\d+) steps", user_text).group(1))  # type: ignore[union-attr]
+    segments = len(re.findall(r"^\d+\. steps \d+\.\.\d+:", user_text, flags=re.M))
+    half = steps // 2
+    return {
+        "observation": "A spoon lies on the table next to a blue towel.",
+        "situation_analysis": "The spoon must be grasped and moved onto the towel.",
+        "spatial_reasoning": "The towel is to the left of the spoon; the gripper moves forward then up.",
+        "task_plan": [
+            {"subtask": "grasp the spoon", "reason": "it must be held first", "start_step": 0, "end_step": half - 1},
+            {"subtask": "place it on the towel", "reason": "the goal", "start_step": half, "end_step": steps - 1},
+        ],
+        "objects": [{"name": "spoon", "box": [4, 4, 20, 20]}],
+        "move_reasons": [{"segment": i, "reason": f"reason for segment {i}"} for i in range(segments)],
+    }
+
+
+@dataclass
+class Recorded:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    seed: int | None
+    time: float
+    behaviour: str
+
+    def user_text(self) -> str:
+        for m in self.body["messages"]:
+            if m["role"] == "user" and isinstance(m["content"], list):
+                return next(p["text"] for p in m["content"] if p["type"] == "text")
+        return ""
+
+
+@dataclass
+class FakeTeacherServer:
+    """State shared with the handler threads."""
+
+    scripts: dict[int, list[str]] = field(default_factory=dict)  # seed -> behaviours, one per request
+    default: str = "ok"
+    latency: float = 0.0  # seconds before every answer
+    hang: float = 3.0  # seconds a "hang" sleeps (longer than the client timeout in tests)
+    usage: tuple[int, int] = (1000, 200)  # prompt, completion tokens reported per answer
+    requests: list[Recorded] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    url: str = ""
+
+    def behaviour(self, seed: int | None) -> str:
+        with self.lock:
+            script = self.scripts.get(seed) if seed is not None else None
+            return script.pop(0) if script else self.default
+
+    def by_seed(self) -> dict[int | None, list[Recorded]]:
+        out: dict[int | None, list[Recorded]] = defaultdict(list)
+        for r in self.requests:
+            out[r.seed].append(r)
+        return out
+
+
+def _handler(state: FakeTeacherServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:  # quiet
+            pass
+
+        def _send(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
+            data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
+                self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+            text = json.dumps(body["messages"])
+            m = SEED_RE.search(text)
+            seed = int(m.group(1)) if m else None
+            kind = state.behaviour(seed)
+            rec = Recorded(self.path, {k.lower(): v for k, v in self.headers.items()}, body, seed, time.time(), kind)
+            with state.lock:
+                state.requests.append(rec)
+            if not self.path.endswith("/chat/completions"):
+                self._send(404, {"error": {"message": "not found"}})
+                return
+            if state.latency:
+                time.sleep(state.latency)
+            if kind == "429":
+                self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": "1"})
+                return
+            if kind == "500":
+                self._send(500, {"error": {"message": "internal error"}})
+                return
+            if kind == "400":
+                self._send(400, {"error": {"message": "bad request: invalid image"}})
+                return
+            if kind == "hang":
+                time.sleep(state.hang)
+                self._send(200, {"error": "too late"})
+                return
+            answer = valid_answer(rec.user_text())
+            finish = "stop"
+            if kind == "badjson":
+                content = '{"observation": "a spoon", "task_plan": [ oops'
+            elif kind == "length":
+                content, finish = json.dumps(answer)[:-40], "length"
+            elif kind == "schema":
+                answer.pop("spatial_reasoning")
+                answer["extra"] = 1
+                content = json.dumps(answer)
+            elif kind == "semantic":
+                answer["task_plan"][1]["start_step"] += 1  # leaves a gap
+                content = json.dumps(answer)
+            else:
+                content = json.dumps(answer)
+            p, c = state.usage
+            self._send(
+                200,
+                {
+                    "id": f"chatcmpl-{len(state.requests)}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", "fake"),
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}
+                    ],
+                    "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c},
+                },
+                {"x-ratelimit-remaining-requests": "99"},
+            )
+
+    return Handler
+
+
+@pytest.fixture
+def teacher_server() -> Iterator[FakeTeacherServer]:
+    """A running fault-injecting server; `.url` is its base (…/v1)."""
+    state = FakeTeacherServer()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def tiny_episode(seed: int, steps: int) -> dict[str, Any]:
+    """A Bridge-layout example: reach forward, close the gripper, lift, open it (two gripper events)."""
+    state = np.zeros((steps, 7), np.float32)
+    state[:, 0] = np.linspace(0.2, 0.35, steps)
+    state[:, 2] = np.where(np.arange(steps) < steps // 2, 0.05, np.linspace(0.05, 0.2, steps))
+    state[:, 6] = np.where((np.arange(steps) >= steps // 3) & (np.arange(steps) < steps - 2), 0.0, 1.0)
+    action = np.zeros((steps, 7), np.float32)
+    action[:-1, :6] = state[1:, :6] - state[:-1, :6]
+    action[:, 6] = state[:, 6]
+    frames = np.zeros((steps, 64, 64, 3), np.uint8)
+    for t in range(steps):
+        frames[t, 8:24, (t * 3 + seed) % 40 : (t * 3 + seed) % 40 + 16] = (250, 200, 30)
+    return {
+        "steps": [
+            {
+                "observation": {"image_0": frames[t], "state": state[t]},
+                "action": action[t],
+                "discount": 1.0,
+                "reward": float(t == steps - 1),
+                "is_first": t == 0,
+                "is_last": t == steps - 1,
+                "is_terminal": t == steps - 1,
+                "language_instruction": f"put the spoon {seed} on the towel",
+                "language_embedding": np.zeros(512, np.float32),
+            }
+            for t in range(steps)
+        ],
+        "episode_metadata": {
+            "file_path": f"/data/raw/traj{seed}.pkl",
+            "episode_id": seed,
+            **{f"has_image_{c}": c == 0 for c in range(4)},
+            "has_language": True,
+        },
+    }
+
+
+@pytest.fixture
+def tiny_rlds(tmp_path: Path) -> Callable[..., str]:
+    """Write n Bridge-layout episodes (1 camera, 64x64) and return the `rlds:` URI."""
+
+    def make(n: int = 4, steps: int = 10, name: str = "bridge_orig") -> str:
+        eps = [tiny_episode(i, steps + (i % 3)) for i in range(n)]
+        d = write_rlds(tmp_path / "src", specs.bridge_features(cameras=1, image_size=(64, 64)), eps, name=name)
+        return f"rlds:{d}"
+
+    return make

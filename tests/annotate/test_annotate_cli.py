@@ -1,0 +1,220 @@
+"""`refine-data annotate` end to end: outputs, reruns, dry runs, budgets, request shapes, key hygiene."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+from typer.testing import CliRunner
+
+from refinevla.annotate.cli import app
+from refinevla.schemas import teacher_schema, validate
+
+SECRET = "sk-test-DO-NOT-LEAK-4f9a1c"
+
+
+def annotate(*args: str, env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    result = CliRunner().invoke(app, ["annotate", *args, "--progress", "none"], env=env)
+    return result
+
+
+def test_rule_based_run_writes_the_published_layout_and_a_rerun_is_cached(tiny_rlds, tmp_path):
+    uri = tiny_rlds(3)
+    out = tmp_path / "out"
+    r = annotate(uri, "--out", str(out))
+    assert r.exit_code == 0, r.output
+    steps = pl.read_parquet(out / "data" / "train-00000-of-00001.parquet")
+    episodes = pl.read_parquet(out / "episodes" / "train-00000-of-00001.parquet")
+    assert episodes.height == 3 and steps.height == 10 + 11 + 12
+    assert steps.columns[:3] == ["episode_id", "step", "instruction"]
+    assert {"subtask", "subtask_reason", "move", "move_reason", "gripper", "action", "state"} <= set(steps.columns)
+    assert set(steps["gripper"]) == {"open", "closed"}
+    manifest = json.loads((out / "refinevla.json").read_text())
+    assert manifest["teacher"]["written_by_model"] is False and "no model" in manifest["teacher"]["note"]
+    assert manifest["counts"]["episodes"] == 3 and manifest["schema"]["id"] == "refinevla.rationale/1"
+    assert len(manifest["prompt"]["sha256"]) == 64
+    # Rows rebuild into schema-valid records.
+    ep = episodes.row(0, named=True)
+    rows = steps.filter(pl.col("episode_id") == ep["episode_id"]).sort("step")
+    record = {
+        k: ep[k]
+        for k in (
+            "schema_id",
+            "episode_id",
+            "instruction",
+            "num_steps",
+            "observation",
+            "situation_analysis",
+            "spatial_reasoning",
+            "task_plan",
+            "objects",
+            "move_reasons",
+        )
+    }
+    record["steps"] = rows.select("step", "subtask", "subtask_reason", "move", "move_reason", "gripper").to_dicts()
+    assert validate(record) == []
+
+    again = annotate(uri, "--out", str(out))
+    assert again.exit_code == 0
+    manifest2 = json.loads((out / "refinevla.json").read_text())
+    assert manifest2["counts"]["cached"] == 3 and manifest2["counts"]["annotated_this_run"] == 0
+    assert pl.read_parquet(out / "data").height == steps.height
+    assert not list(out.rglob(".*.partial"))
+
+
+def test_dry_run_prints_the_first_request_and_an_estimate_and_asks_nothing(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(3)
+    out = tmp_path / "out"
+    r = annotate(
+        uri,
+        "--teacher",
+        "gemini",
+        "--base-url",
+        teacher_server.url,
+        "--out",
+        str(out),
+        "--dry-run",
+        env={"GEMINI_API_KEY": SECRET},
+    )
+    assert r.exit_code == 0, r.output
+    assert teacher_server.requests == [] and not out.exists()
+    body = json.loads(r.output[: r.output.rindex("}") + 1])
+    assert body["request"]["model"] == "gemini-2.5-flash"
+    assert body["request"]["response_format"]["json_schema"]["schema"] == teacher_schema()
+    assert "estimate for 3 episodes" in r.output and "$" in r.output
+    assert SECRET not in r.output
+
+
+def test_max_cost_stops_cleanly_with_a_message(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(6)
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"fake-model": {"input": 1.0, "output": 2.0}}))
+    out = tmp_path / "out"
+    r = annotate(
+        uri,
+        "--teacher",
+        "openai-compatible",
+        "--base-url",
+        teacher_server.url,
+        "--model",
+        "fake-model",
+        "--out",
+        str(out),
+        "--concurrency",
+        "1",
+        "--max-cost",
+        "0.008",
+        "--prices",
+        str(prices),
+    )
+    assert r.exit_code == 0, r.output
+    assert "--max-cost" in r.output
+    manifest = json.loads((out / "refinevla.json").read_text())
+    assert manifest["stop_reason"] == "max-cost" and manifest["complete"] is False
+    assert manifest["cost_usd"] <= 0.008
+    assert 0 < manifest["counts"]["episodes"] < 6
+
+
+def test_max_cost_without_a_price_is_refused(tiny_rlds, teacher_server, tmp_path):
+    r = annotate(
+        tiny_rlds(1),
+        "--teacher",
+        "openai",
+        "--base-url",
+        teacher_server.url,
+        "--model",
+        "unpriced-x",
+        "--max-cost",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+        env={"OPENAI_API_KEY": SECRET},
+    )
+    assert r.exit_code == 1 and "no price for model 'unpriced-x'" in r.output
+    assert teacher_server.requests == []
+
+
+def test_missing_key_is_one_clear_error(tiny_rlds, tmp_path):
+    r = annotate(tiny_rlds(1), "--teacher", "gemini", "--out", str(tmp_path / "o"), env={"GEMINI_API_KEY": ""})
+    assert r.exit_code == 1 and "GEMINI_API_KEY" in r.output and "Traceback" not in r.output
+
+
+def test_gemini_request_shape_and_the_key_never_leaks(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(4)
+    teacher_server.scripts = {1: ["400"], 2: ["schema", "schema", "schema"], 3: ["429", "ok"]}
+    out = tmp_path / "out"
+    base = teacher_server.url.replace("/v1", "/v1beta/openai/")
+    r = annotate(
+        uri,
+        "--teacher",
+        "gemini",
+        "--base-url",
+        base,
+        "--out",
+        str(out),
+        "--retry-base",
+        "0.01",
+        env={"GEMINI_API_KEY": SECRET},
+    )
+    assert r.exit_code == 0, r.output
+    first = teacher_server.requests[0]
+    assert first.path == "/v1beta/openai/chat/completions"
+    assert first.headers["authorization"] == f"Bearer {SECRET}"
+    assert first.headers["content-type"] == "application/json"
+    body = first.body
+    assert body["model"] == "gemini-2.5-flash" and body["max_tokens"] == 4096 and body["temperature"] == 0.2
+    fmt = body["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+    assert fmt["json_schema"]["schema"] == teacher_schema()
+    assert body["messages"][0]["role"] == "system"
+    parts = body["messages"][1]["content"]
+    assert parts[0]["type"] == "text" and "put the spoon" in parts[0]["text"]
+    images = [p["image_url"]["url"] for p in parts[1:]]
+    assert images and all(u.startswith("data:image/jpeg;base64,") for u in images)
+
+    manifest = json.loads((out / "refinevla.json").read_text())
+    assert manifest["counts"]["rejected"] == 2 and manifest["counts"]["episodes"] == 2
+    rejects = [json.loads(line) for line in (out / ".refine" / "rejects.jsonl").read_text().splitlines()]
+    assert {r["episode_id"].rsplit("#")[-1] for r in rejects} == {"1", "2"}
+    # Nothing written anywhere, nor printed, carries the key.
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in r.output
+
+
+def test_openai_request_shape(tiny_rlds, teacher_server, tmp_path):
+    r = annotate(
+        tiny_rlds(1),
+        "--teacher",
+        "openai",
+        "--base-url",
+        teacher_server.url,
+        "--out",
+        str(tmp_path / "o"),
+        env={"OPENAI_API_KEY": SECRET},
+    )
+    assert r.exit_code == 0, r.output
+    req = teacher_server.requests[0]
+    assert req.path == "/v1/chat/completions"
+    assert req.headers["authorization"] == f"Bearer {SECRET}"
+    assert req.body["model"] == "gpt-4.1-mini" and req.body["max_completion_tokens"] == 4096
+    assert "max_tokens" not in req.body
+    assert req.body["response_format"]["json_schema"]["name"] == "refinevla_rationale_v1"
+
+
+def test_shards_split_the_episodes_deterministically(tiny_rlds, tmp_path):
+    uri = tiny_rlds(5)
+    out = tmp_path / "out"
+    ids = []
+    for i in range(2):
+        r = annotate(uri, "--out", str(out), "--shard", f"{i}/2")
+        assert r.exit_code == 0, r.output
+        ids.append(set(pl.read_parquet(out / "episodes" / f"train-{i:05d}-of-00002.parquet")["episode_id"]))
+    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 5
+    assert (out / ".refine" / "store-00000-of-00002.sqlite").exists()
+
+
+def test_bad_shard_flag_is_a_user_error(tiny_rlds, tmp_path):
+    r = annotate(tiny_rlds(1), "--shard", "2/2", "--out", str(tmp_path / "o"))
+    assert r.exit_code == 1 and "--shard" in r.output

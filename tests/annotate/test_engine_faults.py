@@ -1,0 +1,153 @@
+"""The engine against a real HTTP server that injects faults, through the real `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from refinevla.annotate.engine import Engine, EngineOptions, EpisodeResult
+from refinevla.annotate.pricing import ModelPrice, PriceTable
+from refinevla.annotate.sources import open_source
+from refinevla.annotate.store import ResultStore
+from refinevla.annotate.teachers.openai_compat import OpenAICompatTeacher
+from refinevla.schemas import validate
+
+PRICES = PriceTable({"fake-model": ModelPrice(input=1.0, output=2.0)})  # $0.0014 per fake answer
+
+
+def run_engine(
+    uri: str, server: Any, store_path: Path, model: str = "fake-model", **options: Any
+) -> tuple[Engine, dict[str, EpisodeResult]]:
+    source = open_source(uri)
+    teacher = OpenAICompatTeacher.for_provider("openai-compatible", model=model, base_url=server.url)
+    opts = {"concurrency": 4, "timeout": 1.0, "retry_base": 0.01, "retry_max": 0.05, "max_retries": 2, **options}
+    results: dict[str, EpisodeResult] = {}
+    with ResultStore(store_path) as store:
+        engine = Engine(
+            teacher, store, EngineOptions(**opts), PRICES, sink=lambda r: results.__setitem__(r.episode_id, r)
+        )
+        asyncio.run(engine.run(source.iter_episodes(), total=len(source)))
+    return engine, results
+
+
+def by_seed(results: dict[str, EpisodeResult]) -> dict[int, EpisodeResult]:
+    return {int(eid.rsplit("#", 1)[-1]): r for eid, r in results.items()}
+
+
+def test_every_fault_ends_annotated_or_rejected_with_its_reason(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(9)
+    teacher_server.scripts = {
+        1: ["429", "ok"],
+        2: ["500", "ok"],
+        3: ["hang", "ok"],
+        4: ["badjson", "ok"],
+        5: ["length", "ok"],
+        6: ["schema", "schema", "schema"],
+        7: ["400"],
+        8: ["semantic", "ok"],
+    }
+    engine, results = run_engine(uri, teacher_server, tmp_path / "store.sqlite")
+    res = by_seed(results)
+    assert len(res) == 9
+    assert {s for s, r in res.items() if r.status == "annotated"} == {0, 1, 2, 3, 4, 5, 8}
+    assert res[6].status == "rejected" and "spatial_reasoning" in res[6].reason
+    assert res[7].status == "rejected" and "HTTP 400" in res[7].reason
+    for r in res.values():
+        if r.record is not None:
+            assert validate(r.record) == []
+
+    seen = teacher_server.by_seed()
+    assert len(seen[7]) == 1, "a 400 must never be retried"
+    assert len(seen[6]) == 3, "re-asked up to --max-attempts, then rejected"
+    # 429 with Retry-After: 1 -> the retry waits at least that long (the backoff alone is ~10 ms).
+    assert seen[1][1].time - seen[1][0].time >= 0.9
+    # The hang outlived the 1 s client timeout and was retried.
+    assert [r.behaviour for r in seen[3]] == ["hang", "ok"]
+    # Re-asks carry the previous answer and the validation errors.
+    reask = seen[4][1].body["messages"]
+    assert reask[-2]["role"] == "assistant" and "oops" in reask[-2]["content"]
+    assert "not valid JSON" in reask[-1]["content"]
+    assert "cut off" in seen[5][1].body["messages"][-1]["content"]
+    assert "uncovered" in seen[8][1].body["messages"][-1]["content"]
+
+    with ResultStore(tmp_path / "store.sqlite") as store:
+        rejects = {r.episode_id.rsplit("#", 1)[-1]: r for r in store.rejects()}
+        assert set(rejects) == {"6", "7"}
+        assert '"extra": 1' in rejects["6"].raw and rejects["6"].attempts == 3
+        # Every answer received is accounted, including invalid ones: 7 first answers, 4 re-asks, 2 extra schema.
+        spend = store.spend()
+        assert spend.requests == engine.counters.requests == 13
+        assert spend.cost == pytest.approx(13 * 0.0014)
+
+
+def test_transient_failures_that_persist_fail_for_this_run_and_are_retried_next_run(
+    tiny_rlds, teacher_server, tmp_path
+):
+    uri = tiny_rlds(2)
+    teacher_server.scripts = {0: ["500", "500", "500"]}
+    _, results = run_engine(uri, teacher_server, tmp_path / "s.sqlite")
+    res = by_seed(results)
+    assert res[0].status == "failed" and "HTTP 500" in res[0].reason
+    assert res[1].status == "annotated"
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        assert store.rejects() == []  # not given up on for good
+    _, again = run_engine(uri, teacher_server, tmp_path / "s.sqlite")
+    res2 = by_seed(again)
+    assert res2[0].status == "annotated" and res2[1].status == "cached"
+
+
+def test_rerun_pays_nothing_twice_and_a_new_model_makes_new_keys(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(3)
+    store = tmp_path / "s.sqlite"
+    run_engine(uri, teacher_server, store)
+    assert len(teacher_server.requests) == 3
+    _, again = run_engine(uri, teacher_server, store)
+    assert len(teacher_server.requests) == 3
+    assert {r.status for r in again.values()} == {"cached"}
+    _, other = run_engine(uri, teacher_server, store, model="fake-model-2")
+    assert len(teacher_server.requests) == 6
+    assert {r.status for r in other.values()} == {"annotated"}
+
+
+def test_interrupted_reask_sequence_resumes_from_the_stored_answers(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(1)
+    store = tmp_path / "s.sqlite"
+    teacher_server.scripts = {0: ["schema", "ok"]}
+    # One attempt allowed, then the reject is removed: as if killed between the answer and the reject.
+    run_engine(uri, teacher_server, store, max_attempts=1)
+    with ResultStore(store) as s:
+        s._db.execute("DELETE FROM rejects")
+        assert len(s.attempts(next(iter(s._db.execute("SELECT key FROM attempts")))[0])) == 1
+    _, results = run_engine(uri, teacher_server, store, max_attempts=3)
+    assert next(iter(results.values())).status == "annotated"
+    second = teacher_server.requests[-1].body["messages"]
+    assert len(teacher_server.requests) == 2
+    assert second[-2]["role"] == "assistant" and '"extra": 1' in second[-2]["content"]
+
+
+def test_max_cost_stops_dispatching_and_a_higher_budget_continues(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(8)
+    store = tmp_path / "s.sqlite"
+    engine, results = run_engine(uri, teacher_server, store, concurrency=1, max_cost=0.01)
+    assert engine.stop_reason == "max-cost"
+    done = [r for r in results.values() if r.status == "annotated"]
+    assert 0 < len(done) < 8
+    with ResultStore(store) as s:
+        assert s.spend().cost <= 0.01
+    n = len(teacher_server.requests)
+    engine2, results2 = run_engine(uri, teacher_server, store, concurrency=1, max_cost=1.0)
+    assert engine2.stop_reason is None
+    assert len(teacher_server.requests) == n + 8 - len(done)
+    assert sorted(r.status for r in results2.values()).count("cached") == len(done)
+
+
+def test_rpm_limit_spaces_requests(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(8)
+    engine, _ = run_engine(uri, teacher_server, tmp_path / "s.sqlite", rpm=60.0, concurrency=8)
+    times = sorted(r.time for r in teacher_server.requests)
+    # burst capacity is 5 (5 s at 1/s): requests 6..8 wait ~1 s each
+    assert times[-1] - times[0] >= 2.5
+    assert engine.counters.requests == 8

@@ -1,0 +1,170 @@
+"""The rationale schema file, the teacher schema derived from it, and the semantic checks."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from refinevla.schemas import (
+    SemanticContext,
+    load_schema,
+    schema_id_of,
+    semantic_errors,
+    teacher_response_format,
+    teacher_schema,
+    validate,
+    validate_teacher_answer,
+)
+
+# What neither OpenAI strict structured outputs nor Gemini's OpenAI-compatible endpoint takes (or
+# what strict mode rejects outright).
+UNSUPPORTED = {
+    "minLength",
+    "maxLength",
+    "pattern",
+    "format",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "$ref",
+    "$defs",
+    "$schema",
+    "$id",
+    "const",
+    "x-refinevla-source",
+    "title",
+    "uniqueItems",
+}
+
+
+def good_answer() -> dict[str, Any]:
+    return {
+        "observation": "A spoon on a table.",
+        "situation_analysis": "Grasp the spoon.",
+        "spatial_reasoning": "The towel is left.",
+        "task_plan": [
+            {"subtask": "grasp", "reason": "first", "start_step": 0, "end_step": 4},
+            {"subtask": "place", "reason": "then", "start_step": 5, "end_step": 9},
+        ],
+        "objects": [{"name": "spoon", "box": [1, 2, 30, 40]}],
+        "move_reasons": [{"segment": 0, "reason": "a"}, {"segment": 1, "reason": "b"}],
+    }
+
+
+CTX = SemanticContext(num_steps=10, num_segments=2, image_size=(64, 64))
+
+
+def walk(node: Any, path: str = "$"):  # type: ignore[no-untyped-def]
+    if isinstance(node, dict):
+        yield path, node
+        for k, v in node.get("properties", {}).items():
+            yield from walk(v, f"{path}.{k}")
+        if "items" in node:
+            yield from walk(node["items"], f"{path}[]")
+
+
+def test_schema_file_is_valid_2020_12_with_an_id_and_every_field_described():
+    schema = load_schema()
+    Draft202012Validator.check_schema(schema)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["$id"].endswith("rationale-v1.json") and schema_id_of(schema) == "refinevla.rationale/1"
+    nodes = list(walk(schema))
+    for d in schema["$defs"].values():
+        nodes += list(walk(d))
+    for path, node in nodes:
+        if path != "$" and "$ref" not in node:
+            assert node.get("description"), f"{path} has no description"
+    for k in ("observation", "situation_analysis", "spatial_reasoning", "task_plan"):
+        assert schema["properties"][k]["x-refinevla-source"] == "teacher"
+    assert set(schema["$defs"]["step"]["required"]) == {
+        "step",
+        "subtask",
+        "subtask_reason",
+        "move",
+        "move_reason",
+        "gripper",
+    }
+
+
+def test_teacher_schema_is_in_the_strict_subset():
+    derived = teacher_schema()
+    assert derived["type"] == "object"
+    assert set(derived["properties"]) == {
+        "observation",
+        "situation_analysis",
+        "spatial_reasoning",
+        "task_plan",
+        "objects",
+        "move_reasons",
+    }
+    for path, node in walk(derived):
+        assert not UNSUPPORTED & set(node), f"{path} keeps {UNSUPPORTED & set(node)}"
+        if "properties" in node:
+            assert node["additionalProperties"] is False, path
+            assert node["required"] == list(node["properties"]), f"{path}: every property must be required"
+    # The optional `objects` became nullable instead of optional.
+    assert derived["properties"]["objects"]["type"] == ["array", "null"]
+    Draft202012Validator.check_schema(derived)
+    fmt = teacher_response_format()
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+    assert fmt["json_schema"]["name"] == "refinevla_rationale_v1"
+
+
+def test_a_good_answer_passes_the_derived_schema_the_full_constraints_and_the_semantic_checks():
+    answer = good_answer()
+    assert Draft202012Validator(teacher_schema()).is_valid(answer)
+    assert validate_teacher_answer(answer) == []
+    assert semantic_errors(answer, CTX) == []
+    assert validate_teacher_answer({**answer, "objects": None}) == []
+
+
+def test_full_constraints_catch_what_the_teacher_schema_cannot_say():
+    answer = good_answer()
+    answer["observation"] = ""
+    answer["task_plan"][0]["start_step"] = -1
+    errors = validate_teacher_answer(answer)
+    assert any(e.startswith("observation:") for e in errors)
+    assert any(e.startswith("task_plan/0/start_step") for e in errors)
+    assert validate_teacher_answer({**good_answer(), "surprise": 1})
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda a: a["task_plan"][1].update(start_step=6), "uncovered"),
+        (lambda a: a["task_plan"][1].update(start_step=4), "overlapping"),
+        (lambda a: a["task_plan"][1].update(end_step=12), "outside the episode"),
+        (lambda a: a["task_plan"][1].update(end_step=8), "every step must be covered"),
+        (lambda a: a["task_plan"][0].update(start_step=3, end_step=2), "after end_step"),
+        (lambda a: a.update(spatial_reasoning="   "), "spatial_reasoning: must be a non-empty text"),
+        (lambda a: a["task_plan"][0].update(reason=" "), "task_plan/0/reason"),
+        (lambda a: a["objects"][0].update(box=[1, 2, 80, 40]), "outside the 64x64 image"),
+        (lambda a: a["objects"][0].update(box=[30, 2, 1, 40]), "inverted"),
+        (lambda a: a["move_reasons"].pop(), "one entry per motion segment"),
+    ],
+)
+def test_semantic_checks_name_what_to_fix(mutate, expected):
+    answer = copy.deepcopy(good_answer())
+    mutate(answer)
+    errors = semantic_errors(answer, CTX)
+    assert any(expected in e for e in errors), errors
+
+
+def test_full_record_validation_rejects_a_bad_step():
+    record = {
+        "schema_id": "refinevla.rationale/1",
+        "episode_id": "d:1",
+        "instruction": "do it",
+        "num_steps": 1,
+        **{k: v for k, v in good_answer().items()},
+        "steps": [
+            {"step": 0, "subtask": "s", "subtask_reason": "r", "move": "stop", "move_reason": "m", "gripper": "open"}
+        ],
+    }
+    assert validate(record) == []
+    record["steps"][0]["gripper"] = "ajar"
+    assert any("steps/0/gripper" in e for e in validate(record))
