@@ -57,6 +57,7 @@ class AnnotateArgs:
     prices: Path | None = None
     tensor_parallel_size: int = 1
     progress: str = "auto"  # auto | rich | plain | none
+    license: str | None = None  # dataset-card license; needed where the source's is not known
     argv: list[str] = field(default_factory=list)  # for the resume command
 
 
@@ -161,6 +162,7 @@ def run_annotate(args: AnnotateArgs) -> int:
         return _dry_run(args, teacher, options, prices, episodes, total)
 
     out = args.out or default_out(args.source, args.teacher)
+    _check_card_license(out, source.name, args.license)
     i, n = shard
     suffix = "" if n == 1 else f"-{i:05d}-of-{n:05d}"
     store = ResultStore(out / ".refine" / f"store{suffix}.sqlite")
@@ -264,6 +266,8 @@ def run_annotate(args: AnnotateArgs) -> int:
         }
         write_manifest(out, manifest, "refinevla.json" if n == 1 else f".refine/manifest{suffix}.json")
         store.close()
+    if n == 1:
+        _write_card(out, args.license)
     from .progress import summary_line
 
     typer.echo(summary_line(engine.counters), err=True)
@@ -289,6 +293,34 @@ def run_annotate(args: AnnotateArgs) -> int:
         )
         return 1
     return 0
+
+
+def _check_card_license(out: Path, dataset: str, license: str | None) -> None:
+    """Fail before anything is paid for if the run's card could not be written at the end."""
+    from ..datacards.render import SOURCE_LICENSES
+
+    if license or dataset in SOURCE_LICENSES:
+        return
+    card = out / "README.md"
+    if card.is_file():
+        from huggingface_hub import DatasetCard
+
+        if DatasetCard.load(card).data.get("license"):
+            return
+    raise RefineError(
+        f"the license of source dataset {dataset!r} is not known to refinevla, and the dataset card needs one; "
+        "pass --license ID (a Hub license id, e.g. cc-by-4.0)"
+    )
+
+
+def _write_card(out: Path, license: str | None) -> None:
+    from ..datacards.render import CardError, write_card
+
+    try:
+        path = write_card(out, license=license)
+    except CardError as exc:
+        raise RefineError(f"{out}: dataset card not written: {exc}") from None
+    typer.echo(f"wrote {path}")
 
 
 def _dry_run(args: AnnotateArgs, teacher: Any, options: Any, prices: Any, episodes: Any, total: int) -> int:
@@ -373,6 +405,10 @@ def register(app: typer.Typer) -> None:
             int, typer.Option("--tensor-parallel-size", help="GPUs for --teacher vllm.")
         ] = 1,
         progress: Annotated[str, typer.Option("--progress", help="auto | rich | plain | none.")] = "auto",
+        license: Annotated[
+            str | None,
+            typer.Option("--license", help="Card license (Hub id); required where the source's is not known."),
+        ] = None,
     ) -> None:
         """Annotate episodes with ReFineVLA rationales (resumable; a rerun never pays twice)."""
         code = run_annotate(
@@ -404,6 +440,7 @@ def register(app: typer.Typer) -> None:
                 prices=prices,
                 tensor_parallel_size=tensor_parallel_size,
                 progress=progress,
+                license=license,
                 argv=sys.argv[1:],
             )
         )

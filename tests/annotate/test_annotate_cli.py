@@ -218,3 +218,20 @@ def test_shards_split_the_episodes_deterministically(tiny_rlds, tmp_path):
 def test_bad_shard_flag_is_a_user_error(tiny_rlds, tmp_path):
     r = annotate(tiny_rlds(1), "--shard", "2/2", "--out", str(tmp_path / "o"))
     assert r.exit_code == 1 and "--shard" in r.output
+
+
+def test_unknown_source_license_is_refused_before_anything_runs_and_the_card_records_a_given_one(tiny_rlds, tmp_path):
+    from huggingface_hub import DatasetCard
+
+    uri = tiny_rlds(2, name="mystery_robot")
+    out = tmp_path / "out"
+    r = annotate(uri, "--out", str(out))
+    assert r.exit_code == 1 and "--license" in r.output and "Traceback" not in r.output
+    assert not (out / ".refine").exists()  # refused before the store was even opened
+    ok = annotate(uri, "--out", str(out), "--license", "cc-by-sa-4.0")
+    assert ok.exit_code == 0, ok.output
+    card = DatasetCard.load(out / "README.md")
+    assert card.data.license == "cc-by-sa-4.0"
+    assert card.data.source_datasets == ["mystery_robot"]
+    # a rerun inherits the license from the card already in OUT
+    assert annotate(uri, "--out", str(out)).exit_code == 0

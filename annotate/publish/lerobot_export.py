@@ -1,0 +1,167 @@
+"""`refine-data export --to lerobot`: frames from the source + rationales as LeRobot language columns.
+
+The rationale goes into `language_persistent`, the column `lerobot-annotate` writes (lerobot >= 0.6):
+a list of `{role, content, style, timestamp, camera, tool_calls}` broadcast to every frame of an
+episode, each entry holding from its `timestamp` until superseded. Mapping:
+* the task plan -> one `plan` entry at t=0 (numbered subtasks with their step ranges);
+* time-aligned subtasks -> one `subtask` entry per plan segment at its first step;
+* motion primitives -> one `motion` entry per motion segment at its first step;
+* the other reasoning parts (observation, situation analysis, spatial reasoning at t=0; subtask and move
+  reasons at their segments) -> the project style `reasoning`, content prefixed with the part's name.
+`reasoning` is recorded in the feature's `extended_styles` so a reader can register it.
+
+Episodes are streamed from the source (`open_source`) in the manifest's selection, joined to the
+rationale rows on `episode_id`, and written by `lerobot_writer.write_lerobot` (v3.0).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from ..errors import RefineError
+
+EXTENDED_STYLE = "reasoning"
+DEFAULT_FPS = {"bridge_orig": 5.0, "bridge_dataset": 5.0, "refinevla_sample": 5.0, "fractal20220817_data": 3.0}
+LANGUAGE_PERSISTENT = pa.list_(
+    pa.struct(
+        [
+            pa.field("role", pa.string()),
+            pa.field("content", pa.string()),
+            pa.field("style", pa.string()),
+            pa.field("timestamp", pa.float32()),
+            pa.field("camera", pa.string()),
+            pa.field("tool_calls", pa.list_(pa.string())),
+        ]
+    )
+)
+
+
+@dataclass
+class ExportResult:
+    root: Path
+    episodes: int
+    frames: int
+
+
+def _entry(content: str, style: str, timestamp: float) -> dict[str, Any]:
+    return {
+        "role": "assistant",
+        "content": content,
+        "style": style,
+        "timestamp": timestamp,
+        "camera": None,
+        "tool_calls": None,
+    }
+
+
+def language_entries(episode: dict[str, Any], steps: list[dict[str, Any]], fps: float) -> list[dict[str, Any]]:
+    """The `language_persistent` list of one episode (the same for all its frames), in time order."""
+    plan = episode["task_plan"] or []
+    out = [
+        _entry(
+            "\n".join(f"{i + 1}. {s['subtask']} (steps {s['start_step']}-{s['end_step']})" for i, s in enumerate(plan)),
+            "plan",
+            0.0,
+        )
+    ]
+    for part in ("observation", "situation_analysis", "spatial_reasoning"):
+        out.append(_entry(f"{part}: {episode[part]}", EXTENDED_STYLE, 0.0))
+    for s in plan:
+        t = s["start_step"] / fps
+        out.append(_entry(s["subtask"], "subtask", t))
+        out.append(_entry(f"subtask_reason: {s['reason']}", EXTENDED_STYLE, t))
+    previous = None
+    for row in steps:
+        if row["move"] != previous:
+            t = row["step"] / fps
+            out.append(_entry(row["move"], "motion", t))
+            out.append(_entry(f"move_reason: {row['move_reason']}", EXTENDED_STYLE, t))
+            previous = row["move"]
+    return sorted(out, key=lambda e: e["timestamp"])  # stable: plan first at t=0
+
+
+def export_lerobot(
+    out: str | Path,
+    source: str,
+    dest: str | Path,
+    *,
+    data_dir: str | None = None,
+    split: str = "train",
+    fps: float | None = None,
+    camera_storage: str = "video",
+) -> ExportResult:
+    """Write a LeRobot v3.0 dataset at `dest` with the episodes of `out` (frames from `source`)."""
+    import polars as pl
+
+    from ..sources import ReadOptions, open_source
+    from ..sources.lerobot_writer import ExtraColumn, write_lerobot
+
+    out, dest = Path(out), Path(dest)
+    manifest_path = out / "refinevla.json"
+    if not manifest_path.is_file():
+        raise RefineError(f"{out}: no refinevla.json; export a directory written by `refine-data annotate`")
+    if dest.exists() and any(dest.iterdir()):
+        raise RefineError(f"{dest}: exists and is not empty")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    episodes = pl.read_parquet(out / "episodes" / "*.parquet")
+    steps = pl.read_parquet(
+        out / "data" / "*.parquet", columns=["episode_id", "step", "move", "move_reason", "subtask"]
+    )
+    wanted = {row["episode_id"]: row for row in episodes.to_dicts()}
+    step_rows: dict[str, list[dict[str, Any]]] = {}
+    for row in steps.sort(["episode_id", "step"]).to_dicts():
+        step_rows.setdefault(row["episode_id"], []).append(row)
+    src = open_source(source, data_dir=data_dir, split=split)
+    rate = fps or DEFAULT_FPS.get(src.name) or DEFAULT_FPS.get(manifest.get("source", {}).get("dataset", ""))
+    if not rate:
+        raise RefineError(f"the control rate of {src.name!r} is not known; pass --fps")
+    selection = manifest.get("selection") or {}
+    options = ReadOptions(start=selection.get("start", 0), stop=selection.get("stop"))
+
+    language: list[list[list[dict[str, Any]]]] = []  # per episode, per frame (filled as episodes stream)
+    found: set[str] = set()
+
+    def matching() -> Any:
+        for ep in src.iter_episodes(options):
+            row = wanted.get(ep.episode_id)
+            if row is None:
+                continue
+            own = step_rows.get(ep.episode_id, [])
+            if row["num_steps"] != len(ep) or len(own) != len(ep):
+                raise RefineError(
+                    f"{ep.episode_id}: {len(ep)} frames in {source} but {row['num_steps']} steps in {out}; "
+                    "is --source the source this dataset was annotated from?"
+                )
+            entries = language_entries(row, own, rate)
+            language.append([entries] * len(ep))
+            found.add(ep.episode_id)
+            yield ep
+            if len(found) == len(wanted):
+                return
+
+    feature = {"dtype": "language", "shape": [1], "names": None, "extended_styles": [EXTENDED_STYLE]}
+    created = not dest.exists()
+    try:
+        root = write_lerobot(
+            dest,
+            matching(),
+            fps=rate,
+            robot_type="widowx" if src.name.startswith("bridge") else "unknown",
+            camera_storage=camera_storage,
+            extra_columns={"language_persistent": ExtraColumn(language, LANGUAGE_PERSISTENT, feature)},
+        )
+        missing = sorted(set(wanted) - found)
+        if missing:
+            raise RefineError(f"{len(missing)} episodes of {out} are not in {source} (first: {missing[0]})")
+    except RefineError:
+        if created:  # no half-written dataset left behind for a LeRobot reader to trip over
+            import shutil
+
+            shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return ExportResult(root, len(found), sum(len(v) for v in language))

@@ -1,0 +1,74 @@
+"""`refine-data export --to lerobot`: a LeRobot v3.0 dataset with the rationale as language columns,
+read back through the project's own LeRobot source."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from refinevla.annotate.cli import app
+from refinevla.annotate.sources import ReadOptions, open_source
+
+
+@pytest.fixture(scope="module")
+def exported(annotated_out, source_uri, tmp_path_factory):  # type: ignore[no-untyped-def]
+    dest = tmp_path_factory.mktemp("lerobot") / "ds"
+    r = CliRunner().invoke(
+        app, ["export", str(annotated_out), "--to", "lerobot", "--source", source_uri, "--out", str(dest)]
+    )
+    assert r.exit_code == 0, r.output
+    assert "3 episodes, 33 frames" in r.output
+    return dest
+
+
+def test_export_follows_the_v30_layout(exported):
+    info = json.loads((exported / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["fps"] == 5.0
+    assert info["total_episodes"] == 3 and info["total_frames"] == 33
+    assert info["features"]["language_persistent"]["dtype"] == "language"
+    assert "reasoning" in info["features"]["language_persistent"]["extended_styles"]
+    assert (exported / "data" / "chunk-000" / "file-000.parquet").is_file()
+    assert (exported / "meta" / "episodes" / "chunk-000" / "file-000.parquet").is_file()
+    assert (exported / "meta" / "tasks.parquet").is_file() and (exported / "meta" / "stats.json").is_file()
+    assert (exported / "videos" / "observation.images.image_0" / "chunk-000" / "file-000.mp4").is_file()
+
+
+def test_rationale_is_in_language_persistent_with_plan_subtask_motion_and_reasoning(exported, annotated_out):
+    table = pq.read_table(exported / "data" / "chunk-000" / "file-000.parquet")
+    rows = table.to_pylist()
+    first = [r for r in rows if r["episode_index"] == 0]
+    assert len(first) == 10
+    assert all(r["language_persistent"] == first[0]["language_persistent"] for r in first)  # broadcast
+    entries = first[0]["language_persistent"]
+    styles = [e["style"] for e in entries]
+    assert styles[0] == "plan" and {"subtask", "motion", "reasoning"} <= set(styles)
+    episodes = pq.read_table(annotated_out / "episodes").to_pylist()
+    ep0 = next(e for e in episodes if e["episode_id"].endswith("#0"))
+    subtasks = [(e["content"], e["timestamp"]) for e in entries if e["style"] == "subtask"]
+    assert subtasks == [(s["subtask"], pytest.approx(s["start_step"] / 5.0)) for s in ep0["task_plan"]]
+    assert any(e["content"] == f"observation: {ep0['observation']}" for e in entries)
+    motions = [e for e in entries if e["style"] == "motion"]
+    assert motions[0]["timestamp"] == 0.0 and motions[0]["content"].startswith("move")
+
+
+def test_export_reads_back_through_the_lerobot_source(exported, source_uri):
+    back = list(open_source(f"lerobot:{exported}").iter_episodes(ReadOptions()))
+    orig = list(open_source(source_uri).iter_episodes(ReadOptions()))
+    assert [len(e) for e in back] == [10, 11, 12]
+    for a, b in zip(back, orig, strict=True):
+        assert a.instruction == b.instruction
+        np.testing.assert_allclose(a.states, b.states, atol=1e-6)
+        np.testing.assert_allclose(a.actions, b.actions, atol=1e-6)
+        assert a.frames[next(iter(a.frames))][0].shape == (32, 32, 3)
+
+
+def test_export_from_the_wrong_source_is_refused(annotated_out, tmp_path):
+    r = CliRunner().invoke(
+        app, ["export", str(annotated_out), "--to", "lerobot", "--source", "sample", "--out", str(tmp_path / "x")]
+    )
+    assert r.exit_code == 1 and "not in sample" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x").exists()
