@@ -76,6 +76,7 @@ def test_field_tables_are_the_schema_descriptions(out_copy):
 def test_unknown_source_license_requires_license_flag(out_copy):
     import json
 
+    (out_copy / "README.md").unlink()  # `annotate` wrote one; start from a card-less OUT
     manifest = json.loads((out_copy / "refinevla.json").read_text())
     manifest["source"]["dataset"] = "my_lab_robot"
     (out_copy / "refinevla.json").write_text(json.dumps(manifest))

@@ -39,6 +39,7 @@ def test_tampered_step_row_is_named_with_file_and_row(out_copy):
 
 
 def test_count_mismatch_and_missing_card_are_reported(out_copy):
+    (out_copy / "README.md").unlink()  # `annotate` wrote one
     manifest = json.loads((out_copy / "refinevla.json").read_text())
     manifest["counts"]["steps"] += 5
     (out_copy / "refinevla.json").write_text(json.dumps(manifest))
