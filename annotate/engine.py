@@ -288,8 +288,9 @@ class Engine:
     def prepare(self, episode: Episode) -> PreparedRequest:
         """Prompt, key and facts of an episode (CPU work; runs in the producer thread)."""
         bundle = build_prompt(episode, self.options.frames, self.template)
+        shown = {bundle.frame_key["camera"]: bundle.frame_key["steps"]}
         key = request_key(
-            episode.content_digest(),
+            episode.content_digest(shown),
             bundle.frame_key,
             self.template.version,
             self.template.digest,

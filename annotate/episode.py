@@ -12,7 +12,7 @@ time, and tasks that never look at pixels (statistics, inspect) never pay for de
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,11 +140,14 @@ class Episode:
         for i in range(len(self)):
             yield self.step(i)
 
-    def content_digest(self) -> str:
+    def content_digest(self, frame_steps: Mapping[str, Sequence[int]] | None = None) -> str:
         """A hash of what the episode *is* (id, instruction, numbers, frame bytes).
 
-        Used in annotation request keys: if the source data changes, answers are
-        not reused. Frame bytes are hashed as stored (no decode).
+        Used in annotation request keys: if the source data changes, answers are not
+        reused. Frame bytes are hashed as stored (no decode). With `frame_steps`
+        (camera -> step indices) only those frames are hashed: the ones a teacher is
+        shown, which is all of the pixels an answer can depend on, at a fraction of the
+        cost of hashing every frame of every camera.
         """
         import hashlib
 
@@ -153,13 +156,13 @@ class Episode:
         h.update(self.instruction.encode())
         h.update(np.ascontiguousarray(self.actions, dtype=np.float32).tobytes())
         h.update(np.ascontiguousarray(self.states, dtype=np.float32).tobytes())
-        for cam in sorted(self.frames):
+        cameras = sorted(self.frames) if frame_steps is None else sorted(frame_steps)
+        for cam in cameras:
             seq = self.frames[cam]
+            steps = range(len(seq)) if frame_steps is None else frame_steps[cam]
             h.update(cam.encode())
-            for i in range(len(seq)):
+            for i in steps:
+                h.update(str(i).encode())
                 raw = seq.encoded(i)
-                if raw is None:
-                    h.update(np.ascontiguousarray(seq[i]).tobytes())
-                else:
-                    h.update(raw)
+                h.update(raw if raw is not None else np.ascontiguousarray(seq[i]).tobytes())
         return h.hexdigest()
