@@ -74,17 +74,23 @@ def _check_states(states: np.ndarray) -> np.ndarray:
 
 
 def motion_vectors(states: np.ndarray) -> np.ndarray:
-    """(T, 7) move vectors, one per step (see module docstring for the rule)."""
+    """(T, 7) move vectors, one per step (see module docstring for the rule).
+
+    Vectorised over steps: the same arithmetic as `move_vector`, applied to all windows at once
+    (the annotation engine computes this for every episode it prepares).
+    """
     arr = _check_states(states)
     n = arr.shape[0]
-    if n == 0:
-        return np.zeros((0, 7), dtype=np.int64)
-    if n == 1:
-        return np.zeros((1, 7), dtype=np.int64)
+    if n <= 1:
+        return np.zeros((n, 7), dtype=np.int64)
     ends = np.minimum(np.arange(n - 1) + WINDOW - 1, n - 1)
-    vecs = [move_vector(arr[e] - arr[t]) for t, e in enumerate(ends)]
-    vecs.append(vecs[-1])
-    return np.stack(vecs)
+    diff = arr[ends] - arr[: n - 1]
+    l1 = np.abs(diff[:, :3]).sum(axis=1)
+    scale = np.where(l1 > XYZ_CAP, XYZ_CAP / np.where(l1 > 0, l1, 1.0), 1.0)
+    diff[:, :3] *= scale[:, None]
+    diff[:, 3:6] /= ROTATION_SCALE
+    vecs = (diff > DEAD_ZONE).astype(np.int64) - (diff < -DEAD_ZONE).astype(np.int64)
+    return np.concatenate([vecs, vecs[-1:]], axis=0)
 
 
 def motion_primitives(states: np.ndarray) -> list[str]:

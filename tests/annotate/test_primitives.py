@@ -79,3 +79,16 @@ def test_degenerate_lengths_and_bad_shapes() -> None:
     assert motion_primitives(np.zeros((0, 7))) == []
     with pytest.raises(ValueError, match=r"\(T, 7\)"):
         motion_primitives(np.zeros((4, 6)))
+
+
+def test_vectorised_windows_match_the_per_window_rule() -> None:
+    from refinevla.annotate.primitives import WINDOW, motion_vectors
+
+    rng = np.random.default_rng(3)
+    s = np.cumsum(rng.normal(0, 0.02, (40, 7)), axis=0)
+    s[:, 3:6] *= 10
+    got = motion_vectors(s)
+    n = len(s)
+    expected = [move_vector(s[min(t + WINDOW - 1, n - 1)] - s[t]) for t in range(n - 1)]
+    expected.append(expected[-1])
+    np.testing.assert_array_equal(got, np.stack(expected))
