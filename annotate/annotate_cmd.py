@@ -58,6 +58,7 @@ class AnnotateArgs:
     tensor_parallel_size: int = 1
     progress: str = "auto"  # auto | rich | plain | none
     license: str | None = None  # dataset-card license; needed where the source's is not known
+    processes: int = 1  # engine processes on this machine, each with a contiguous part of the selection
     argv: list[str] = field(default_factory=list)  # for the resume command
 
 
@@ -98,22 +99,54 @@ def _elide_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def run_annotate(args: AnnotateArgs) -> int:
-    """Run the command; returns the exit code (0 done, 1 some episodes failed, 130 interrupted)."""
-    from ..schemas import schema_digest
-    from .engine import Engine, EngineOptions
+@dataclass
+class RunSetup:
+    """What every part of a run shares: the opened source, the selection, the teacher, the limits."""
+
+    source: Any
+    start: int
+    stop: int
+    teacher: Any
+    prices: Any
+    options: Any
+    out: Path
+    shard: tuple[int, int]
+    suffix: str  # "" for a single shard, "-i-of-n" otherwise: names the store, manifest and rejects
+
+    @property
+    def total(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def store_path(self) -> Path:
+        return self.out / ".refine" / f"store{self.suffix}.sqlite"
+
+
+@dataclass
+class PartResult:
+    """What one engine run over a range did: the numbers the manifest and the exit code need."""
+
+    counters: dict[str, Any]  # Counters fields (this run)
+    statuses: dict[str, int]  # episodes by final status, as written
+    reject_reasons: dict[str, int]
+    counts: dict[str, int]  # rows written: episodes, steps
+    stop_reason: str | None
+
+
+def _setup(args: AnnotateArgs) -> RunSetup:
+    """Validate flags, open the source, build the teacher and engine options (no request sent)."""
+    from .engine import EngineOptions
     from .pricing import PriceTable
     from .prompts import FrameOptions
-    from .sources import ReadOptions, SourceOverrides, open_source
-    from .store import ResultStore
+    from .sources import SourceOverrides, open_source
     from .teachers import make_teacher
-    from .writer import DatasetWriter, tool_version, utc_now, write_manifest
 
     shard = parse_shard(args.shard)
     for name, value in (
         ("--concurrency", args.concurrency),
         ("--max-attempts", args.max_attempts),
         ("--frames", args.frames),
+        ("--processes", args.processes),
     ):
         if value < 1:
             raise RefineError(f"{name} must be at least 1")
@@ -124,7 +157,6 @@ def run_annotate(args: AnnotateArgs) -> int:
         overrides=SourceOverrides(cameras=tuple(args.camera or ())),
     )
     start, stop = shard_range(len(source), shard, args.limit)
-    total = stop - start
     teacher = make_teacher(
         args.teacher,
         model=args.model,
@@ -134,14 +166,6 @@ def run_annotate(args: AnnotateArgs) -> int:
         tensor_parallel_size=args.tensor_parallel_size,
     )
     prices = PriceTable.load(args.prices)
-    price = prices.get(teacher.model)
-    if teacher.paid and price is None:
-        if args.max_cost is not None:
-            raise RefineError(
-                f"no price for model {teacher.model!r}, so --max-cost cannot be enforced; "
-                'add it with --prices FILE ({"MODEL": {"input": USD_PER_1M, "output": USD_PER_1M}})'
-            )
-        typer.secho(f"warning: no price for model {teacher.model!r}: cost is not tracked", fg="yellow", err=True)
     options = EngineOptions(
         concurrency=args.concurrency,
         rpm=args.rpm,
@@ -156,127 +180,218 @@ def run_annotate(args: AnnotateArgs) -> int:
         frames=FrameOptions(count=args.frames, camera=None, max_side=args.image_size),
         expected_completion_tokens=min(args.max_tokens, 1200),
     )
-    episodes = source.iter_episodes(ReadOptions(start=start, stop=stop))
-
-    if args.dry_run:
-        return _dry_run(args, teacher, options, prices, episodes, total)
-
-    out = args.out or default_out(args.source, args.teacher)
-    _check_card_license(out, source.name, args.license)
     i, n = shard
-    suffix = "" if n == 1 else f"-{i:05d}-of-{n:05d}"
-    store = ResultStore(out / ".refine" / f"store{suffix}.sqlite")
-    writer = DatasetWriter(out, args.schema_id, teacher.name, teacher.model, shard)
-    engine = Engine(teacher, store, options, prices, sink=writer.add)
+    return RunSetup(
+        source=source,
+        start=start,
+        stop=stop,
+        teacher=teacher,
+        prices=prices,
+        options=options,
+        out=args.out or default_out(args.source, args.teacher),
+        shard=shard,
+        suffix="" if n == 1 else f"-{i:05d}-of-{n:05d}",
+    )
+
+
+def run_annotate(args: AnnotateArgs) -> int:
+    """Run the command; returns the exit code (0 done, 1 some episodes failed, 130 interrupted)."""
+    from .sources import ReadOptions
+
+    setup = _setup(args)
+    teacher = setup.teacher
+    if teacher.paid and setup.prices.get(teacher.model) is None:
+        if args.max_cost is not None:
+            raise RefineError(
+                f"no price for model {teacher.model!r}, so --max-cost cannot be enforced; "
+                'add it with --prices FILE ({"MODEL": {"input": USD_PER_1M, "output": USD_PER_1M}})'
+            )
+        typer.secho(f"warning: no price for model {teacher.model!r}: cost is not tracked", fg="yellow", err=True)
+    if args.dry_run:
+        episodes = setup.source.iter_episodes(ReadOptions(start=setup.start, stop=setup.stop))
+        return _dry_run(args, teacher, setup.options, setup.prices, episodes, setup.total)
+
+    _check_card_license(setup.out, setup.source.name, args.license)
+    if args.processes > 1 and setup.total > 1:
+        from .parallel import run_processes
+
+        part = run_processes(args, setup)
+    else:
+        part = run_part(args, setup, setup.start, setup.stop, setup.out, live_progress=True)
+    return _finalize(args, setup, part)
+
+
+def run_part(
+    args: AnnotateArgs,
+    setup: RunSetup,
+    start: int,
+    stop: int,
+    rows_root: Path,
+    *,
+    live_progress: bool,
+    stop_signal: int = signal.SIGINT,
+    on_counters: Any = None,
+) -> PartResult:
+    """Annotate episodes [start, stop) into `rows_root`'s Parquet files; answers go to the run's store.
+
+    `stop_signal` is the signal that asks for a clean stop (SIGINT in the foreground process;
+    worker processes get theirs from the parent). `on_counters`, when given, is called with the live
+    Counters about twice a second (the parent of worker processes aggregates them).
+    """
+    from dataclasses import asdict
+
+    from .engine import Engine
+    from .sources import ReadOptions
+    from .store import ResultStore
+    from .writer import DatasetWriter
+
+    episodes = setup.source.iter_episodes(ReadOptions(start=start, stop=stop))
+    store = ResultStore(setup.store_path)
+    writer = DatasetWriter(rows_root, args.schema_id, setup.teacher.name, setup.teacher.model, setup.shard)
+    engine = Engine(setup.teacher, store, setup.options, setup.prices, sink=writer.add)
     live = args.progress == "rich" or (args.progress == "auto" and sys.stderr.isatty())
-    show = args.progress != "none"
+    show = live_progress and args.progress != "none"
+
+    async def report() -> None:
+        while True:
+            on_counters(engine.counters)
+            await asyncio.sleep(0.5)
 
     async def main() -> None:
         from .progress import show_progress
 
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests) / Windows
-            loop.add_signal_handler(signal.SIGINT, engine.request_stop, "interrupted")
-        display = asyncio.create_task(show_progress(engine.counters, live)) if show else None
+            loop.add_signal_handler(stop_signal, engine.request_stop, "interrupted")
+        tasks = []
+        if show:
+            tasks.append(asyncio.create_task(show_progress(engine.counters, live)))
+        if on_counters is not None:
+            tasks.append(asyncio.create_task(report()))
         try:
-            await engine.run(episodes, total=total)
+            await engine.run(episodes, total=stop - start)
         finally:
-            if display is not None:
-                display.cancel()
-                await asyncio.gather(display, return_exceptions=True)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.remove_signal_handler(signal.SIGINT)
+                loop.remove_signal_handler(stop_signal)
 
     try:
         asyncio.run(main())
     finally:
         counts = writer.close()
-        c = engine.counters
+        store.close()
+    counters = asdict(engine.counters)
+    counters.pop("started", None)
+    return PartResult(
+        counters=counters,
+        statuses=dict(writer.statuses),
+        reject_reasons=dict(writer.reject_reasons),
+        counts=counts,
+        stop_reason=engine.stop_reason,
+    )
+
+
+def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult) -> int:
+    """Rejects file, manifest and card for the whole run; the summary and the exit code."""
+    from ..schemas import schema_digest
+    from .engine import Counters
+    from .prompts import load_template
+    from .store import ResultStore
+    from .writer import tool_version, utc_now, write_manifest
+
+    out, source, teacher = setup.out, setup.source, setup.teacher
+    i, n = setup.shard
+    c = Counters(**part.counters)
+    with ResultStore(setup.store_path) as store:
         spend = store.spend()
         rejects = store.rejects()
-        with (out / ".refine" / f"rejects{suffix}.jsonl").open("w", encoding="utf-8") as fh:
-            for r in rejects:
-                fh.write(
-                    json.dumps(
-                        {
-                            "episode_id": r.episode_id,
-                            "key": r.key,
-                            "reason": r.reason,
-                            "raw": r.raw,
-                            "attempts": r.attempts,
-                        },
-                        ensure_ascii=False,
-                    )
-                    + "\n"
+    with (out / ".refine" / f"rejects{setup.suffix}.jsonl").open("w", encoding="utf-8") as fh:
+        for r in rejects:
+            fh.write(
+                json.dumps(
+                    {
+                        "episode_id": r.episode_id,
+                        "key": r.key,
+                        "reason": r.reason,
+                        "raw": r.raw,
+                        "attempts": r.attempts,
+                    },
+                    ensure_ascii=False,
                 )
-        tmpl = engine.template
-        manifest = {
-            "refinevla_version": tool_version(),
-            "created": utc_now(),
-            "source": {
-                "uri": args.source,
-                "dataset": source.name,
-                "split": args.split,
-                "episodes_in_source": len(source),
-            },
-            "selection": {"shard": f"{i}/{n}", "start": start, "stop": stop, "limit": args.limit},
-            "teacher": {
-                "name": teacher.name,
-                "model": teacher.model,
-                "sampling": teacher.sampling(),
-                "base_url": getattr(teacher, "base_url", None),
-                "written_by_model": teacher.name != "rule-based",
-                "note": (
-                    "rule-based: no model wrote these rationales; they are composed from the instruction, "
-                    "the trajectory and the gripper events"
-                    if teacher.name == "rule-based"
-                    else f"written by {teacher.model}, validated against the schema and semantic checks"
-                ),
-            },
-            "prompt": {"template": tmpl.version, "sha256": tmpl.digest},
-            "frames": {"count": args.frames, "max_side": args.image_size},
-            "schema": {"id": args.schema_id, "sha256": schema_digest(args.schema_id)},
-            "counts": {
-                "episodes": counts["episodes"],
-                "steps": counts["steps"],
-                "selected": total,
-                "annotated_this_run": c.annotated,
-                "cached": c.cached,
-                "rejected": writer.statuses["rejected"],
-                "failed": c.failed,
-                "not_done": total - counts["episodes"] - writer.statuses["rejected"],
-                "reject_reasons": dict(writer.reject_reasons),
-            },
-            "tokens": {
-                "prompt": spend.prompt_tokens,
-                "completion": spend.completion_tokens,
-                "requests": spend.requests,
-            },
-            "cost_usd": round(spend.cost, 6),
-            "this_run": {
-                "requests": c.requests,
-                "retries": c.retries,
-                "reasks": c.reasks,
-                "prompt_tokens": c.prompt_tokens,
-                "completion_tokens": c.completion_tokens,
-                "cost_usd": round(c.cost, 6),
-            },
-            "complete": engine.stop_reason is None and c.failed == 0,
-            "stop_reason": engine.stop_reason,
-        }
-        write_manifest(out, manifest, "refinevla.json" if n == 1 else f".refine/manifest{suffix}.json")
-        store.close()
+                + "\n"
+            )
+    tmpl = load_template(args.prompt_template)
+    counts = part.counts
+    rejected = part.statuses.get("rejected", 0)
+    manifest = {
+        "refinevla_version": tool_version(),
+        "created": utc_now(),
+        "source": {
+            "uri": args.source,
+            "dataset": source.name,
+            "split": args.split,
+            "episodes_in_source": len(source),
+        },
+        "selection": {"shard": f"{i}/{n}", "start": setup.start, "stop": setup.stop, "limit": args.limit},
+        "teacher": {
+            "name": teacher.name,
+            "model": teacher.model,
+            "sampling": teacher.sampling(),
+            "base_url": getattr(teacher, "base_url", None),
+            "written_by_model": teacher.name != "rule-based",
+            "note": (
+                "rule-based: no model wrote these rationales; they are composed from the instruction, "
+                "the trajectory and the gripper events"
+                if teacher.name == "rule-based"
+                else f"written by {teacher.model}, validated against the schema and semantic checks"
+            ),
+        },
+        "prompt": {"template": tmpl.version, "sha256": tmpl.digest},
+        "frames": {"count": args.frames, "max_side": args.image_size},
+        "schema": {"id": args.schema_id, "sha256": schema_digest(args.schema_id)},
+        "counts": {
+            "episodes": counts["episodes"],
+            "steps": counts["steps"],
+            "selected": setup.total,
+            "annotated_this_run": c.annotated,
+            "cached": c.cached,
+            "rejected": rejected,
+            "failed": c.failed,
+            "not_done": setup.total - counts["episodes"] - rejected,
+            "reject_reasons": dict(part.reject_reasons),
+        },
+        "tokens": {
+            "prompt": spend.prompt_tokens,
+            "completion": spend.completion_tokens,
+            "requests": spend.requests,
+        },
+        "cost_usd": round(spend.cost, 6),
+        "this_run": {
+            "requests": c.requests,
+            "retries": c.retries,
+            "reasks": c.reasks,
+            "prompt_tokens": c.prompt_tokens,
+            "completion_tokens": c.completion_tokens,
+            "cost_usd": round(c.cost, 6),
+            "processes": args.processes,
+        },
+        "complete": part.stop_reason is None and c.failed == 0,
+        "stop_reason": part.stop_reason,
+    }
+    write_manifest(out, manifest, "refinevla.json" if n == 1 else f".refine/manifest{setup.suffix}.json")
     if n == 1:
         _write_card(out, args.license)
     from .progress import summary_line
 
-    typer.echo(summary_line(engine.counters), err=True)
+    typer.echo(summary_line(c), err=True)
     typer.echo(f"wrote {out}: {counts['episodes']} episodes, {counts['steps']} steps, {len(rejects)} rejected")
     resume = "refine-data " + shlex.join(args.argv) if args.argv else "the same command"
-    if engine.stop_reason == "interrupted":
+    if part.stop_reason == "interrupted":
         typer.secho(f"interrupted; answers so far are stored. Resume with: {resume}", fg="yellow", err=True)
         return EXIT_INTERRUPTED
-    if engine.stop_reason == "max-cost":
+    if part.stop_reason == "max-cost":
         typer.secho(
             f"stopped: --max-cost ${args.max_cost} reached (spent ${spend.cost:.4f} in all); "
             f"{manifest['counts']['not_done']} episodes not annotated. Raise --max-cost and rerun to continue.",
@@ -284,10 +399,9 @@ def run_annotate(args: AnnotateArgs) -> int:
             err=True,
         )
         return 0
-    if engine.counters.failed:
+    if c.failed:
         typer.secho(
-            f"{engine.counters.failed} episodes failed on transient errors (rate limits, timeouts); "
-            f"rerun to retry them: {resume}",
+            f"{c.failed} episodes failed on transient errors (rate limits, timeouts); rerun to retry them: {resume}",
             fg="yellow",
             err=True,
         )
@@ -409,6 +523,12 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option("--license", help="Card license (Hub id); required where the source's is not known."),
         ] = None,
+        processes: Annotated[
+            int,
+            typer.Option(
+                "--processes", help="Engine processes on this machine (for fast local servers; limits are shared)."
+            ),
+        ] = 1,
     ) -> None:
         """Annotate episodes with ReFineVLA rationales (resumable; a rerun never pays twice)."""
         code = run_annotate(
@@ -441,6 +561,7 @@ def register(app: typer.Typer) -> None:
                 tensor_parallel_size=tensor_parallel_size,
                 progress=progress,
                 license=license,
+                processes=processes,
                 argv=sys.argv[1:],
             )
         )

@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .engine import Counters
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 def _eta(seconds: float | None) -> str:
@@ -43,13 +46,17 @@ def _table(c: Counters) -> Any:
     return t
 
 
-async def show_progress(counters: Counters, live: bool, interval: float = 5.0) -> None:
-    """Refresh until cancelled: a rich Live table when `live`, else a log line every `interval` s."""
+async def show_progress(counters: Counters, live: bool, interval: float = 5.0, console: Console | None = None) -> None:
+    """Refresh until cancelled: a rich Live table when `live`, else a log line every `interval` s.
+
+    The table goes to `console` (default: a rich Console on stderr); the log lines to stderr.
+    """
     if live:
         from rich.console import Console
         from rich.live import Live
 
-        with Live(_table(counters), console=Console(stderr=True), refresh_per_second=4, transient=False) as view:
+        out = console if console is not None else Console(stderr=True)
+        with Live(_table(counters), console=out, refresh_per_second=4, transient=False) as view:
             try:
                 while True:
                     await asyncio.sleep(0.25)

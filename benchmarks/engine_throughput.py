@@ -7,8 +7,11 @@ frames, request keys, the `openai` async client, answer validation, the SQLite s
 ideal, plus the engine's CPU time per request. The server runs in another process so its
 CPU is not counted as the engine's.
 
-    python benchmarks/engine_throughput.py                 # 1280 requests, C=64, L=0.2 s
-    python benchmarks/engine_throughput.py --requests 2000 --concurrency 128
+    python benchmarks/engine_throughput.py                 # 1280 requests, C=64, L=0.2 s, 1 and 2 processes
+    python benchmarks/engine_throughput.py --requests 2000 --concurrency 128 --processes 1 2 4
+
+Each configuration runs the engine in worker processes (1 = the plain single-process engine)
+sharing the concurrency and one SQLite store, as `refine-data annotate --processes P` does.
 
 Episodes are built in memory from a pool of real 256x256 JPEG frames (reading the source
 is the source's own benchmark); each has a distinct id, so every request has its own key.
@@ -21,10 +24,10 @@ import asyncio
 import io
 import json
 import multiprocessing as mp
+import os
 import re
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -139,6 +142,90 @@ def make_episode(i: int, pool: list[bytes], steps: int) -> Episode:
     )
 
 
+def run_engine(
+    port: int,
+    lo: int,
+    hi: int,
+    steps: int,
+    frames: int,
+    concurrency: int,
+    store_path: str,
+    rows: str,
+    queue: Any,
+    go: Any,
+) -> None:
+    """Annotate episodes [lo, hi) with the real engine; put (wall, cpu, requests, annotated, rows) on `queue`.
+
+    The same building blocks `refine-data annotate` uses (Engine, ResultStore, DatasetWriter); with
+    several processes they share one store file, as `annotate --processes` does.
+    """
+    pool = frame_pool()
+    episodes = [make_episode(i, pool, steps) for i in range(lo, hi)]
+    teacher = OpenAICompatTeacher.for_provider(
+        "openai-compatible", model="bench-model", base_url=f"http://127.0.0.1:{port}/v1"
+    )
+    store = ResultStore(store_path)
+    writer = DatasetWriter(rows, "refinevla.rationale/1", teacher.name, teacher.model)
+    opts = EngineOptions(concurrency=concurrency, timeout=30.0)
+    opts.frames = type(opts.frames)(count=frames)
+    engine = Engine(teacher, store, opts, sink=writer.add)
+    import openai  # noqa: F401  (one-time import, ~0.4 s: not what a long run's rate depends on)
+
+    queue.put("ready")
+    go.wait()  # all processes start together
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    asyncio.run(engine.run(iter(episodes), total=len(episodes)))
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    counts = writer.close()
+    store.close()
+    queue.put((wall, cpu, engine.counters.requests, engine.counters.annotated, counts["steps"], counts["episodes"]))
+
+
+def measure(ctx: Any, port: int, args: argparse.Namespace, processes: int, tmp: str) -> dict[str, float]:
+    """One configuration: `processes` engine processes sharing the concurrency and one store."""
+    bounds = [k * args.requests // processes for k in range(processes + 1)]
+    queues, procs = [], []
+    go = ctx.Event()
+    for k in range(processes):
+        q = ctx.Queue()
+        proc = ctx.Process(
+            target=run_engine,
+            args=(
+                port,
+                bounds[k],
+                bounds[k + 1],
+                args.steps,
+                args.frames,
+                max(1, args.concurrency // processes),
+                f"{tmp}/p{processes}/store.sqlite",
+                f"{tmp}/p{processes}/part-{k}",
+                q,
+                go,
+            ),
+        )
+        proc.start()
+        queues.append(q)
+        procs.append(proc)
+    for q in queues:
+        assert q.get(timeout=120) == "ready"
+    t0 = time.perf_counter()
+    go.set()
+    results = [q.get(timeout=600) for q in queues]
+    wall = time.perf_counter() - t0
+    for proc in procs:
+        proc.join(timeout=30)
+    requests = sum(r[2] for r in results)
+    annotated = sum(r[3] for r in results)
+    assert annotated == args.requests, f"only {annotated} of {args.requests} annotated"
+    return {
+        "wall": wall,
+        "cpu": sum(r[1] for r in results),
+        "requests": requests,
+        "steps": sum(r[4] for r in results),
+        "episodes": sum(r[5] for r in results),
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=1280)
@@ -146,6 +233,7 @@ def main() -> None:
     ap.add_argument("--latency", type=float, default=0.2)
     ap.add_argument("--steps", type=int, default=38, help="steps per episode (Bridge averages ~38)")
     ap.add_argument("--frames", type=int, default=6)
+    ap.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="engine process counts to measure")
     args = ap.parse_args()
 
     ctx = mp.get_context("spawn")
@@ -153,50 +241,30 @@ def main() -> None:
     proc = ctx.Process(target=serve, args=(port_q, args.latency, cpu_q, stop), daemon=True)
     proc.start()
     port = port_q.get(timeout=30)
-    pool = frame_pool()
-    episodes = [make_episode(i, pool, args.steps) for i in range(args.requests)]
-
+    ideal = args.concurrency / args.latency
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        teacher = OpenAICompatTeacher.for_provider(
-            "openai-compatible", model="bench-model", base_url=f"http://127.0.0.1:{port}/v1"
-        )
-        store = ResultStore(Path(tmp) / ".refine" / "store.sqlite")
-        writer = DatasetWriter(tmp, "refinevla.rationale/1", teacher.name, teacher.model)
-        opts = EngineOptions(concurrency=args.concurrency, timeout=30.0)
-        opts.frames = type(opts.frames)(count=args.frames)
-        engine = Engine(teacher, store, opts, sink=writer.add)
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        asyncio.run(engine.run(iter(episodes), total=len(episodes)))
-        wall = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0
-        counts = writer.close()
-        store.close()
+        for processes in args.processes:
+            r = measure(ctx, port, args, processes, tmp)
+            rows.append((processes, r))
     stop.set()
     server_cpu = cpu_q.get(timeout=30)
     proc.join(timeout=10)
 
-    c = engine.counters
-    assert c.annotated == args.requests, f"only {c.annotated} of {args.requests} annotated ({c.failed} failed)"
-    achieved = c.requests / wall
-    ideal = args.concurrency / args.latency
-    rows = [
-        ("requests (all annotated, validated, stored)", f"{c.requests}"),
-        ("concurrency / server latency", f"{args.concurrency} / {args.latency:.2f} s"),
-        ("keyframes per request (JPEG 256x256)", f"{args.frames}+events"),
-        ("wall time", f"{wall:.2f} s"),
-        ("achieved requests/s", f"{achieved:.1f}"),
-        ("ideal requests/s (concurrency / latency)", f"{ideal:.1f}"),
-        ("achieved / ideal", f"{achieved / ideal:.3f}"),
-        ("engine CPU time (this process)", f"{cpu:.2f} s"),
-        ("engine CPU per request", f"{1000 * cpu / c.requests:.2f} ms"),
-        ("server CPU (other process)", f"{server_cpu:.2f} s"),
-        ("rows written (steps / episodes)", f"{counts['steps']} / {counts['episodes']}"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    print(f"{'metric':<{width}}  value")
-    print(f"{'-' * width}  {'-' * 14}")
-    for k, v in rows:
-        print(f"{k:<{width}}  {v}")
+    print(
+        f"{args.requests} requests (each annotated, validated, stored, written), concurrency {args.concurrency}, "
+        f"server latency {args.latency:.2f} s, {args.frames} keyframes (+ gripper events) of real 256x256 JPEGs, "
+        f"{args.steps} steps per episode; ideal = concurrency / latency = {ideal:.0f} requests/s; "
+        f"{os.cpu_count()} cores (the server shares them; its CPU over all runs: {server_cpu:.2f} s)"
+    )
+    header = f"{'processes':>9} {'wall s':>7} {'req/s':>7} {'vs ideal':>9} {'CPU ms/req':>11}"
+    print(f"\n{header} {'rows (steps/episodes)':>22}")
+    for processes, r in rows:
+        rate = r["requests"] / r["wall"]
+        print(
+            f"{processes:>9} {r['wall']:>7.2f} {rate:>7.1f} {rate / ideal:>9.3f} "
+            f"{1000 * r['cpu'] / r['requests']:>11.2f} {int(r['steps']):>13} / {int(r['episodes'])}"
+        )
 
 
 if __name__ == "__main__":

@@ -176,11 +176,13 @@ def validate_dataset(target: str, *, max_errors: int = 20, revision: str | None 
     if local.is_dir():
         return _validate_dir(local, target, max_errors)
     if REPO_ID.fullmatch(target):
-        from huggingface_hub import snapshot_download
+        from .push import _hf_api, resolve_token
 
+        # The same client as `push` (HF_ENDPOINT read now, not at import; HF_TOKEN or the saved login).
+        api = _hf_api(resolve_token())
         with tempfile.TemporaryDirectory(prefix="refinevla-validate-") as tmp:
             try:
-                snapshot_download(
+                api.snapshot_download(
                     target,
                     repo_type="dataset",
                     revision=revision,
@@ -188,7 +190,10 @@ def validate_dataset(target: str, *, max_errors: int = 20, revision: str | None 
                     allow_patterns=["data/*", "episodes/*", "README.md", "refinevla.json"],
                 )
             except Exception as exc:  # network, auth, not found: one line for the user
-                raise RefineError(f"{target}: cannot fetch the dataset from the Hub: {exc}") from None
+                # The client's messages run over several lines; the first, with the error's type, says what.
+                first = (str(exc).strip().splitlines() or [""])[0]
+                reason = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+                raise RefineError(f"{target}: cannot fetch the dataset from the Hub: {reason}") from None
             return _validate_dir(Path(tmp), target, max_errors)
     raise RefineError(f"{target}: neither a directory nor a Hub dataset id ORG/NAME")
 

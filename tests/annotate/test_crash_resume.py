@@ -16,7 +16,7 @@ import polars as pl
 SECRET = "sk-test-crash-SECRET-99"
 
 
-def start(uri: str, url: str, out: Path) -> subprocess.Popen[str]:
+def start(uri: str, url: str, out: Path, *extra: str) -> subprocess.Popen[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -35,6 +35,7 @@ def start(uri: str, url: str, out: Path) -> subprocess.Popen[str]:
         "2",
         "--progress",
         "plain",
+        *extra,
     ]
     env = {**os.environ, "OPENAI_API_KEY": SECRET}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

@@ -10,7 +10,12 @@ talks to it through its normal code path (`HfApi(endpoint=...)`), and every requ
 It implements the endpoints the client calls for a dataset push: repo create, branch create,
 file metadata/download (`/datasets/{repo}/resolve/{rev}/{path}`), `validate-yaml`, `preupload`
 (parquet and other binary files answered as LFS, like the Hub's default `.gitattributes`), the LFS
-batch API with basic PUT upload, the NDJSON commit, and tags.
+batch API with basic PUT upload, the NDJSON commit, and tags; and those `snapshot_download` calls
+for a download: repo info (`/api/datasets/{repo}/revision/{rev}`, siblings and commit sha), the
+recursive tree listing (`/api/datasets/{repo}/tree/{rev}`), and `resolve` by branch, tag or commit.
+As on the Hub, every commit is a snapshot with its own sha, a regular file's ETag is its git blob
+id, and an LFS file's `resolve` answers 302 to a CDN on another origin (a second local server, so
+the client must drop the token) with `X-Linked-Etag` (sha256) and `X-Linked-Size`.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 import numpy as np
 import pytest
@@ -106,6 +111,22 @@ def out_copy(annotated_out: Path, tmp_path: Path) -> Path:
 # --------------------------------------------------------------------------- Hub fake
 
 
+def lfs_tracked(path: str, sample: bytes) -> bool:
+    """Whether the Hub stores a file in LFS: binary extensions of its default `.gitattributes`, or binary bytes."""
+    return path.endswith((".parquet", ".arrow", ".mp4")) or b"\x00" in sample[:512]
+
+
+def git_blob_id(content: bytes) -> str:
+    """The git blob id (sha1 of `blob <size>\\0<content>`): a regular file's ETag and tree `oid` on the Hub."""
+    return hashlib.sha1(b"blob %d\x00" % len(content) + content).hexdigest()
+
+
+def lfs_pointer(content: bytes) -> bytes:
+    """The git-lfs pointer file git stores in place of an LFS file."""
+    sha = hashlib.sha256(content).hexdigest()
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{sha}\nsize {len(content)}\n".encode()
+
+
 @dataclass
 class HubRequest:
     method: str
@@ -123,11 +144,18 @@ class HubRequest:
 
 @dataclass
 class FakeHub:
-    """State of the fake Hub: repos with files per revision, tags, branches, LFS objects, the request log."""
+    """State of the fake Hub: repos with files per branch and per commit, tags, LFS objects, the request log.
+
+    `repos[repo_id]` is `{"private", "branches": {branch: files}, "heads": {branch: commit},
+    "snapshots": {commit: files}}`; `branches` holds the live files of each branch, `snapshots` the
+    files as of each commit (what `resolve/{commit}` serves). Requests to the CDN are logged too
+    (paths under `/lfs-objects/`).
+    """
 
     url: str = ""
+    cdn_url: str = ""  # where LFS downloads are redirected: another origin, like the Hub's CDN
     requests: list[HubRequest] = field(default_factory=list)
-    repos: dict[str, dict[str, Any]] = field(default_factory=dict)  # repo_id -> {"private", "branches": {rev: files}}
+    repos: dict[str, dict[str, Any]] = field(default_factory=dict)
     tags: dict[str, dict[str, str]] = field(default_factory=dict)  # repo_id -> {tag: commit}
     lfs: dict[str, bytes] = field(default_factory=dict)  # oid -> content
     commits: list[dict[str, Any]] = field(default_factory=list)  # {"repo", "revision", "oid", "ops"}
@@ -135,13 +163,41 @@ class FakeHub:
 
     def add_repo(self, repo_id: str, files: dict[str, bytes] | None = None) -> None:
         """Pre-create a dataset repo (e.g. one whose README was written by `datasets.push_to_hub`)."""
-        self.repos[repo_id] = {"private": False, "branches": {"main": dict(files or {})}}
+        self.repos[repo_id] = {"private": False, "branches": {"main": {}}, "heads": {}, "snapshots": {}}
+        self.commit_files(repo_id, files or {}, message="initial commit")
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         return self.repos[repo_id]["branches"][revision]
 
     def calls(self, method: str, contains: str) -> list[HubRequest]:
         return [r for r in self.requests if r.method == method and contains in r.path]
+
+    def commit_files(
+        self, repo_id: str, files: dict[str, bytes], revision: str = "main", message: str = "edit on the Hub"
+    ) -> str:
+        """A commit made outside refinevla (an edit in the web UI, another client): new snapshot, branch moved."""
+        repo = self.repos[repo_id]
+        repo["branches"][revision].update(files)
+        for path, content in files.items():
+            if lfs_tracked(path, content):
+                self.lfs[hashlib.sha256(content).hexdigest()] = content
+        parent = repo["heads"].get(revision, "")
+        oid = hashlib.sha1(f"{repo_id}\n{revision}\n{parent}\n{message}\n{sorted(files)}".encode()).hexdigest()
+        self.record_commit(repo_id, revision, oid)
+        return oid
+
+    def record_commit(self, repo_id: str, revision: str, oid: str) -> None:
+        """Snapshot the branch's files as commit `oid` and move the branch head to it."""
+        repo = self.repos[repo_id]
+        repo["snapshots"][oid] = dict(repo["branches"][revision])
+        repo["heads"][revision] = oid
+
+    def resolve(self, repo_id: str, revision: str) -> tuple[str, dict[str, bytes]] | None:
+        """(commit, files) for a branch, a tag or a commit of the repo; None if the revision does not exist."""
+        repo = self.repos[repo_id]
+        commit = repo["heads"].get(revision) or self.tags.get(repo_id, {}).get(revision) or revision
+        files = repo["snapshots"].get(commit)
+        return None if files is None else (commit, files)
 
 
 def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
@@ -177,6 +233,9 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def _not_found(self, what: str) -> None:
             self._send(404, {"error": f"{what} not found"}, {"X-Error-Code": "RepoNotFound"})
 
+        def _revision_not_found(self, rev: str) -> None:
+            self._send(404, {"error": f"Invalid rev id: {rev}"}, {"X-Error-Code": "RevisionNotFound"})
+
         def do_HEAD(self) -> None:
             self._serve_file(self._record())
 
@@ -184,6 +243,8 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             req = self._record()
             if req.path.startswith("/datasets/"):
                 self._serve_file(req)
+            elif req.path.startswith("/api/datasets/"):
+                self._dataset_get(req)
             else:
                 self._send(404, {"error": "unknown endpoint"})
 
@@ -194,17 +255,99 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._send(404, {"error": "unknown endpoint"})
                 return
             repo_id, rev, path = f"{parts[2]}/{parts[3]}", parts[5], "/".join(parts[6:])
-            repo = hub.repos.get(repo_id)
-            if repo is None:
+            if repo_id not in hub.repos:
                 self._not_found("repository")
                 return
-            files = repo["branches"].get(rev)
-            if files is None or path not in files:
-                self._send(404, {"error": "entry not found"}, {"X-Error-Code": "EntryNotFound"})
+            resolved = hub.resolve(repo_id, rev)
+            if resolved is None:
+                self._revision_not_found(rev)
+                return
+            commit, files = resolved
+            if path not in files:
+                headers = {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": commit}
+                self._send(404, {"error": "entry not found"}, headers)
                 return
             content = files[path]
-            etag = hashlib.sha1(content).hexdigest()
-            self._send(200, content, {"ETag": f'"{etag}"', "X-Repo-Commit": "0" * 40})
+            if lfs_tracked(path, content):
+                # The Hub redirects LFS files to its CDN; the file's metadata rides on the redirect.
+                sha256 = hashlib.sha256(content).hexdigest()
+                headers = {
+                    "Location": f"{hub.cdn_url}/lfs-objects/{sha256}",
+                    "ETag": f'"{git_blob_id(lfs_pointer(content))}"',
+                    "X-Linked-Etag": f'"{sha256}"',
+                    "X-Linked-Size": str(len(content)),
+                    "X-Repo-Commit": commit,
+                }
+                self._send(302, None, headers)
+                return
+            self._send(200, content, {"ETag": f'"{git_blob_id(content)}"', "X-Repo-Commit": commit})
+
+        def _dataset_get(self, req: HubRequest) -> None:
+            # /api/datasets/{org}/{name}/revision/{rev} | /api/datasets/{org}/{name}/tree/{rev}[/{path}]
+            parts = req.path.split("/")
+            if len(parts) < 7 or parts[5] not in ("revision", "tree"):
+                self._send(404, {"error": "unknown endpoint"})
+                return
+            repo_id, action, rev = f"{parts[3]}/{parts[4]}", parts[5], parts[6]
+            if repo_id not in hub.repos:
+                self._not_found("repository")
+                return
+            resolved = hub.resolve(repo_id, rev)
+            if resolved is None:
+                self._revision_not_found(rev)
+                return
+            commit, files = resolved
+            if action == "revision":
+                self._send(
+                    200,
+                    {
+                        "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
+                        "id": repo_id,
+                        "author": repo_id.split("/")[0],
+                        "sha": commit,
+                        "private": hub.repos[repo_id]["private"],
+                        "gated": False,
+                        "disabled": False,
+                        "lastModified": "2025-01-01T00:00:00.000Z",
+                        "tags": [],
+                        "siblings": [{"rfilename": p} for p in sorted(files)],
+                    },
+                )
+                return
+            prefix = "/".join(parts[7:])
+            recursive = parse_qs(req.query).get("recursive", ["false"])[0].lower() == "true"
+            self._send(200, self._tree(files, prefix, recursive))
+
+        @staticmethod
+        def _tree(files: dict[str, bytes], prefix: str, recursive: bool) -> list[dict[str, Any]]:
+            """The Hub's tree listing: files (with `lfs` for LFS ones) and directories under `prefix`."""
+            base = f"{prefix}/" if prefix else ""
+            entries: dict[str, dict[str, Any]] = {}
+            for path, content in sorted(files.items()):
+                if not path.startswith(base):
+                    continue
+                rel = path[len(base) :].split("/")
+                depth = len(rel) if recursive else 1
+                for i in range(1, min(depth, len(rel) - 1) + 1):  # the directories on the way
+                    d = base + "/".join(rel[:i])
+                    entries.setdefault(
+                        d, {"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+                    )
+                if not recursive and len(rel) > 1:
+                    continue
+                entry: dict[str, Any] = {"type": "file", "size": len(content), "path": path}
+                if lfs_tracked(path, content):
+                    pointer = lfs_pointer(content)
+                    entry["oid"] = git_blob_id(pointer)
+                    entry["lfs"] = {
+                        "oid": hashlib.sha256(content).hexdigest(),
+                        "size": len(content),
+                        "pointerSize": len(pointer),
+                    }
+                else:
+                    entry["oid"] = git_blob_id(content)
+                entries[path] = entry
+            return list(entries.values())
 
         def do_PUT(self) -> None:
             req = self._record()
@@ -229,7 +372,8 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     url = f"{hub.url}/datasets/{repo_id}"
                     self._send(409, {"error": "You already created this dataset repo", "url": url})
                     return
-                hub.repos[repo_id] = {"private": body.get("visibility") == "private", "branches": {"main": {}}}
+                hub.add_repo(repo_id)
+                hub.repos[repo_id]["private"] = body.get("visibility") == "private"
                 self._send(200, {"url": f"{hub.url}/datasets/{repo_id}", "name": repo_id})
             elif p == "/api/validate-yaml":
                 self._send(200, {"errors": [], "warnings": []})
@@ -258,13 +402,14 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._not_found("repository")
                 return
             if action == "branch":
-                repo["branches"].setdefault(rev, dict(repo["branches"]["main"]))
+                if rev not in repo["branches"]:
+                    repo["branches"][rev] = dict(repo["branches"]["main"])
+                    repo["heads"][rev] = repo["heads"]["main"]
                 self._send(200, {})
             elif action == "preupload":
                 files = []
                 for f in req.json()["files"]:
-                    sample = base64.b64decode(f["sample"])
-                    binary = f["path"].endswith((".parquet", ".arrow", ".mp4")) or b"\x00" in sample
+                    binary = lfs_tracked(f["path"], base64.b64decode(f["sample"]))
                     files.append(
                         {"path": f["path"], "uploadMode": "lfs" if binary else "regular", "shouldIgnore": False}
                     )
@@ -285,6 +430,7 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                             return
                         target[value["path"]] = hub.lfs[value["oid"]]
                 oid = hashlib.sha1(req.body).hexdigest()
+                hub.record_commit(repo_id, rev, oid)
                 hub.commits.append({"repo": repo_id, "revision": rev, "oid": oid, "ops": ops})
                 self._send(200, {"commitUrl": f"{hub.url}/datasets/{repo_id}/commit/{oid}", "commitOid": oid})
             elif action == "tag":
@@ -310,24 +456,57 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def _cdn_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
+    """The CDN the Hub redirects LFS downloads to: serves LFS objects by sha256, logs requests in `hub`."""
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            url = urlparse(self.path)
+            req = HubRequest("GET", url.path, url.query, {k.lower(): v for k, v in self.headers.items()}, b"")
+            with hub.lock:
+                hub.requests.append(req)
+            content = hub.lfs.get(url.path.rsplit("/", 1)[-1]) if url.path.startswith("/lfs-objects/") else None
+            self.send_response(200 if content is not None else 404)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(content or b"")))
+            self.end_headers()
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self.wfile.write(content or b"")
+
+    return Handler
+
+
+def _serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    # A short poll interval: `shutdown()` waits up to one interval, at every test teardown.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
 @pytest.fixture
 def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
-    """A running fake Hub; `HF_ENDPOINT` points at it and Xet is off so uploads take the LFS path."""
+    """A running fake Hub (and its CDN); `HF_ENDPOINT` points at it and Xet is off so transfers take the LFS path."""
     import huggingface_hub.constants as hf_constants
 
     hub = FakeHub()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _hub_handler(hub))
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    hub.url = f"http://127.0.0.1:{server.server_address[1]}"
+    server, hub.url = _serve(_hub_handler(hub))
+    cdn, hub.cdn_url = _serve(_cdn_handler(hub))
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
-    # hf_xet is installed, and the client would upload through Xet storage (a Rust CAS client we cannot
-    # fake); the Hub still accepts the LFS protocol, which the client uses when Xet is disabled.
+    # hf_xet is installed, and the client would transfer through Xet storage (a Rust CAS client we cannot
+    # fake); the Hub still speaks the LFS protocol, which the client uses when Xet is disabled.
     monkeypatch.setattr(hf_constants, "HF_HUB_DISABLE_XET", True)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    # The cache path is read at import: downloads (refs, blobs) must not land in the user's cache.
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
     try:
         yield hub
     finally:
-        server.shutdown()
-        server.server_close()
+        for s in (server, cdn):
+            s.shutdown()
+            s.server_close()

@@ -1,0 +1,92 @@
+"""`annotate --processes P`: worker processes, one store, the same output as one process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import polars as pl
+
+from refinevla.annotate.annotate_cmd import PartResult
+from refinevla.annotate.parallel import merge_parts, split_range
+from tests.annotate.test_crash_resume import SECRET, answered, seed, start, wait_for_answers
+
+
+def run(uri: str, url: str, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    proc = start(uri, url, out, *extra)
+    stdout, stderr = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_split_range_is_contiguous_and_complete() -> None:
+    assert split_range(10, 17, 3) == [(10, 12), (12, 14), (14, 17)]
+    assert split_range(0, 2, 4) == [(0, 1), (1, 2)]  # never an empty part
+
+
+def test_merged_parts_sum_and_keep_the_most_serious_stop() -> None:
+    def part(annotated: int, stop: str | None) -> PartResult:
+        return PartResult(
+            counters={"total": 5, "annotated": annotated, "cost": 0.5},
+            statuses={"annotated": annotated},
+            reject_reasons={"schema": 1},
+            counts={"episodes": annotated, "steps": 10 * annotated},
+            stop_reason=stop,
+        )
+
+    merged = merge_parts([part(2, None), part(3, "max-cost"), part(1, "interrupted")])
+    assert merged.counters["annotated"] == 6 and merged.counters["total"] == 15 and merged.counters["cost"] == 1.5
+    assert merged.counts == {"episodes": 6, "steps": 60} and merged.reject_reasons == {"schema": 3}
+    assert merged.stop_reason == "interrupted"
+
+
+def test_processes_write_what_one_process_writes_and_a_rerun_with_other_p_pays_nothing(
+    tiny_rlds, teacher_server, tmp_path
+):
+    uri = tiny_rlds(9)
+    many, one = tmp_path / "many", tmp_path / "one"
+    r = run(uri, teacher_server.url, many, "--processes", "3")
+    assert r.returncode == 0, r.stderr
+    asked = [q.seed for q in teacher_server.requests]
+    assert sorted(asked) == list(range(9))  # every episode asked exactly once across the workers
+    assert run(uri, teacher_server.url, one).returncode == 0
+    for sub, order in (("data", ["episode_id", "step"]), ("episodes", ["episode_id"])):
+        # rows are written as episodes finish, so compare in a fixed order
+        a = pl.read_parquet(many / sub / "train-00000-of-00001.parquet").sort(order)
+        b = pl.read_parquet(one / sub / "train-00000-of-00001.parquet").sort(order)
+        assert a.height > 0 and a.equals(b), sub
+    assert sorted(p.name for p in (many / ".refine").iterdir()) == ["rejects.jsonl", "store.sqlite"]
+    manifest = json.loads((many / "refinevla.json").read_text())
+    assert manifest["counts"]["episodes"] == 9 and manifest["this_run"]["requests"] == 9
+    assert manifest["this_run"]["processes"] == 3
+
+    before = len(teacher_server.requests)
+    again = run(uri, teacher_server.url, many, "--processes", "2")
+    assert again.returncode == 0, again.stderr
+    assert len(teacher_server.requests) == before
+    assert json.loads((many / "refinevla.json").read_text())["counts"]["cached"] == 9
+    assert SECRET not in r.stderr + again.stderr
+
+
+def test_ctrl_c_stops_every_worker_and_the_rerun_resumes(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(16)
+    out = tmp_path / "out"
+    teacher_server.latency = 0.3
+    proc = start(uri, teacher_server.url, out, "--processes", "2")
+    wait_for_answers(proc, out, 2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Resume with: refine-data annotate" in err
+    manifest = json.loads((out / "refinevla.json").read_text())
+    assert manifest["stop_reason"] == "interrupted"
+    committed = {seed(e) for e in answered(out)}
+    written = {seed(e) for e in pl.read_parquet(out / "episodes")["episode_id"]}
+    assert written == committed and 2 <= len(committed) < 16
+    before = len(teacher_server.requests)
+    teacher_server.latency = 0.0
+    rerun = run(uri, teacher_server.url, out, "--processes", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert not {q.seed for q in teacher_server.requests[before:]} & committed
+    assert pl.read_parquet(out / "episodes").height == 16
