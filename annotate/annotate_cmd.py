@@ -383,6 +383,8 @@ def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult) -> int:
     write_manifest(out, manifest, "refinevla.json" if n == 1 else f".refine/manifest{setup.suffix}.json")
     if n == 1:
         _write_card(out, args.license)
+    else:
+        typer.echo(f"shard {i}/{n} written; once all {n} shards are in {out}, run: refine-data merge {out}", err=True)
     from .progress import summary_line
 
     typer.echo(summary_line(c), err=True)
@@ -394,7 +396,8 @@ def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult) -> int:
     if part.stop_reason == "max-cost":
         typer.secho(
             f"stopped: --max-cost ${args.max_cost} reached (spent ${spend.cost:.4f} in all); "
-            f"{manifest['counts']['not_done']} episodes not annotated. Raise --max-cost and rerun to continue.",
+            f"{setup.total - counts['episodes'] - rejected} episodes not annotated. "
+            "Raise --max-cost and rerun to continue.",
             fg="yellow",
             err=True,
         )
@@ -567,3 +570,32 @@ def register(app: typer.Typer) -> None:
         )
         if code:
             raise typer.Exit(code)
+
+    @app.command()
+    @user_errors
+    def merge(
+        out: Annotated[Path, typer.Argument(help="The run's output dir, holding (or receiving) every shard.")],
+        sources: Annotated[
+            list[Path] | None,
+            typer.Option("--from", help="Another machine's shard output to copy in first (repeatable)."),
+        ] = None,
+        license: Annotated[
+            str | None,
+            typer.Option("--license", help="Card license (Hub id); required where the source's is not known."),
+        ] = None,
+    ) -> None:
+        """Combine the shards of a `--shard i/n` run into one dataset: refinevla.json and the card."""
+        from .shards import gather, merge_manifests, shard_manifests
+        from .writer import tool_version, utc_now, write_manifest
+
+        if sources:
+            gather(out, sources)
+        n, manifests = shard_manifests(out)
+        manifest = merge_manifests(manifests, utc_now(), tool_version())
+        write_manifest(out, manifest)
+        _write_card(out, license)
+        c = manifest["counts"]
+        typer.echo(
+            f"merged {n} shards into {out}: {c['episodes']} episodes, {c['steps']} steps, {c['rejected']} rejected, "
+            f"${manifest['cost_usd']:.4f}"
+        )

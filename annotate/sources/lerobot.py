@@ -288,7 +288,7 @@ def _read_info(root: Path) -> dict[str, Any]:
         )
     if not isinstance(info.get("features"), dict):
         raise SourceError(f"{path}: no 'features' mapping")
-    return info
+    return dict(info)
 
 
 def _read_tasks(root: Path, version: str) -> dict[int, str]:
