@@ -382,7 +382,7 @@ def card_context(out_dir: Path, manifest: dict[str, Any], license_id: str, licen
         "summary": summary,
         "written_by_model": written_by_model,
         "teacher_note": _cell(teacher.get("note", "")),
-        "load_path": str(out_dir) if not manifest.get("repo_id") else manifest["repo_id"],
+        "load_path": str(out_dir),
         "schema_id": schema_id,
         "schema_file": SCHEMA_FILES.get(schema_id, "?"),
         "step_files": STEP_GLOB,
@@ -431,14 +431,19 @@ def card_data(manifest: dict[str, Any], license_id: str, steps: int) -> Any:
     )
 
 
-def render_card(out_dir: str | Path, *, license: str | None = None) -> Any:
-    """The card of `out_dir` as a `huggingface_hub.DatasetCard` (not written)."""
+def render_card(out_dir: str | Path, *, license: str | None = None, repo_id: str | None = None) -> Any:
+    """The card of `out_dir` as a `huggingface_hub.DatasetCard` (not written).
+
+    With `repo_id` (at push time) the loading example names the Hub repo instead of the local dir.
+    """
     from huggingface_hub import DatasetCard
 
     out = Path(out_dir)
     manifest = read_manifest(out)
     license_id, note = resolve_license(out, manifest, license)
     context = card_context(out, manifest, license_id, note)
+    if repo_id:
+        context["load_path"] = repo_id
     data = card_data(manifest, license_id, context["n_steps"])
     template = resources.files(__package__).joinpath(TEMPLATE).read_text(encoding="utf-8")
     return DatasetCard.from_template(data, template_str=template, **context)

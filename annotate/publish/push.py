@@ -135,6 +135,16 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+def _card_for_hub(out: Path, repo_id: str) -> str:
+    """OUT's card, re-rendered so its loading example reads `load_dataset("ORG/NAME", ...)`."""
+    from ...datacards.render import CardError, render_card
+
+    try:
+        return str(render_card(out, repo_id=repo_id))
+    except CardError as exc:
+        raise RefineError(f"{out}: {exc}") from None
+
+
 def push_dataset(
     out: str | Path,
     repo_id: str,
@@ -188,9 +198,7 @@ def push_dataset(
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         if branch != "main":
             api.create_branch(repo_id, branch=branch, repo_type="dataset", exist_ok=True)
-        readme, result.readme_merged = merged_readme(
-            (out / "README.md").read_text(encoding="utf-8"), _remote_readme(api, repo_id, branch)
-        )
+        readme, result.readme_merged = merged_readme(_card_for_hub(out, repo_id), _remote_readme(api, repo_id, branch))
         operations = [
             CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=str(f.local))
             for f in files

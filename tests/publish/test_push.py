@@ -57,7 +57,11 @@ def test_push_creates_repo_uploads_all_but_refine_and_tags_the_commit(out_copy, 
     assert files["data/train-00000-of-00001.parquet"] == local
     assert pq.read_table(io.BytesIO(files["episodes/train-00000-of-00001.parquet"])).num_rows == 3
     assert fake_hub.tags["org/spoons"] == {"refinevla.rationale-v1": commit["oid"]}
-    assert files["README.md"] == (out_copy / "README.md").read_bytes()
+    # The pushed card is OUT's card, with the loading example pointing at the Hub repo.
+    pushed = files["README.md"].decode()
+    assert 'load_dataset("org/spoons", "steps"' in pushed and str(out_copy) not in pushed
+    local_card = (out_copy / "README.md").read_text()
+    assert pushed == local_card.replace(f'load_dataset("{out_copy}"', 'load_dataset("org/spoons"')
 
 
 def test_push_merges_an_existing_readme_yaml_instead_of_overwriting_it(out_copy, fake_hub):
