@@ -164,6 +164,7 @@ def _setup(args: AnnotateArgs) -> RunSetup:
         temperature=args.temperature,
         max_tokens=args.max_tokens,
         tensor_parallel_size=args.tensor_parallel_size,
+        require_key=not args.dry_run,  # a dry run sends nothing: estimate before setting up keys
     )
     prices = PriceTable.load(args.prices)
     options = EngineOptions(

@@ -51,7 +51,12 @@ def make_teacher(
         from .openai_compat import OpenAICompatTeacher
 
         return OpenAICompatTeacher.for_provider(
-            name, model=model, base_url=base_url, temperature=temperature, max_tokens=max_tokens
+            name,
+            model=model,
+            base_url=base_url,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            require_key=bool(extra.get("require_key", True)),
         )
     if name == "vllm":
         from .vllm import VllmTeacher

@@ -110,7 +110,9 @@ class OpenAICompatTeacher:
         base_url: str | None = None,
         temperature: float = 0.2,
         max_tokens: int = 4096,
+        require_key: bool = True,
     ) -> OpenAICompatTeacher:
+        """`require_key=False` (a dry run, which sends nothing) builds the teacher without a key."""
         provider = PROVIDERS[name]
         url = base_url or provider.base_url
         if not url:
@@ -119,7 +121,7 @@ class OpenAICompatTeacher:
         if not chosen:
             raise RefineError(f"--teacher {name} needs --model (the model id the server serves)")
         key = os.environ.get(provider.key_env) if provider.key_env else None
-        if provider.key_required and not key:
+        if provider.key_required and not key and require_key:
             raise RefineError(f"--teacher {name} needs an API key in the environment variable {provider.key_env}")
         return cls(provider, model=chosen, base_url=url, api_key=key, temperature=temperature, max_tokens=max_tokens)
 

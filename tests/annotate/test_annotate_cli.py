@@ -235,3 +235,13 @@ def test_unknown_source_license_is_refused_before_anything_runs_and_the_card_rec
     assert card.data.source_datasets == ["mystery_robot"]
     # a rerun inherits the license from the card already in OUT
     assert annotate(uri, "--out", str(out)).exit_code == 0
+
+
+def test_dry_run_needs_no_key_but_a_real_run_does(tiny_rlds, tmp_path):
+    uri = tiny_rlds(2)
+    env = {"GEMINI_API_KEY": ""}
+    dry = annotate(uri, "--teacher", "gemini", "--out", str(tmp_path / "o"), "--dry-run", env=env)
+    assert dry.exit_code == 0, dry.output
+    assert "estimate for 2 episodes" in dry.output
+    real = annotate(uri, "--teacher", "gemini", "--out", str(tmp_path / "o"), env=env)
+    assert real.exit_code == 1 and "GEMINI_API_KEY" in real.output
