@@ -25,6 +25,41 @@ def frame(seed: int, t: int, size: tuple[int, int] = IMAGE) -> np.ndarray:
     return img
 
 
+def bridge_example(
+    seed: int,
+    state: np.ndarray,
+    action: np.ndarray,
+    images: dict[str, list[np.ndarray]],
+    *,
+    file_path: str,
+    instruction: str,
+) -> dict[str, Any]:
+    """A TFDS example in Bridge's exact layout from per-step arrays (cameras named image_0..3)."""
+    steps = len(state)
+    return {
+        "steps": [
+            {
+                "observation": {**{cam: frames[t] for cam, frames in images.items()}, "state": state[t]},
+                "action": action[t],
+                "discount": 1.0,
+                "reward": float(t == steps - 1),
+                "is_first": t == 0,
+                "is_last": t == steps - 1,
+                "is_terminal": t == steps - 1,
+                "language_instruction": instruction,
+                "language_embedding": np.zeros(512, np.float32),
+            }
+            for t in range(steps)
+        ],
+        "episode_metadata": {
+            "file_path": file_path,
+            "episode_id": seed,
+            **{f"has_image_{c}": f"image_{c}" in images for c in range(4)},
+            "has_language": True,
+        },
+    }
+
+
 def bridge_episode(seed: int, steps: int = 12, cameras: int = 2, size: tuple[int, int] = IMAGE) -> dict[str, Any]:
     """A Bridge-layout TFDS example: the robot moves forward, closes the gripper, lifts."""
     rng = np.random.default_rng(seed)
@@ -36,31 +71,39 @@ def bridge_episode(seed: int, steps: int = 12, cameras: int = 2, size: tuple[int
     action = np.zeros((steps, 7), np.float32)
     action[:-1, :6] = state[1:, :6] - state[:-1, :6]
     action[:, 6] = state[:, 6]
-    return {
-        "steps": [
-            {
-                "observation": {
-                    **{f"image_{c}": frame(seed * 10 + c, t, size) for c in range(cameras)},
-                    "state": state[t],
-                },
-                "action": action[t],
-                "discount": 1.0,
-                "reward": float(t == steps - 1),
-                "is_first": t == 0,
-                "is_last": t == steps - 1,
-                "is_terminal": t == steps - 1,
-                "language_instruction": f"put the spoon {seed} on the towel",
-                "language_embedding": np.zeros(512, np.float32),
-            }
-            for t in range(steps)
-        ],
-        "episode_metadata": {
-            "file_path": f"/nfs/bridge/raw/scene_{seed}/traj{seed}.pkl",
-            "episode_id": seed,
-            **{f"has_image_{c}": c < cameras for c in range(4)},
-            "has_language": True,
-        },
-    }
+    images = {f"image_{c}": [frame(seed * 10 + c, t, size) for t in range(steps)] for c in range(cameras)}
+    return bridge_example(
+        seed,
+        state,
+        action,
+        images,
+        file_path=f"/nfs/bridge/raw/scene_{seed}/traj{seed}.pkl",
+        instruction=f"put the spoon {seed} on the towel",
+    )
+
+
+def tiny_episode(seed: int, steps: int, size: int = 64) -> dict[str, Any]:
+    """A one-camera Bridge-layout example: reach forward, close the gripper, lift, open it (two events)."""
+    state = np.zeros((steps, 7), np.float32)
+    state[:, 0] = np.linspace(0.2, 0.35, steps)
+    state[:, 2] = np.where(np.arange(steps) < steps // 2, 0.05, np.linspace(0.05, 0.2, steps))
+    state[:, 6] = np.where((np.arange(steps) >= steps // 3) & (np.arange(steps) < steps - 2), 0.0, 1.0)
+    action = np.zeros((steps, 7), np.float32)
+    action[:-1, :6] = state[1:, :6] - state[:-1, :6]
+    action[:, 6] = state[:, 6]
+    side, lo = size // 4, size // 8
+    frames = np.zeros((steps, size, size, 3), np.uint8)
+    for t in range(steps):
+        x = (t * 3 + seed) % (size - side)
+        frames[t, lo : lo + side, x : x + side] = (250, 200, 30)
+    return bridge_example(
+        seed,
+        state,
+        action,
+        {"image_0": list(frames)},
+        file_path=f"/data/raw/traj{seed}.pkl",
+        instruction=f"put the spoon {seed} on the towel",
+    )
 
 
 def fractal_episode(seed: int, steps: int = 8) -> dict[str, Any]:

@@ -21,11 +21,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from refinevla.annotate.sources import specs
 from refinevla.annotate.sources.rlds_writer import write_rlds
+from tests.conftest import tiny_episode
 
 SEED_RE = re.compile(r"put the spoon (\d+) on the towel")
 
@@ -182,42 +182,6 @@ def teacher_server() -> Iterator[FakeTeacherServer]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def tiny_episode(seed: int, steps: int) -> dict[str, Any]:
-    """A Bridge-layout example: reach forward, close the gripper, lift, open it (two gripper events)."""
-    state = np.zeros((steps, 7), np.float32)
-    state[:, 0] = np.linspace(0.2, 0.35, steps)
-    state[:, 2] = np.where(np.arange(steps) < steps // 2, 0.05, np.linspace(0.05, 0.2, steps))
-    state[:, 6] = np.where((np.arange(steps) >= steps // 3) & (np.arange(steps) < steps - 2), 0.0, 1.0)
-    action = np.zeros((steps, 7), np.float32)
-    action[:-1, :6] = state[1:, :6] - state[:-1, :6]
-    action[:, 6] = state[:, 6]
-    frames = np.zeros((steps, 64, 64, 3), np.uint8)
-    for t in range(steps):
-        frames[t, 8:24, (t * 3 + seed) % 40 : (t * 3 + seed) % 40 + 16] = (250, 200, 30)
-    return {
-        "steps": [
-            {
-                "observation": {"image_0": frames[t], "state": state[t]},
-                "action": action[t],
-                "discount": 1.0,
-                "reward": float(t == steps - 1),
-                "is_first": t == 0,
-                "is_last": t == steps - 1,
-                "is_terminal": t == steps - 1,
-                "language_instruction": f"put the spoon {seed} on the towel",
-                "language_embedding": np.zeros(512, np.float32),
-            }
-            for t in range(steps)
-        ],
-        "episode_metadata": {
-            "file_path": f"/data/raw/traj{seed}.pkl",
-            "episode_id": seed,
-            **{f"has_image_{c}": c == 0 for c in range(4)},
-            "has_language": True,
-        },
-    }
 
 
 @pytest.fixture

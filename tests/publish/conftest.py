@@ -33,48 +33,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
-import numpy as np
 import pytest
 
 from refinevla.annotate.sources import specs
 from refinevla.annotate.sources.rlds_writer import write_rlds
-
-
-def tiny_episode(seed: int, steps: int) -> dict[str, Any]:
-    """A Bridge-layout example: reach forward, close the gripper, lift, open it."""
-    state = np.zeros((steps, 7), np.float32)
-    state[:, 0] = np.linspace(0.2, 0.35, steps)
-    state[:, 2] = np.where(np.arange(steps) < steps // 2, 0.05, np.linspace(0.05, 0.2, steps))
-    state[:, 6] = np.where((np.arange(steps) >= steps // 3) & (np.arange(steps) < steps - 2), 0.0, 1.0)
-    action = np.zeros((steps, 7), np.float32)
-    action[:-1, :6] = state[1:, :6] - state[:-1, :6]
-    action[:, 6] = state[:, 6]
-    frames = np.zeros((steps, 32, 32, 3), np.uint8)
-    for t in range(steps):
-        frames[t, 4:12, (t * 2 + seed) % 20 : (t * 2 + seed) % 20 + 8] = (250, 200, 30)
-    return {
-        "steps": [
-            {
-                "observation": {"image_0": frames[t], "state": state[t]},
-                "action": action[t],
-                "discount": 1.0,
-                "reward": float(t == steps - 1),
-                "is_first": t == 0,
-                "is_last": t == steps - 1,
-                "is_terminal": t == steps - 1,
-                "language_instruction": f"put the spoon {seed} on the towel",
-                "language_embedding": np.zeros(512, np.float32),
-            }
-            for t in range(steps)
-        ],
-        "episode_metadata": {
-            "file_path": f"/data/raw/traj{seed}.pkl",
-            "episode_id": seed,
-            **{f"has_image_{c}": c == 0 for c in range(4)},
-            "has_language": True,
-        },
-    }
-
+from tests.conftest import tiny_episode
 
 EPISODES = 3
 STEPS = (10, 11, 12)
@@ -84,7 +47,7 @@ STEPS = (10, 11, 12)
 def source_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny `bridge_orig` RLDS source: 3 episodes of 10, 11, 12 steps (1 camera, 32x32)."""
     root = tmp_path_factory.mktemp("src")
-    eps = [tiny_episode(i, STEPS[i]) for i in range(EPISODES)]
+    eps = [tiny_episode(i, STEPS[i], size=32) for i in range(EPISODES)]
     d = write_rlds(root, specs.bridge_features(cameras=1, image_size=(32, 32)), eps, name="bridge_orig")
     return f"rlds:{d}"
 
