@@ -7,6 +7,8 @@ A preset fixes *what the features mean*; where the data lives is the user's choi
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 
@@ -95,9 +97,15 @@ def find_builder_dir(preset: Preset, data_dir: str | None) -> tuple[str, str]:
 
     A data dir may also point straight at `<name>` or `<name>/<version>`.
     """
-    from etils import epath
 
     looked: list[str] = []
+    with remote_errors(data_dir or ""):
+        return _find(preset, data_dir, looked)
+
+
+def _find(preset: Preset, data_dir: str | None, looked: list[str]) -> tuple[str, str]:
+    from etils import epath
+
     for base in default_data_dirs(data_dir):
         root = epath.Path(base)
         candidates = [root / n for n in preset.builder_names] + [root]
@@ -119,6 +127,19 @@ def find_builder_dir(preset: Preset, data_dir: str | None) -> tuple[str, str]:
         f"no {' or '.join(preset.builder_names)} dataset found (looked in: {', '.join(looked)}). "
         f"Set --data-dir or TFDS_DATA_DIR; {preset.download_hint}."
     )
+
+
+@contextmanager
+def remote_errors(where: str) -> Iterator[None]:
+    """One clear line instead of a traceback when a remote path (gs://, s3://) cannot be reached."""
+    try:
+        yield
+    except ImportError as exc:
+        raise SourceError(f"{where}: {exc} (for gs:// paths: pip install gcsfs)") from None
+    except OSError as exc:
+        if "://" not in where:
+            raise
+        raise SourceError(f"{where}: cannot be read: {type(exc).__name__}: {exc}") from None
 
 
 def sample_dir() -> str:

@@ -74,10 +74,16 @@ class RldsBuilder:
     _builder: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        import tensorflow_datasets as tfds
         from etils import epath
 
-        d = epath.Path(self.directory)
+        from .presets import remote_errors
+
+        with remote_errors(self.directory):
+            self._open(epath.Path(self.directory))
+
+    def _open(self, d: Any) -> None:
+        import tensorflow_datasets as tfds
+
         if not d.exists():
             raise SourceError(f"{self.directory}: no such directory")
         if not (d / "features.json").exists() or not (d / "dataset_info.json").exists():

@@ -236,3 +236,20 @@ def test_episode_without_instruction_or_steps_is_a_clear_error(tmp_path) -> None
     d2 = write_rlds(tmp_path / "b", specs.bridge_features(cameras=1, image_size=(64, 64)), [empty], name="bridge_orig")
     with pytest.raises(SourceError, match="zero steps"):
         list(open_source(f"rlds:{d2}").iter_episodes())
+
+
+def test_a_gs_path_without_gcsfs_is_one_clear_line(monkeypatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_gcsfs(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name.startswith("gcsfs"):
+            raise ImportError("Please install gcsfs to access Google Storage")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_gcsfs)
+    with pytest.raises(SourceError, match=r"gs://bucket/robotics: .*pip install gcsfs"):
+        open_source("bridge", data_dir="gs://bucket/robotics")
+    with pytest.raises(SourceError, match=r"gs://bucket/robotics/bridge_orig/1.0.0: .*gcsfs"):
+        open_source("rlds:gs://bucket/robotics/bridge_orig/1.0.0")
