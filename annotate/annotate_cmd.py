@@ -37,6 +37,9 @@ class AnnotateArgs:
     data_dir: str | None = None
     split: str = "train"
     camera: list[str] | None = None
+    instruction_key: str | None = None  # layout flags, as for inspect/stats
+    state_key: str | None = None
+    action_key: str | None = None
     frames: int = 6
     image_size: int = 256
     prompt_template: str = "rationale-v1"
@@ -135,6 +138,7 @@ class PartResult:
 
 def _setup(args: AnnotateArgs) -> RunSetup:
     """Validate flags, open the source, build the teacher and engine options (no request sent)."""
+    from .cli import split_keys
     from .engine import EngineOptions
     from .pricing import PriceTable
     from .prompts import FrameOptions
@@ -154,7 +158,12 @@ def _setup(args: AnnotateArgs) -> RunSetup:
         args.source,
         data_dir=args.data_dir,
         split=args.split,
-        overrides=SourceOverrides(cameras=tuple(args.camera or ())),
+        overrides=SourceOverrides(
+            cameras=tuple(args.camera or ()),
+            instruction_key=args.instruction_key,
+            state_key=split_keys(args.state_key),
+            action_key=split_keys(args.action_key),
+        ),
     )
     start, stop = shard_range(len(source), shard, args.limit)
     teacher = make_teacher(
@@ -475,7 +484,16 @@ def _dry_run(args: AnnotateArgs, teacher: Any, options: Any, prices: Any, episod
 
 def register(app: typer.Typer) -> None:
     """Add the `annotate` command to a Typer app (the `refine-data` app in `cli.py`)."""
-    from .cli import CameraOpt, DataDirOpt, SourceArg, SplitOpt, user_errors
+    from .cli import (
+        ActionKeyOpt,
+        CameraOpt,
+        DataDirOpt,
+        InstructionKeyOpt,
+        SourceArg,
+        SplitOpt,
+        StateKeyOpt,
+        user_errors,
+    )
 
     @app.command()
     @user_errors
@@ -492,6 +510,9 @@ def register(app: typer.Typer) -> None:
         data_dir: DataDirOpt = None,
         split: SplitOpt = "train",
         camera: CameraOpt = None,
+        instruction_key: InstructionKeyOpt = None,
+        state_key: StateKeyOpt = None,
+        action_key: ActionKeyOpt = None,
         frames: Annotated[int, typer.Option("--frames", help="K evenly spaced keyframes (+ gripper events).")] = 6,
         image_size: Annotated[int, typer.Option("--image-size", help="Longest keyframe side in pixels.")] = 256,
         prompt_template: Annotated[str, typer.Option("--prompt-template", help="Prompt template version.")] = (
@@ -545,6 +566,9 @@ def register(app: typer.Typer) -> None:
                 data_dir=data_dir,
                 split=split,
                 camera=camera,
+                instruction_key=instruction_key,
+                state_key=state_key,
+                action_key=action_key,
                 frames=frames,
                 image_size=image_size,
                 prompt_template=prompt_template,

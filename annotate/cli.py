@@ -75,7 +75,7 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _split_keys(value: str | None) -> tuple[str, ...]:
+def split_keys(value: str | None) -> tuple[str, ...]:
     return tuple(k.strip() for k in value.split(",") if k.strip()) if value else ()
 
 
@@ -111,8 +111,8 @@ def open_cli_source(
     overrides = SourceOverrides(
         cameras=tuple(camera or ()),
         instruction_key=instruction_key,
-        state_key=_split_keys(state_key),
-        action_key=_split_keys(action_key),
+        state_key=split_keys(state_key),
+        action_key=split_keys(action_key),
     )
     return open_source(source, data_dir=data_dir, split=split, overrides=overrides)
 

@@ -37,6 +37,7 @@ from ..schemas import (
     validate_teacher_answer,
 )
 from .episode import Episode
+from .errors import SourceError
 from .pricing import PriceTable
 from .prompts import EpisodeFacts, FrameOptions, PromptBundle, build_prompt, load_template, reask_messages
 from .ratelimit import RateLimiter
@@ -287,6 +288,12 @@ class Engine:
     # ----------------------------------------------------------------- preparation
     def prepare(self, episode: Episode) -> PreparedRequest:
         """Prompt, key and facts of an episode (CPU work; runs in the producer thread)."""
+        if episode.states.ndim != 2 or episode.states.shape[1] != 7:
+            raise SourceError(
+                f"episode {episode.episode_id}: the state has shape {tuple(episode.states.shape)}, but motion "
+                "primitives need a 7-d end-effector state [x, y, z, roll, pitch, yaw, gripper]; "
+                "map one with --state-key"
+            )
         bundle = build_prompt(episode, self.options.frames, self.template)
         shown = {bundle.frame_key["camera"]: bundle.frame_key["steps"]}
         key = request_key(

@@ -36,7 +36,7 @@ def _table(c: Counters) -> Any:
     t = Table(title="refine-data annotate", show_header=False, expand=False)
     t.add_row("episodes", f"{c.finished} / {'?' if c.total is None else c.total}")
     t.add_row("annotated / cached", f"{c.annotated} / {c.cached}")
-    t.add_row("rejected / failed", f"{c.rejected} / {c.failed}")
+    t.add_row("rejected / failed / stopped", f"{c.rejected} / {c.failed} / {c.stopped}")
     t.add_row("in flight", str(c.in_flight))
     t.add_row("tokens (prompt + completion)", f"{c.prompt_tokens:,} + {c.completion_tokens:,}")
     t.add_row("cost", f"${c.cost:,.4f}")

@@ -245,3 +245,29 @@ def test_dry_run_needs_no_key_but_a_real_run_does(tiny_rlds, tmp_path):
     assert "estimate for 2 episodes" in dry.output
     real = annotate(uri, "--teacher", "gemini", "--out", str(tmp_path / "o"), env=env)
     assert real.exit_code == 1 and "GEMINI_API_KEY" in real.output
+
+
+def test_a_state_that_is_not_7d_is_a_clear_error_naming_the_episode_and_flag(tmp_path):
+    import numpy as np
+
+    from refinevla.annotate.episode import Episode, FrameSequence
+    from refinevla.annotate.sources.lerobot_writer import write_lerobot
+
+    steps = 12
+    idx = np.arange(steps)
+    episode = Episode(
+        episode_id="x:0",
+        dataset="x",
+        instruction="pick the cup",
+        actions=np.zeros((steps, 7), np.float32),
+        states=np.zeros((steps, 6), np.float32),  # joint angles, say: not an end-effector pose
+        frames={"image_0": FrameSequence(loader=lambda k: np.zeros((32, 32, 3), np.uint8), length=steps)},
+        is_first=idx == 0,
+        is_last=idx == steps - 1,
+        is_terminal=idx == steps - 1,
+        rewards=np.zeros(steps, np.float32),
+    )
+    write_lerobot(tmp_path / "lr", [episode], version="v3.0", fps=5)
+    r = annotate(f"lerobot:{tmp_path / 'lr'}", "--out", str(tmp_path / "out"), "--license", "mit")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert "lr:episode_0" in r.output and "(12, 6)" in r.output and "--state-key" in r.output

@@ -78,13 +78,13 @@ def test_rich_table_shows_the_counters_and_follows_them():
 
     first, updated = asyncio.run(drive())
     assert first["episodes"] == "4 / 10"
-    assert first["annotated / cached"] == "2 / 1" and first["rejected / failed"] == "0 / 1"
+    assert first["annotated / cached"] == "2 / 1" and first["rejected / failed / stopped"] == "0 / 1 / 0"
     assert first["in flight"] == "3"
     assert first["tokens (prompt + completion)"] == "1,000 + 200"
     assert first["cost"] == "$0.0100" and first["requests / min"] == "120" and first["ETA"] == "2h00m"
     # Refreshed while running, not only at the end.
     assert updated["episodes"] == "10 / 10"
-    assert updated["annotated / cached"] == "6 / 2" and updated["rejected / failed"] == "1 / 1"
+    assert updated["annotated / cached"] == "6 / 2" and updated["rejected / failed / stopped"] == "1 / 1 / 0"
     assert updated["in flight"] == "0"
     assert updated["tokens (prompt + completion)"] == "12,345 + 678"
     assert updated["cost"] == "$0.1234" and updated["requests / min"] == "240" and updated["ETA"] == "0m00s"
