@@ -37,7 +37,7 @@ from ..schemas import (
     validate_teacher_answer,
 )
 from .episode import Episode
-from .errors import SourceError
+from .errors import RefineError, SourceError
 from .pricing import PriceTable
 from .prompts import EpisodeFacts, FrameOptions, PromptBundle, build_prompt, load_template, reask_messages
 from .ratelimit import RateLimiter
@@ -272,6 +272,7 @@ class Engine:
         self.stop_reason: str | None = None  # "interrupted", "max-cost", or None for a full pass
         self._stop = asyncio.Event()
         self._hard_stop = False
+        self._fatal: RefineError | None = None  # e.g. the key was refused: every request would fail alike
         self._pause_until = 0.0  # a 429's Retry-After pauses every new request, not just the one
         self._rpm = RateLimiter(options.rpm) if options.rpm else None
         self._tpm = RateLimiter(options.tpm) if options.tpm else None
@@ -416,6 +417,8 @@ class Engine:
                 queue.get_nowait()
             await self.teacher.close()
             self._io.shutdown(wait=True)
+        if self._fatal is not None:
+            raise self._fatal
         if producer_error and not self._stop.is_set():
             raise producer_error[0]
         return self.counters
@@ -525,6 +528,11 @@ class Engine:
             self._finish(item, "failed", reason=redact(f"gave up for this run after retries: {exc}"))
         except _BudgetReached:
             self._finish(item, "stopped", reason="max-cost reached")
+        except RefineError as exc:  # not about this episode (a refused key): stop the run, reject nothing
+            self._fatal = self._fatal or exc
+            if not self._stop.is_set():  # a second stop would cancel requests in flight elsewhere
+                self.request_stop("error")
+            self._finish(item, "stopped", reason=str(exc))
         except asyncio.CancelledError:
             self._finish(item, "stopped", reason="cancelled")
         finally:

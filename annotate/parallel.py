@@ -128,19 +128,20 @@ def run_processes(args: AnnotateArgs, setup: RunSetup) -> PartResult:
             absorb("progress", index, payload.counters)
         else:
             errors.append((kind, payload))
+            stop_workers()  # one worker's fatal error (a refused key) is every worker's
+
+    def stop_workers() -> None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid is not None:
+                os.kill(proc.pid, STOP_SIGNAL)
 
     async def supervise() -> None:
         from .progress import show_progress
 
         loop = asyncio.get_running_loop()
 
-        def forward_stop() -> None:
-            for proc in procs:
-                if proc.is_alive() and proc.pid is not None:
-                    os.kill(proc.pid, STOP_SIGNAL)
-
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signal.SIGINT, forward_stop)
+            loop.add_signal_handler(signal.SIGINT, stop_workers)
         live = args.progress == "rich" or (args.progress == "auto" and os.isatty(2))
         display = asyncio.create_task(show_progress(total, live)) if args.progress != "none" else None
         try:

@@ -271,3 +271,20 @@ def test_a_state_that_is_not_7d_is_a_clear_error_naming_the_episode_and_flag(tmp
     r = annotate(f"lerobot:{tmp_path / 'lr'}", "--out", str(tmp_path / "out"), "--license", "mit")
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert "lr:episode_0" in r.output and "(12, 6)" in r.output and "--state-key" in r.output
+
+
+def test_a_refused_key_stops_the_run_with_one_line_and_rejects_nothing(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(6)
+    out = tmp_path / "out"
+    teacher_server.default = "401"
+    args = ("--teacher", "openai-compatible", "--base-url", teacher_server.url, "--model", "m", "--out", str(out))
+    r = annotate(uri, *args, "--concurrency", "2", env={"OPENAI_API_KEY": SECRET})
+    assert r.exit_code == 1, r.output
+    assert "refused the credentials" in r.output and SECRET not in r.output
+    assert len(teacher_server.requests) <= 3  # stops at the first refusal (plus what was already in flight)
+    assert not (out / ".refine" / "rejects.jsonl").exists() or (out / ".refine" / "rejects.jsonl").read_text() == ""
+    # With a working key the rerun annotates everything: nothing was recorded as rejected.
+    teacher_server.default = "ok"
+    again = annotate(uri, *args, env={"OPENAI_API_KEY": SECRET})
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "refinevla.json").read_text())["counts"]["episodes"] == 6

@@ -90,3 +90,12 @@ def test_ctrl_c_stops_every_worker_and_the_rerun_resumes(tiny_rlds, teacher_serv
     assert rerun.returncode == 0, rerun.stderr
     assert not {q.seed for q in teacher_server.requests[before:]} & committed
     assert pl.read_parquet(out / "episodes").height == 16
+
+
+def test_a_refused_key_in_one_worker_stops_them_all(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(12)
+    teacher_server.default = "401"
+    r = run(uri, teacher_server.url, tmp_path / "out", "--processes", "2")
+    assert r.returncode == 1
+    assert "refused the credentials" in r.stderr and "Traceback" not in r.stderr and SECRET not in r.stderr
+    assert len(teacher_server.requests) <= 4  # each worker stops at its first refusal
