@@ -63,6 +63,11 @@ class TeacherAuthError(RefineError):
     """The credentials were refused (401/403): stops the run, no episode is rejected for it."""
 
 
+class TeacherConfigError(RefineError):
+    """The server has no such model or endpoint (404): every request would fail alike, so the run
+    stops instead of rejecting (and caching the rejection of) every episode."""
+
+
 @runtime_checkable
 class Teacher(Protocol):
     """A backend that answers rationale requests."""

@@ -19,9 +19,11 @@ from ..errors import RefineError
 from .base import (
     PermanentTeacherError,
     TeacherAuthError,
+    TeacherConfigError,
     TeacherRequest,
     TeacherResponse,
     TransientTeacherError,
+    redact,
 )
 
 
@@ -176,6 +178,13 @@ class OpenAICompatTeacher:
                 raise TeacherAuthError(
                     f"the {self.name} server refused the credentials ({summary}); "
                     f"check {self.provider.key_env or 'the key'}"
+                ) from None
+            if status == 404:
+                raise TeacherConfigError(
+                    redact(
+                        f"the {self.name} server at {self.base_url} has no model {self.model!r} or no such "
+                        f"endpoint ({summary}); check --model and --base-url"
+                    )
                 ) from None
             if status == 429 or status >= 500 or status in (408, 409):
                 raise TransientTeacherError(

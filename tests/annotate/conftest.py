@@ -127,6 +127,9 @@ def _handler(state: FakeTeacherServer) -> type[BaseHTTPRequestHandler]:
             if kind == "500":
                 self._send(500, {"error": {"message": "internal error"}})
                 return
+            if kind == "404":
+                self._send(404, {"error": {"message": "The model `m` does not exist"}})
+                return
             if kind == "401":
                 self._send(401, {"error": {"message": "invalid api key"}})
                 return

@@ -288,3 +288,16 @@ def test_a_refused_key_stops_the_run_with_one_line_and_rejects_nothing(tiny_rlds
     again = annotate(uri, *args, env={"OPENAI_API_KEY": SECRET})
     assert again.exit_code == 0, again.output
     assert json.loads((out / "refinevla.json").read_text())["counts"]["episodes"] == 6
+
+
+def test_an_unknown_model_stops_the_run_instead_of_rejecting_every_episode(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(5)
+    out = tmp_path / "out"
+    teacher_server.default = "404"
+    args = ("--teacher", "openai-compatible", "--base-url", teacher_server.url, "--model", "m", "--out", str(out))
+    r = annotate(uri, *args, "--concurrency", "1")
+    assert r.exit_code == 1 and "no model 'm'" in r.output and "--model" in r.output
+    assert len(teacher_server.requests) == 1
+    teacher_server.default = "ok"
+    assert annotate(uri, *args).exit_code == 0  # nothing was cached as rejected
+    assert json.loads((out / "refinevla.json").read_text())["counts"]["episodes"] == 5
