@@ -150,3 +150,7 @@ def register(app: typer.Typer) -> None:
             out, source, dest, data_dir=data_dir, split=split, fps=fps, camera_storage=camera_storage
         )
         typer.echo(f"wrote {result.root}: LeRobot v3.0, {result.episodes} episodes, {result.frames} frames")
+        typer.echo(
+            "note: plan, subtask and motion use LeRobot's language styles; the other reasoning parts use the "
+            "extra style 'reasoning', which a LeRobot reader must register (lerobot.datasets.language.EXTENDED_STYLES)"
+        )

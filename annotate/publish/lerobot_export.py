@@ -37,7 +37,7 @@ import pyarrow as pa
 from ..errors import RefineError
 
 EXTENDED_STYLE = "reasoning"  # project style of the reasoning parts; a LeRobot reader registers it (above)
-DEFAULT_FPS = {"bridge_orig": 5.0, "bridge_dataset": 5.0, "refinevla_sample": 5.0, "fractal20220817_data": 3.0}
+DEFAULT_FPS = {"bridge_orig": 5.0, "bridge_dataset": 5.0, "refinevla_sample": 10.0, "fractal20220817_data": 3.0}
 # LeRobot's column types, field for field (names, order, types, nullability), as defined by
 # `language_persistent_arrow_type()` / `language_events_arrow_type()` in huggingface/lerobot
 # `src/lerobot/datasets/language.py` (commit 1683197862cb32aab1f9a0cfc0b2a7a2f5bdd047). `tool_calls`
