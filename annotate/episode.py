@@ -12,7 +12,9 @@ time, and tasks that never look at pixels (statistics, inspect) never pay for de
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +64,19 @@ class FrameSequence(Sequence[np.ndarray]):
         for i in range(self._length):
             yield self[i]
 
+    def decode_all(self, threads: int | None = None) -> np.ndarray:
+        """All frames as one (T, H, W, 3) uint8 array, decoded on `threads` threads.
+
+        JPEG decoding releases the GIL, so a training or export loop that needs every frame gets
+        all cores (TensorFlow's reader decodes in parallel too). Default: one thread per core.
+        """
+        if self._length == 0:
+            return np.zeros((0, 0, 0, 3), np.uint8)
+        workers = threads or os.cpu_count() or 1
+        if workers <= 1 or self._length == 1:
+            return np.stack([self[i] for i in range(self._length)])
+        return np.stack(list(_decode_pool(workers).map(self.__getitem__, range(self._length))))
+
     def encoded(self, index: int) -> bytes | None:
         """The stored encoded bytes of a frame, when the source keeps them (no re-encode)."""
         if self._encoded is None:
@@ -74,7 +89,19 @@ def decode_image(data: bytes) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))
+        img.load()
+        return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _decode_pool(workers: int) -> ThreadPoolExecutor:
+    """One shared decode pool per size (threads are reused across episodes)."""
+    pool = _POOLS.get(workers)
+    if pool is None:
+        pool = _POOLS[workers] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="refinevla-decode")
+    return pool
 
 
 @dataclass

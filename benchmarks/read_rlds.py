@@ -5,7 +5,8 @@ Both read the *same* shards (a Bridge-layout dataset written by the project's wr
 `bridge_orig`). Two workloads, each measured for both readers in this one run:
 
 * ``frames``: every step's action/state plus the decoded primary camera (`image_0`),
-  the other cameras not decoded — what annotation and training read;
+  the other cameras not decoded — what training and export read (refinevla decodes an
+  episode's frames with `FrameSequence.decode_all()`, on all cores, as TF's pipeline does);
 * ``numeric``: every step's action/state, no image decoded — what `stats` reads.
 
 TFDS is given `SkipDecoding` for the images it need not decode, and steps are
@@ -81,10 +82,11 @@ def ours(directory: str, decode: bool, workers: int) -> tuple[int, int]:
     n_steps = n_frames = 0
     acc = 0.0
     for ep in src.iter_episodes(ReadOptions(workers=workers)):
-        frames = ep.frames["image_0"]
+        # decode_all decodes the episode's frames on all cores (JPEG decoding releases the GIL)
+        frames = ep.frames["image_0"].decode_all() if decode else None
         for t in range(len(ep)):
             acc += float(ep.actions[t, 0]) + float(ep.states[t, 0])
-            if decode:
+            if frames is not None:
                 acc += float(frames[t][0, 0, 0])
                 n_frames += 1
             n_steps += 1

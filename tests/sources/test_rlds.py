@@ -253,3 +253,12 @@ def test_a_gs_path_without_gcsfs_is_one_clear_line(monkeypatch) -> None:
         open_source("bridge", data_dir="gs://bucket/robotics")
     with pytest.raises(SourceError, match=r"gs://bucket/robotics/bridge_orig/1.0.0: .*gcsfs"):
         open_source("rlds:gs://bucket/robotics/bridge_orig/1.0.0")
+
+
+def test_decode_all_on_threads_equals_frame_by_frame(write_bridge) -> None:
+    ep = next(iter(open_source(f"rlds:{write_bridge(1)}").iter_episodes()))
+    seq = ep.frames["image_0"]
+    one = np.stack([seq[t] for t in range(len(seq))])
+    assert one.shape == (len(ep), 64, 64, 3)
+    np.testing.assert_array_equal(seq.decode_all(threads=2), one)
+    np.testing.assert_array_equal(seq.decode_all(threads=1), one)
