@@ -138,11 +138,10 @@ class PartResult:
 
 def _setup(args: AnnotateArgs) -> RunSetup:
     """Validate flags, open the source, build the teacher and engine options (no request sent)."""
-    from .cli import split_keys
+    from .cli import open_cli_source
     from .engine import EngineOptions
     from .pricing import PriceTable
     from .prompts import FrameOptions
-    from .sources import SourceOverrides, open_source
     from .teachers import make_teacher
 
     shard = parse_shard(args.shard)
@@ -154,16 +153,14 @@ def _setup(args: AnnotateArgs) -> RunSetup:
     ):
         if value < 1:
             raise RefineError(f"{name} must be at least 1")
-    source = open_source(
+    source = open_cli_source(
         args.source,
-        data_dir=args.data_dir,
-        split=args.split,
-        overrides=SourceOverrides(
-            cameras=tuple(args.camera or ()),
-            instruction_key=args.instruction_key,
-            state_key=split_keys(args.state_key),
-            action_key=split_keys(args.action_key),
-        ),
+        args.data_dir,
+        args.split,
+        args.camera,
+        args.instruction_key,
+        args.state_key,
+        args.action_key,
     )
     start, stop = shard_range(len(source), shard, args.limit)
     teacher = make_teacher(
