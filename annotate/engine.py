@@ -41,7 +41,7 @@ from .errors import RefineError, SourceError
 from .pricing import PriceTable
 from .prompts import EpisodeFacts, FrameOptions, PromptBundle, build_prompt, load_template, reask_messages
 from .ratelimit import RateLimiter
-from .store import Attempt, ResultStore
+from .store import Attempt, Lookup, ResultStore
 from .teachers.base import (
     PermanentTeacherError,
     Teacher,
@@ -87,6 +87,7 @@ class PreparedRequest:
     states: np.ndarray
     bundle: PromptBundle
     estimated_prompt_tokens: int
+    stored: Lookup | None = None  # read ahead by the producer (None: look it up when dispatching)
 
 
 @dataclass
@@ -364,16 +365,25 @@ class Engine:
         producer_stop = threading.Event()
         producer_error: list[BaseException] = []
 
+        # The producer also reads what the store has for each key, on its own connection: the
+        # dispatch of the next request then waits for no store round trip (and not behind the
+        # fsyncs of the answers being committed on the store thread).
+        reader = self.store.reader()
+
         def produce() -> None:
             try:
                 for episode in episodes:
                     if producer_stop.is_set():
                         return
                     item = self.prepare(episode)
+                    if reader is not None:
+                        item.stored = reader.lookup(item.key)
                     asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
             except BaseException as exc:  # surfaced in the event loop below
                 producer_error.append(exc)
             finally:
+                if reader is not None:
+                    reader.close()
                 if not producer_stop.is_set():
                     asyncio.run_coroutine_threadsafe(queue.put(_END), loop).result()
 
@@ -425,12 +435,14 @@ class Engine:
 
     async def _from_store(self, item: PreparedRequest) -> bool:
         """Settle an episode from the store (answered or rejected in an earlier run)."""
-        stored = await self._db(self.store.answer, item.key)
+        if item.stored is None:
+            item.stored = await self._db(self.store.lookup, item.key)
+        stored = item.stored.answer
         if stored is not None:
             record = assemble_record(item, stored.answer, self.options.schema_id)
             self._finish(item, "cached", record=record, attempts=stored.attempts)
             return True
-        rejected = await self._db(self.store.reject, item.key)
+        rejected = item.stored.reject
         if rejected is not None:
             self._finish(item, "rejected", reason=rejected.reason, attempts=rejected.attempts, count_as_cached=True)
             return True
@@ -470,7 +482,8 @@ class Engine:
         """Ask (and re-ask) until a valid answer, a reject, or a give-up for this run."""
         opts = self.options
         try:
-            previous = await self._db(self.store.attempts, item.key)  # an interrupted re-ask sequence resumes here
+            # an interrupted re-ask sequence resumes here
+            previous = item.stored.attempts if item.stored else await self._db(self.store.attempts, item.key)
             messages = list(item.bundle.messages)
             for att in previous:
                 if not att.errors:  # crashed between storing a valid answer and committing it

@@ -89,6 +89,15 @@ class Reject:
 
 
 @dataclass(frozen=True)
+class Lookup:
+    """Everything the store holds for one request key, read in one go."""
+
+    answer: StoredAnswer | None
+    reject: Reject | None
+    attempts: list[Attempt]
+
+
+@dataclass(frozen=True)
 class Spend:
     """Totals over every attempt recorded (also those of earlier runs)."""
 
@@ -112,6 +121,20 @@ class ResultStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def reader(self) -> ResultStore | None:
+        """A second connection to the same file, for lookups from another thread.
+
+        WAL lets it read while the writer commits, so looking up the next episodes never waits
+        behind the fsyncs of the answers being stored. None for an in-memory store (one connection).
+        """
+        if str(self.path) == ":memory:":
+            return None
+        return ResultStore(self.path)
+
+    def lookup(self, key: str) -> Lookup:
+        """The answer, reject and attempts of `key` (what a rerun needs to skip or resume it)."""
+        return Lookup(self.answer(key), self.reject(key), self.attempts(key))
 
     def __enter__(self) -> ResultStore:
         return self

@@ -25,6 +25,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import random
 import re
 import tempfile
 import time
@@ -71,7 +72,7 @@ def _answer(head: bytes) -> bytes:
     return json.dumps(body).encode()
 
 
-def serve(port_queue: Any, latency: float, cpu_queue: Any, stop: Any) -> None:
+def serve(port_queue: Any, latency: float, cpu_queue: Any, stop: Any, jitter: float = 0.0) -> None:
     """The fixed-latency server (runs in its own process).
 
     asyncio + aiohttp, one thread: a thread-per-connection Python server adds GIL hand-off
@@ -82,7 +83,8 @@ def serve(port_queue: Any, latency: float, cpu_queue: Any, stop: Any) -> None:
 
     async def completions(request: web.Request) -> web.Response:
         raw = await request.read()
-        await asyncio.sleep(latency)
+        # jitter J: latency uniform in [L(1-J), L(1+J)], same mean (real servers' latency varies)
+        await asyncio.sleep(latency * (1.0 + jitter * (2.0 * random.random() - 1.0)))
         return web.Response(body=_answer(raw[:16384]), content_type="application/json")
 
     async def main() -> None:
@@ -231,6 +233,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=1280)
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--jitter", type=float, default=0.0, help="latency spread: uniform in L*(1±J), same mean")
     ap.add_argument("--steps", type=int, default=38, help="steps per episode (Bridge averages ~38)")
     ap.add_argument("--frames", type=int, default=6)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="engine process counts to measure")
@@ -238,7 +241,7 @@ def main() -> None:
 
     ctx = mp.get_context("spawn")
     port_q, cpu_q, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=serve, args=(port_q, args.latency, cpu_q, stop), daemon=True)
+    proc = ctx.Process(target=serve, args=(port_q, args.latency, cpu_q, stop, args.jitter), daemon=True)
     proc.start()
     port = port_q.get(timeout=30)
     ideal = args.concurrency / args.latency
