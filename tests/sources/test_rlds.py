@@ -14,7 +14,7 @@ from refinevla.annotate.errors import CorruptRecordError, SourceError
 from refinevla.annotate.sources import ReadOptions, SourceOverrides, open_source, specs
 from refinevla.annotate.sources.rlds import _flatten_features
 from refinevla.annotate.sources.rlds_writer import write_rlds
-from tests.conftest import bridge_episode, frame  # type: ignore[import-not-found]
+from tests.conftest import bridge_episode, fractal_episode, frame  # type: ignore[import-not-found]
 
 # The published layouts (../shared/reference/formats.md), as data: path -> (shape, dtype).
 BRIDGE_LAYOUT = {
@@ -143,6 +143,20 @@ def test_fractal_preset_flattens_dict_actions_and_converts_state(fractal_dir: st
     assert ep.states.shape == (6, 7)
     np.testing.assert_allclose(ep.states[:, 5], 2 * 0.05 * np.arange(6), atol=1e-5)  # yaw of a z-rotation
     assert ep.states[0, 6] == 1.0 and ep.states[-1, 6] == 0.0
+    # every episode gives back exactly what was written, field by field
+    for i, got in enumerate(eps):
+        steps = fractal_episode(i, 6 + i)["steps"]
+        act = [
+            np.concatenate([s["action"][k] for k in ("world_vector", "rotation_delta", "gripper_closedness_action")])
+            for s in steps
+        ]
+        np.testing.assert_array_equal(got.actions, np.stack(act))
+        pose = np.stack([s["observation"]["base_pose_tool_reached"] for s in steps])
+        np.testing.assert_array_equal(got.states[:, :3], pose[:, :3])
+        assert got.is_first.tolist() == [s["is_first"] for s in steps]
+        assert got.is_last.tolist() == [s["is_last"] for s in steps]
+        assert got.rewards.tolist() == [s["reward"] for s in steps]
+        assert int(got.frames["image"][len(got) - 1].mean()) in range(10 * (len(got) - 1) - 3, 10 * (len(got) - 1) + 4)
 
 
 def test_bridge_preset_finds_the_newest_version_under_data_dir(write_bridge, tmp_path, monkeypatch) -> None:
