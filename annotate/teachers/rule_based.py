@@ -38,13 +38,24 @@ def _phases(facts: EpisodeFacts) -> list[tuple[int, int, str, str]]:
         elif nxt == "open":
             sub, why = "carry the object and release it", f"the object is held and must be put down to {task}"
         elif state == "closed":
-            sub, why = "hold the object in place", f"the gripper stays closed until the end to {task}"
+            sub, why = _held_phase(facts.moves[start : end + 1], task)
         elif facts.events:
             sub, why = "move the gripper away", "the object has been released, so the gripper withdraws"
         else:
             sub, why = task, "the whole episode serves the instruction; the gripper does not change state"
         parts.append((start, end, sub, why))
     return parts
+
+
+def _held_phase(moves: list[str], task: str) -> tuple[str, str]:
+    """Name the phase after a grasp that lasts to the end, from the moves made in it."""
+    made = [m.removeprefix("move ") for m in moves if m.startswith("move ")]
+    if not made:
+        return "hold the object in place", f"the gripper stays closed until the end to {task}"
+    if any("up" in m.split() for m in made):
+        return "lift the object", f"the object is held and is raised to {task}"
+    main = max(set(made), key=made.count)
+    return f"move the object {main}", f"the object is held and is carried {main} to {task}"
 
 
 def _displacement(facts: EpisodeFacts) -> str:
@@ -93,7 +104,7 @@ class RuleBasedTeacher:
     """No model: answers from the episode's facts. Free, deterministic, offline."""
 
     name = "rule-based"
-    model = "rule-based/1"  # bump when the rules change: old answers then get new keys
+    model = "rule-based/2"  # bump when the rules change: old answers then get new keys
     paid = False
 
     def sampling(self) -> dict[str, Any]:

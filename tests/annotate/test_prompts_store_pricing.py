@@ -113,3 +113,12 @@ def test_price_table_is_packaged_and_overridable(tmp_path, monkeypatch):
     override.write_text(json.dumps({"bad": {"input": "x"}}))
     with pytest.raises(RefineError, match="'bad'"):
         PriceTable.load(override)
+
+
+def test_rule_based_names_the_phase_after_a_grasp_from_the_moves_made() -> None:
+    from refinevla.annotate.teachers.rule_based import _held_phase
+
+    assert _held_phase(["stop", "stop"], "pick up the cube")[0] == "hold the object in place"
+    assert _held_phase(["move up", "move forward up", "stop"], "pick up the cube")[0] == "lift the object"
+    sub, why = _held_phase(["move left", "move left", "move forward"], "push it")
+    assert sub == "move the object left" and "push it" in why
