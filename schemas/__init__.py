@@ -105,7 +105,31 @@ def validate(record: Any, schema_id: str = DEFAULT_SCHEMA_ID) -> list[str]:
 def validate_teacher_answer(answer: Any, schema_id: str = DEFAULT_SCHEMA_ID) -> list[str]:
     """JSON Schema errors of a teacher answer (the teacher-written properties only), with every
     constraint of the file (minLength, minItems...), including those the teacher schema drops."""
+    fast = _fast_teacher_validator(schema_id)
+    if fast is not None:
+        try:
+            fast(answer)
+            return []
+        except Exception:  # invalid (or a case the compiled check does not cover): full report below
+            pass
     return _format_errors(_teacher_validator(schema_id), answer)
+
+
+@cache
+def _fast_teacher_validator(schema_id: str) -> Any:
+    """The same teacher-part schema compiled to Python by fastjsonschema, ~20x faster than jsonschema.
+
+    Only its *accept* is trusted: whatever it rejects is validated again by jsonschema, whose complete
+    error list is what a re-ask sends back (a test checks, mutation by mutation, that it never accepts
+    what jsonschema rejects). Validation was the largest cost per answer after the HTTP client.
+    """
+    try:
+        import fastjsonschema
+    except ImportError:
+        return None
+    schema = dict(_teacher_validator(schema_id).schema)
+    schema.pop("$schema", None)  # it knows drafts 4-7; the keywords used here mean the same there
+    return fastjsonschema.compile(schema)
 
 
 def _resolve(node: Any, defs: dict[str, Any]) -> Any:

@@ -168,3 +168,54 @@ def test_full_record_validation_rejects_a_bad_step():
     assert validate(record) == []
     record["steps"][0]["gripper"] = "ajar"
     assert any("steps/0/gripper" in e for e in validate(record))
+
+
+def _mutations(node: Any, path: tuple[Any, ...] = ()):  # type: ignore[no-untyped-def]
+    """Every single-place change a sloppy teacher could make: wrong types, nulls, blanks, extras, gaps."""
+    if isinstance(node, dict):
+        yield path, "extra", None
+        for k in node:
+            yield (*path, k), "drop", None
+            yield from _mutations(node[k], (*path, k))
+    elif isinstance(node, list):
+        yield path, "empty", None
+        for i, item in enumerate(node):
+            yield from _mutations(item, (*path, i))
+    for value in (None, True, 1.5, -1, "", "x", [], {}):
+        yield path, "set", value
+
+
+def _apply(answer: dict[str, Any], path: tuple[Any, ...], kind: str, value: Any) -> dict[str, Any]:
+    out = copy.deepcopy(answer)
+    if not path:
+        return out
+    parent = out
+    for p in path[:-1]:
+        parent = parent[p]
+    last = path[-1]
+    target = parent[last]
+    if kind == "drop":
+        del parent[last]
+    elif kind == "extra" and isinstance(target, dict):
+        target["unexpected"] = 1
+    elif kind == "empty" and isinstance(target, list):
+        target.clear()
+    elif kind == "set":
+        parent[last] = value
+    return out
+
+
+def test_the_fast_path_never_accepts_what_the_full_validator_rejects():
+    from refinevla.schemas import _format_errors, _teacher_validator
+
+    full = _teacher_validator("refinevla.rationale/1")
+    checked = 0
+    for path, kind, value in _mutations(good_answer()):
+        answer = _apply(good_answer(), path, kind, value)
+        expected = _format_errors(full, answer)
+        got = validate_teacher_answer(answer)
+        assert (got == []) == (expected == []), (path, kind, value, expected)
+        if expected:
+            assert got == expected  # the re-ask gets jsonschema's complete list
+        checked += 1
+    assert checked > 200
