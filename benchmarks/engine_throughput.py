@@ -243,7 +243,7 @@ def main() -> None:
     port_q, cpu_q, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     proc = ctx.Process(target=serve, args=(port_q, args.latency, cpu_q, stop, args.jitter), daemon=True)
     proc.start()
-    port = port_q.get(timeout=30)
+    port = port_q.get(timeout=120)
     ideal = args.concurrency / args.latency
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,7 +251,7 @@ def main() -> None:
             r = measure(ctx, port, args, processes, tmp)
             rows.append((processes, r))
     stop.set()
-    server_cpu = cpu_q.get(timeout=30)
+    server_cpu = cpu_q.get(timeout=120)
     proc.join(timeout=10)
 
     print(
