@@ -25,5 +25,13 @@ def test_wheel_contains_package_data_and_no_bare_top_level_modules(tmp_path: Pat
     assert any(n.endswith("dataset_info.json") for n in sample)
     assert any(n.endswith("features.json") for n in sample)
     assert any(".tfrecord-" in n for n in sample)
+    # everything annotate + card need at run time
+    for data in (
+        "refinevla/annotate/prices.json",
+        "refinevla/annotate/prompts/rationale-v1.txt",
+        "refinevla/datacards/template.md",
+        "refinevla/schemas/rationale-v1.json",
+    ):
+        assert data in names, data
     for sub in ("annotate", "schemas", "datacards", "train", "evaluate"):
         assert f"refinevla/{sub}/__init__.py" in names
