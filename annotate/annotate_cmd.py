@@ -420,21 +420,16 @@ def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult) -> int:
 
 
 def _check_card_license(out: Path, dataset: str, license: str | None) -> None:
-    """Fail before anything is paid for if the run's card could not be written at the end."""
-    from ..datacards.render import SOURCE_LICENSES
+    """Fail before anything is paid for if the run's card could not be written at the end.
 
-    if license or dataset in SOURCE_LICENSES:
-        return
-    card = out / "README.md"
-    if card.is_file():
-        from huggingface_hub import DatasetCard
+    The same resolution the card uses (--license, else the card already in OUT, else the source's).
+    """
+    from ..datacards.render import CardError, resolve_license
 
-        if DatasetCard.load(card).data.get("license"):
-            return
-    raise RefineError(
-        f"the license of source dataset {dataset!r} is not known to refinevla, and the dataset card needs one; "
-        "pass --license ID (a Hub license id, e.g. cc-by-4.0)"
-    )
+    try:
+        resolve_license(out, {"source": {"dataset": dataset}}, license)
+    except CardError as exc:
+        raise RefineError(f"{exc} (the dataset card needs one)") from None
 
 
 def _write_card(out: Path, license: str | None) -> None:

@@ -124,7 +124,6 @@ def run_processes(args: AnnotateArgs, setup: RunSetup) -> PartResult:
                     setattr(total, f.name, sum(s[f.name] for s in snapshots.values()))
         elif kind == "done":
             results[index] = payload
-            snapshots[index] = payload.counters
             absorb("progress", index, payload.counters)
         else:
             errors.append((kind, payload))

@@ -218,12 +218,8 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._send(404, {"error": "unknown endpoint"})
                 return
             repo_id, rev, path = f"{parts[2]}/{parts[3]}", parts[5], "/".join(parts[6:])
-            if repo_id not in hub.repos:
-                self._not_found("repository")
-                return
-            resolved = hub.resolve(repo_id, rev)
+            resolved = self._resolve(repo_id, rev)
             if resolved is None:
-                self._revision_not_found(rev)
                 return
             commit, files = resolved
             if path not in files:
@@ -245,6 +241,16 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 return
             self._send(200, content, {"ETag": f'"{git_blob_id(content)}"', "X-Repo-Commit": commit})
 
+        def _resolve(self, repo_id: str, rev: str) -> tuple[str, dict[str, bytes]] | None:
+            """(commit, files) of a repo at a revision, or None after sending the Hub's 404."""
+            if repo_id not in hub.repos:
+                self._not_found("repository")
+                return None
+            resolved = hub.resolve(repo_id, rev)
+            if resolved is None:
+                self._revision_not_found(rev)
+            return resolved
+
         def _dataset_get(self, req: HubRequest) -> None:
             # /api/datasets/{org}/{name}/revision/{rev} | /api/datasets/{org}/{name}/tree/{rev}[/{path}]
             parts = req.path.split("/")
@@ -252,12 +258,8 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._send(404, {"error": "unknown endpoint"})
                 return
             repo_id, action, rev = f"{parts[3]}/{parts[4]}", parts[5], parts[6]
-            if repo_id not in hub.repos:
-                self._not_found("repository")
-                return
-            resolved = hub.resolve(repo_id, rev)
+            resolved = self._resolve(repo_id, rev)
             if resolved is None:
-                self._revision_not_found(rev)
                 return
             commit, files = resolved
             if action == "revision":
