@@ -20,6 +20,7 @@ States are ``[x, y, z, roll, pitch, yaw, gripper]`` with gripper 1 = open.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -93,9 +94,18 @@ def motion_vectors(states: np.ndarray) -> np.ndarray:
     return np.concatenate([vecs, vecs[-1:]], axis=0)
 
 
+@cache
+def _label(vec: tuple[int, ...]) -> str:
+    return describe_move(np.asarray(vec))
+
+
 def motion_primitives(states: np.ndarray) -> list[str]:
-    """One ECoT motion-primitive label per step."""
-    return [describe_move(v) for v in motion_vectors(states)]
+    """One ECoT motion-primitive label per step.
+
+    There are at most 3^7 move vectors, so labels are memoised per vector: labelling a
+    step is a dict lookup, not seven numpy element reads.
+    """
+    return [_label(tuple(v)) for v in motion_vectors(states).tolist()]
 
 
 GripperState = Literal["open", "closed"]

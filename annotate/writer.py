@@ -13,6 +13,7 @@ import json
 import os
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,9 @@ class _PartWriter:
     """Columns buffered and written as row groups to a hidden file, renamed on close.
 
     Buffered column-wise (numeric columns as numpy blocks): building Arrow arrays from
-    row dicts costs more CPU per episode than everything else the engine does.
+    row dicts costs more CPU per episode than everything else the engine does. Row groups
+    are converted and written on a background thread: the engine calls `add` from its event
+    loop, and a ~30 ms Parquet write there would hold up every request in flight.
     """
 
     def __init__(self, path: Path, schema: pa.Schema) -> None:
@@ -113,6 +116,8 @@ class _PartWriter:
         self.pending = 0
         self.count = 0
         self._writer: pq.ParquetWriter | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._write: Future[None] | None = None  # the row group being written, at most one
 
     def add(self, rows: list[dict[str, Any]]) -> None:
         for name, values in self.columns.items():
@@ -136,20 +141,39 @@ class _PartWriter:
             return pa.FixedSizeListArray.from_arrays(pa.array(block.reshape(-1)), block.shape[1])
         return pa.array(values, type=field.type)
 
-    def flush(self) -> None:
-        if not self.pending:
-            return
+    def _write_group(self, columns: dict[str, list[Any]]) -> None:
         if self._writer is None:
             self.tmp.parent.mkdir(parents=True, exist_ok=True)
             self._writer = pq.ParquetWriter(self.tmp, self.schema)
-        arrays = [self._array(f, self.columns[f.name]) for f in self.schema]
+        arrays = [self._array(f, columns[f.name]) for f in self.schema]
         self._writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema))
+
+    def _wait(self) -> None:
+        """Wait for the row group being written; its error (a full disk) is raised here."""
+        if self._write is not None:
+            write, self._write = self._write, None
+            write.result()
+
+    def flush(self) -> None:
+        """Hand the buffered rows to the writer thread (waiting for the previous group first)."""
+        if not self.pending:
+            return
+        self._wait()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinevla-parquet")
+        self._write = self._pool.submit(self._write_group, self.columns)
         self.count += self.pending
         self.pending = 0
         self.columns = {f.name: [] for f in self.schema}
 
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
         if self._writer is None:  # no rows: still write a valid empty file, so the layout is complete
             self.tmp.parent.mkdir(parents=True, exist_ok=True)
             pq.write_table(self.schema.empty_table(), self.tmp)
@@ -170,6 +194,9 @@ class DatasetWriter:
         self.model = model
         i, n = shard
         name = f"train-{i:05d}-of-{n:05d}.parquet"
+        # pyarrow imports pandas on its first conversion of Python values (~0.2 s): pay that
+        # now rather than in the middle of a run, where it would stall every request in flight
+        pa.array([""], type=pa.string())
         self.steps = _PartWriter(self.out / "data" / name, step_schema(schema_id))
         self.episodes = _PartWriter(self.out / "episodes" / name, episode_schema(schema_id))
         self.statuses: Counter[str] = Counter()
