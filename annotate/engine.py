@@ -19,9 +19,10 @@ import functools
 import hashlib
 import json
 import random
+import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -361,7 +362,11 @@ class Engine:
         if self.options.max_cost is not None:
             self._prior_cost = (await self._db(self.store.spend)).cost
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=max(8, self.options.concurrency * 2))
+        # Prepared requests wait in `queue`; `room` bounds how many (the producer stays ahead
+        # of the dispatcher by at most that much). Handing an item over is one thread-safe
+        # callback, and the dispatcher only waits on the queue when the producer fell behind.
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        room = threading.Semaphore(max(8, self.options.concurrency * 2))
         producer_stop = threading.Event()
         producer_error: list[BaseException] = []
 
@@ -369,6 +374,16 @@ class Engine:
         # dispatch of the next request then waits for no store round trip (and not behind the
         # fsyncs of the answers being committed on the store thread).
         reader = self.store.reader()
+
+        def hand_over(item: Any) -> bool:
+            while not room.acquire(timeout=0.1):
+                if producer_stop.is_set():
+                    return False
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the loop is closed: the run is over
+                return False
+            return True
 
         def produce() -> None:
             try:
@@ -378,14 +393,15 @@ class Engine:
                     item = self.prepare(episode)
                     if reader is not None:
                         item.stored = reader.lookup(item.key)
-                    asyncio.run_coroutine_threadsafe(queue.put(item), loop).result()
+                    if not hand_over(item):
+                        return
             except BaseException as exc:  # surfaced in the event loop below
                 producer_error.append(exc)
             finally:
                 if reader is not None:
                     reader.close()
                 if not producer_stop.is_set():
-                    asyncio.run_coroutine_threadsafe(queue.put(_END), loop).result()
+                    hand_over(_END)
 
         producer = threading.Thread(target=produce, name="refinevla-prepare", daemon=True)
         producer.start()
@@ -393,14 +409,18 @@ class Engine:
         try:
             await self.teacher.start()
             while not self._stop.is_set():
-                get = asyncio.ensure_future(queue.get())
-                stop = asyncio.ensure_future(self._stop.wait())
-                await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
-                stop.cancel()
-                if not get.done():
-                    get.cancel()
-                    break
-                item = get.result()
+                if queue.empty():  # the producer fell behind: wait for it, or for a stop
+                    get = asyncio.ensure_future(queue.get())
+                    stop = asyncio.ensure_future(self._stop.wait())
+                    await asyncio.wait({get, stop}, return_when=asyncio.FIRST_COMPLETED)
+                    stop.cancel()
+                    if not get.done():
+                        get.cancel()
+                        break
+                    item = get.result()
+                else:
+                    item = queue.get_nowait()
+                room.release()
                 if item is _END:
                     break
                 if await self._from_store(item):
@@ -422,9 +442,7 @@ class Engine:
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
         finally:
-            producer_stop.set()
-            while not queue.empty():  # unblock a producer waiting on a full queue
-                queue.get_nowait()
+            producer_stop.set()  # a producer waiting for room sees this within 0.1 s
             await self.teacher.close()
             self._io.shutdown(wait=True)
         if self._fatal is not None:
@@ -575,8 +593,8 @@ class Engine:
                 await self._tpm.acquire(estimate)
             self.counters.in_flight += 1
             try:
-                # The client enforces the timeout; wait_for is the backstop for a teacher that does not.
-                response = await asyncio.wait_for(self.teacher.complete(request, opts.timeout), opts.timeout + 5.0)
+                # The client enforces the timeout; this is the backstop for a teacher that does not.
+                response = await _within(self.teacher.complete(request, opts.timeout), opts.timeout + 5.0)
             except (TransientTeacherError, asyncio.TimeoutError) as exc:
                 if isinstance(exc, asyncio.TimeoutError):
                     exc = TransientTeacherError(f"timed out after {opts.timeout:g}s")
@@ -597,6 +615,18 @@ class Engine:
                 self._tpm.settle(response.prompt_tokens + response.completion_tokens - estimate)
             return response
         raise _RetriesExhausted("no attempt made")  # unreachable: the loop returns or raises
+
+
+async def _within(awaitable: Awaitable[TeacherResponse], seconds: float) -> TeacherResponse:
+    """`await awaitable`, or asyncio.TimeoutError after `seconds`.
+
+    `asyncio.timeout` (3.11+) cancels the request in place; `wait_for` before 3.12 wraps it in
+    one more task per request.
+    """
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 def iter_selected(episodes: Iterator[Episode], limit: int | None) -> Iterator[Episode]:

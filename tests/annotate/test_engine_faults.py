@@ -151,3 +151,29 @@ def test_rpm_limit_spaces_requests(tiny_rlds, teacher_server, tmp_path):
     # burst capacity is 5 (5 s at 1/s): requests 6..8 wait ~1 s each
     assert times[-1] - times[0] >= 2.5
     assert engine.counters.requests == 8
+
+
+def test_a_teacher_that_ignores_its_timeout_is_cut_off_by_the_engine(tiny_rlds, tmp_path, monkeypatch):
+    """The client enforces --timeout; the engine's backstop (timeout + 5 s) catches a teacher that does not."""
+    from refinevla.annotate import engine as engine_module
+    from refinevla.annotate.teachers.rule_based import RuleBasedTeacher
+
+    class Hangs(RuleBasedTeacher):
+        calls = 0
+
+        async def complete(self, request, timeout):
+            Hangs.calls += 1
+            if Hangs.calls == 1:
+                await asyncio.sleep(3600)
+            return await super().complete(request, timeout)
+
+    real_within = engine_module._within
+    monkeypatch.setattr(engine_module, "_within", lambda awaitable, seconds: real_within(awaitable, seconds - 4.9))
+    source = open_source(tiny_rlds(1))
+    results: list[EpisodeResult] = []
+    opts = EngineOptions(timeout=0.1, retry_base=0.01, retry_max=0.01, max_retries=1)
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        engine = Engine(Hangs(), store, opts, sink=results.append)
+        asyncio.run(asyncio.wait_for(engine.run(source.iter_episodes(), total=1), 30))
+    assert [r.status for r in results] == ["annotated"] and engine.counters.retries == 1
+    assert Hangs.calls == 2
