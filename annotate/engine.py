@@ -241,6 +241,24 @@ def assemble_record(prepared: PreparedRequest, answer: dict[str, Any], schema_id
     }
 
 
+class _Slot:
+    """One task's hold on a concurrency slot; created held (the dispatcher acquired it)."""
+
+    def __init__(self, sem: asyncio.Semaphore) -> None:
+        self.sem = sem
+        self.held = True
+
+    async def take(self) -> None:
+        if not self.held:
+            await self.sem.acquire()
+            self.held = True
+
+    def give_back(self) -> None:
+        if self.held:
+            self.held = False
+            self.sem.release()
+
+
 class _RetriesExhausted(Exception):
     pass
 
@@ -497,8 +515,14 @@ class Engine:
         )
 
     async def _annotate(self, item: PreparedRequest, reserved: float, sem: asyncio.Semaphore) -> None:
-        """Ask (and re-ask) until a valid answer, a reject, or a give-up for this run."""
+        """Ask (and re-ask) until a valid answer, a reject, or a give-up for this run.
+
+        The dispatcher took a concurrency slot for the first ask. A slot stands for a request
+        in flight: it is given back as soon as the answer arrives (the next episode's request
+        goes out while this answer is checked, stored and written) and taken again for a re-ask.
+        """
         opts = self.options
+        slot = _Slot(sem)
         try:
             # an interrupted re-ask sequence resumes here
             previous = item.stored.attempts if item.stored else await self._db(self.store.attempts, item.key)
@@ -517,7 +541,11 @@ class Engine:
             while attempt < opts.max_attempts:
                 attempt += 1
                 request = self.teacher_request(item, messages, attempt)
-                response = await self._ask(request, item.estimated_prompt_tokens)
+                await slot.take()
+                try:
+                    response = await self._ask(request, item.estimated_prompt_tokens)
+                finally:
+                    slot.give_back()
                 answer, errors = check_answer(response, request.context, opts.schema_id)
                 cost = self.prices.cost(self.teacher.model, response.prompt_tokens, response.completion_tokens)
                 # Committed before anything else looks at it: a crash from here on never pays again.
@@ -568,7 +596,7 @@ class Engine:
             self._finish(item, "stopped", reason="cancelled")
         finally:
             self._reserved -= reserved
-            sem.release()
+            slot.give_back()
 
     def _accept(self, item: PreparedRequest, answer: dict[str, Any], attempts: int) -> None:
         """Use an answer that is already committed to the store."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import RefineError
+from ..prompts import DataURL
 from .base import (
     PermanentTeacherError,
     TeacherAuthError,
@@ -101,6 +102,7 @@ class OpenAICompatTeacher:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self._client: Any = None
+        self._endpoint = "/chat/completions"
         self._format: Any = None  # the last response format serialised, and its JSON
         self._format_json = b""
         # An openai-compatible server is often free (a local vLLM); a missing price is then not an error.
@@ -143,6 +145,11 @@ class OpenAICompatTeacher:
             max_retries=0,
             http_client=_aiohttp_transport(),
         )
+        # The endpoint as an absolute URL, joined once the way the client joins a relative path
+        # to its base URL (which it keeps with a trailing slash): it then parses one URL per
+        # request instead of parsing and re-joining two.
+        base = str(self._client.base_url)
+        self._endpoint = base + "chat/completions" if "?" not in base else "/chat/completions"
 
     def request_body(self, request: TeacherRequest) -> dict[str, Any]:
         """The keyword arguments of `chat.completions.create` (= the JSON body sent)."""
@@ -176,7 +183,7 @@ class OpenAICompatTeacher:
             # the answer is read as bytes and parsed here rather than into pydantic models (~0.5 ms
             # more). Same endpoint, same wire format, same errors.
             raw = await self._client.post(
-                "/chat/completions",
+                self._endpoint,
                 cast_to=bytes,
                 content=self.encode(request),
                 options={"timeout": timeout},
@@ -266,7 +273,10 @@ def _mark_images(message: Any, blobs: list[bytes]) -> Any:
     for part in content:
         image = part.get("image_url") if isinstance(part, dict) else None
         url = image.get("url") if isinstance(image, dict) else None
-        if isinstance(image, dict) and isinstance(url, str) and len(url) >= _SPLICE_MIN and url.isascii():
+        if type(url) is DataURL:  # made by the prompt builder, its JSON text with it
+            blobs.append(url.json)
+            part = {**part, "image_url": {**image, "url": _BLOB_MARK}}  # type: ignore[dict-item]
+        elif isinstance(image, dict) and isinstance(url, str) and len(url) >= _SPLICE_MIN and url.isascii():
             blob = url.encode("ascii")
             if not blob.translate(None, _VERBATIM):  # a C scan, ~10 us for a 256 px keyframe
                 blobs.append(b'"' + blob + b'"')
