@@ -177,3 +177,34 @@ def test_a_teacher_that_ignores_its_timeout_is_cut_off_by_the_engine(tiny_rlds, 
         asyncio.run(asyncio.wait_for(engine.run(source.iter_episodes(), total=1), 30))
     assert [r.status for r in results] == ["annotated"] and engine.counters.retries == 1
     assert Hangs.calls == 2
+
+
+def test_concurrency_bounds_requests_in_flight_including_reasks(tiny_rlds, tmp_path):
+    """A slot is a request in flight: never more than --concurrency, and all of them used."""
+    from refinevla.annotate.teachers.rule_based import RuleBasedTeacher
+
+    class Counting(RuleBasedTeacher):
+        in_flight = peak = calls = 0
+
+        async def complete(self, request, timeout):
+            Counting.calls += 1
+            Counting.in_flight += 1
+            Counting.peak = max(Counting.peak, Counting.in_flight)
+            try:
+                await asyncio.sleep(0.02)
+                if request.attempt == 1 and int(request.episode_id.rsplit("#", 1)[-1]) % 2:  # odd: re-asked
+                    return TeacherResponse(text="{}", finish_reason="stop")
+                return await super().complete(request, timeout)
+            finally:
+                Counting.in_flight -= 1
+
+    from refinevla.annotate.teachers.base import TeacherResponse
+
+    source = open_source(tiny_rlds(12))
+    results: list[EpisodeResult] = []
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        engine = Engine(Counting(), store, EngineOptions(concurrency=3), sink=results.append)
+        asyncio.run(engine.run(source.iter_episodes(), total=len(source)))
+    assert sorted(r.status for r in results) == ["annotated"] * 12
+    assert engine.counters.reasks == 6 and Counting.calls == 18
+    assert Counting.peak == 3
