@@ -14,6 +14,7 @@ import re
 import shlex
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -134,6 +135,7 @@ class PartResult:
     reject_reasons: dict[str, int]
     counts: dict[str, int]  # rows written: episodes, steps
     stop_reason: str | None
+    seconds: float = 0.0  # how long the engine ran (the rate in the summary line is per this)
 
 
 def _setup(args: AnnotateArgs) -> RunSetup:
@@ -290,9 +292,10 @@ def run_part(
         counts = writer.close()
         store.close()
     counters = asdict(engine.counters)
-    counters.pop("started", None)
+    seconds = time.monotonic() - counters.pop("started")
     return PartResult(
         counters=counters,
+        seconds=seconds,
         statuses=dict(writer.statuses),
         reject_reasons=dict(writer.reject_reasons),
         counts=counts,
@@ -310,7 +313,7 @@ def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult) -> int:
 
     out, source, teacher = setup.out, setup.source, setup.teacher
     i, n = setup.shard
-    c = Counters(**part.counters)
+    c = Counters(**part.counters, started=time.monotonic() - part.seconds)  # rates over the run, not from now
     with ResultStore(setup.store_path) as store:
         spend = store.spend()
         rejects = store.rejects()
@@ -382,6 +385,7 @@ def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult) -> int:
             "prompt_tokens": c.prompt_tokens,
             "completion_tokens": c.completion_tokens,
             "cost_usd": round(c.cost, 6),
+            "seconds": round(part.seconds, 2),
             "processes": args.processes,
         },
         "complete": part.stop_reason is None and c.failed == 0,

@@ -21,6 +21,7 @@ import math
 import os
 import shutil
 import signal
+import time
 import traceback
 from dataclasses import asdict, fields, replace
 from pathlib import Path
@@ -90,9 +91,9 @@ def run_processes(args: AnnotateArgs, setup: RunSetup) -> PartResult:
     ranges = split_range(setup.start, setup.stop, args.processes)
     parts = len(ranges)
     budget = args.max_cost
+    with ResultStore(setup.store_path) as store:  # created here, once, before the workers open it
+        prior = store.spend().cost
     if budget is not None:
-        with ResultStore(setup.store_path) as store:
-            prior = store.spend().cost
         budget = prior + max(0.0, budget - prior) / parts  # each worker's engine adds the prior spend it reads
     wargs = worker_args(args, parts, budget)
     parts_root = setup.out / ".refine" / f"parts{setup.suffix}"
@@ -176,6 +177,7 @@ def run_processes(args: AnnotateArgs, setup: RunSetup) -> PartResult:
             raise RefineError(message)
         raise RuntimeError(f"an annotation worker process failed:\n{message}")
     merged = merge_parts([results[k] for k in sorted(results)])
+    merged.seconds = time.monotonic() - total.started
     concat_parquet_parts([parts_root / f"part-{k:03d}" for k in range(parts)], setup.out)
     shutil.rmtree(parts_root, ignore_errors=True)
     return merged
@@ -207,6 +209,7 @@ def merge_parts(parts: list[PartResult]) -> PartResult:
         reject_reasons=dict(reasons),
         counts={"episodes": counts["episodes"], "steps": counts["steps"]},
         stop_reason=stop_reason,
+        seconds=max((p.seconds for p in parts), default=0.0),
     )
 
 

@@ -16,6 +16,7 @@ Tables:
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -115,9 +116,28 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # One connection, used from the engine's event-loop thread only; writes are tiny.
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._setup_schema()
+
+    def _setup_schema(self, wait: float = 30.0) -> None:
+        """WAL mode and the tables, waiting out other processes opening the same new file.
+
+        Switching a new file to WAL takes an exclusive lock, and SQLite answers "database is
+        locked" at once (no busy wait) to a second process doing the same at that moment, as
+        `annotate --processes` workers starting together would.
+        """
+        deadline = time.monotonic() + wait
+        delay = 0.01
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=FULL")
+                self._db.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(0.5, delay * 2)
 
     def close(self) -> None:
         self._db.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import polars as pl
+import pytest
 from typer.testing import CliRunner
 
 from refinevla.annotate.cli import app
@@ -301,3 +302,16 @@ def test_an_unknown_model_stops_the_run_instead_of_rejecting_every_episode(tiny_
     teacher_server.default = "ok"
     assert annotate(uri, *args).exit_code == 0  # nothing was cached as rejected
     assert json.loads((out / "refinevla.json").read_text())["counts"]["episodes"] == 5
+
+
+def test_the_summary_rate_is_over_the_run_and_the_manifest_says_how_long_it_took(tiny_rlds, tmp_path):
+    import re
+
+    out = tmp_path / "out"
+    r = annotate(tiny_rlds(4), "--out", str(out), "--rpm", "30")  # a burst of 2.5, then one per 2 s: ~3 s
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((out / "refinevla.json").read_text())
+    seconds = manifest["this_run"]["seconds"]
+    assert manifest["this_run"]["requests"] == 4 and 1.5 < seconds < 30
+    rate = float(re.search(r"\| (\d+) req/min \|", r.output).group(1))
+    assert rate == pytest.approx(4 * 60 / seconds, rel=0.2) and rate <= 160

@@ -122,3 +122,30 @@ def test_rule_based_names_the_phase_after_a_grasp_from_the_moves_made() -> None:
     assert _held_phase(["move up", "move forward up", "stop"], "pick up the cube")[0] == "lift the object"
     sub, why = _held_phase(["move left", "move left", "move forward"], "push it")
     assert sub == "move the object left" and "push it" in why
+
+
+def _open_store_together(path: str, barrier, errors) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait()
+    try:
+        ResultStore(path).close()
+    except Exception as exc:  # reported to the test
+        errors.put(repr(exc))
+
+
+def test_processes_opening_one_new_store_together_all_succeed(tmp_path):
+    """Switching a new file to WAL is exclusive; SQLite refuses a concurrent switch without waiting."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    for round_ in range(4):
+        path = str(tmp_path / f"store-{round_}.sqlite")
+        barrier, errors = ctx.Barrier(4), ctx.Queue()
+        procs = [ctx.Process(target=_open_store_together, args=(path, barrier, errors)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert errors.empty(), errors.get()
+        assert all(p.exitcode == 0 for p in procs)
+        with sqlite3.connect(path) as db:
+            assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
