@@ -9,6 +9,7 @@ CPU is not counted as the engine's.
 
     python benchmarks/engine_throughput.py                 # 2560 requests, C=64, L=0.2 s, 1 and 2 processes
     python benchmarks/engine_throughput.py --requests 2000 --concurrency 128 --processes 1 2 4
+    python benchmarks/engine_throughput.py --cli           # and `refine-data annotate` over RLDS shards
 
 Each configuration runs the engine in worker processes (1 = the plain single-process engine)
 sharing the concurrency and one SQLite store, as `refine-data annotate --processes P` does.
@@ -31,6 +32,7 @@ import random
 import re
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -179,6 +181,64 @@ def make_episode(i: int, pool: list[bytes], steps: int) -> Episode:
     )
 
 
+def write_source(directory: str, n: int, steps: int) -> str:
+    """The same episodes as `make_episode`, written as a Bridge-layout RLDS dataset (8 TFRecord shards)."""
+    from refinevla.annotate.sources import specs
+    from refinevla.annotate.sources.rlds_writer import write_rlds
+
+    pool = frame_pool()
+
+    def example(i: int) -> dict[str, Any]:
+        ep = make_episode(i, pool, steps)
+        frames = ep.frames["image_0"]
+        return {
+            "steps": [
+                {
+                    "observation": {"image_0": frames.encoded(t), "state": ep.states[t]},
+                    "action": ep.actions[t],
+                    "discount": 1.0,
+                    "reward": float(t == steps - 1),
+                    "is_first": t == 0,
+                    "is_last": t == steps - 1,
+                    "is_terminal": t == steps - 1,
+                    "language_instruction": ep.instruction,
+                    "language_embedding": np.zeros(512, np.float32),
+                }
+                for t in range(steps)
+            ],
+            "episode_metadata": {
+                "file_path": f"bench/episode_{i}.pkl",
+                "episode_id": i,
+                **{f"has_image_{c}": c == 0 for c in range(4)},
+                "has_language": True,
+            },
+        }
+
+    features = specs.bridge_features(cameras=1, image_size=(256, 256))
+    return write_rlds(directory, features, (example(i) for i in range(n)), name="bridge_orig", num_shards=8)
+
+
+def measure_cli(port: int, args: argparse.Namespace, processes: int, source: str, tmp: str) -> dict[str, float]:
+    """`refine-data annotate rlds:SOURCE --teacher openai-compatible` as a user runs it (reading included)."""
+    import subprocess
+    import sys
+
+    out = f"{tmp}/cli-p{processes}"
+    cmd = [
+        *(sys.executable, "-m", "refinevla.annotate.cli", "annotate", f"rlds:{source}"),
+        *("--teacher", "openai-compatible", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "bench-model"),
+        *("--concurrency", str(args.concurrency), "--frames", str(args.frames), "--processes", str(processes)),
+        *("--out", out, "--license", "mit", "--progress", "none"),
+    ]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, capture_output=True)
+    wall = time.perf_counter() - t0
+    manifest = json.loads(Path(out, "refinevla.json").read_text())
+    run = manifest["this_run"]
+    assert manifest["counts"]["episodes"] == args.requests and run["requests"] == args.requests
+    return {"command": wall, "seconds": run["seconds"], "requests": run["requests"]}
+
+
 def run_engine(
     port: int,
     lo: int,
@@ -307,6 +367,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=38, help="steps per episode (Bridge averages ~38)")
     ap.add_argument("--frames", type=int, default=6)
     ap.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="engine process counts to measure")
+    ap.add_argument(
+        "--cli",
+        action="store_true",
+        help="also run `refine-data annotate` on the same episodes written as RLDS shards (reading included)",
+    )
     args = ap.parse_args()
 
     ctx = mp.get_context("spawn")
@@ -320,6 +385,10 @@ def main() -> None:
         for processes in args.processes:
             r = measure(ctx, port, args, processes, tmp)
             rows.append((processes, r))
+        cli_rows = []
+        if args.cli:
+            source = write_source(f"{tmp}/src", args.requests, args.steps)
+            cli_rows = [(p, measure_cli(port, args, p, source, tmp)) for p in args.processes]
     stop.set()
     server_cpu = cpu_q.get(timeout=120)
     proc.join(timeout=10)
@@ -343,6 +412,16 @@ def main() -> None:
             f"{r['steady'] / ideal:>9.3f} {1000 * r['cpu'] / r['requests']:>11.2f} "
             f"{int(r['steps']):>13} / {int(r['episodes'])}"
         )
+    if cli_rows:
+        print(
+            "\n`refine-data annotate rlds:... --teacher openai-compatible` on the same episodes as 8 TFRecord shards; "
+            "engine s: the run's own clock (manifest this_run.seconds: reading, asking, storing, writing); "
+            "command s: the whole process (Python start-up, imports, worker processes, card)"
+        )
+        print(f"\n{'processes':>9} {'command s':>10} {'engine s':>9} {'req/s':>7} {'vs ideal':>9}")
+        for processes, r in cli_rows:
+            rate = r["requests"] / r["seconds"]
+            print(f"{processes:>9} {r['command']:>10.2f} {r['seconds']:>9.2f} {rate:>7.1f} {rate / ideal:>9.3f}")
 
 
 if __name__ == "__main__":
