@@ -190,29 +190,10 @@ def write_source(directory: str, n: int, steps: int) -> str:
 
     def example(i: int) -> dict[str, Any]:
         ep = make_episode(i, pool, steps)
-        frames = ep.frames["image_0"]
-        return {
-            "steps": [
-                {
-                    "observation": {"image_0": frames.encoded(t), "state": ep.states[t]},
-                    "action": ep.actions[t],
-                    "discount": 1.0,
-                    "reward": float(t == steps - 1),
-                    "is_first": t == 0,
-                    "is_last": t == steps - 1,
-                    "is_terminal": t == steps - 1,
-                    "language_instruction": ep.instruction,
-                    "language_embedding": np.zeros(512, np.float32),
-                }
-                for t in range(steps)
-            ],
-            "episode_metadata": {
-                "file_path": f"bench/episode_{i}.pkl",
-                "episode_id": i,
-                **{f"has_image_{c}": c == 0 for c in range(4)},
-                "has_language": True,
-            },
-        }
+        frames = [ep.frames["image_0"].encoded(t) for t in range(steps)]
+        return specs.bridge_example(
+            i, ep.states, ep.actions, {"image_0": frames}, instruction=ep.instruction, file_path=f"bench/{i}.pkl"
+        )
 
     features = specs.bridge_features(cameras=1, image_size=(256, 256))
     return write_rlds(directory, features, (example(i) for i in range(n)), name="bridge_orig", num_shards=8)

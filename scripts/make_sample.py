@@ -325,36 +325,18 @@ def bridge_arrays(rec: Any) -> tuple[np.ndarray, np.ndarray]:
 def build_episode(rec: Any, episode_id: int) -> dict[str, Any]:
     """One .npz record -> a TFDS example dict in Bridge's layout (images as JPEG bytes)."""
     from refinevla.annotate.sources.rlds_writer import encode_jpeg
+    from refinevla.annotate.sources.specs import bridge_example
 
     states, actions = bridge_arrays(rec)
     frames = np.asarray(rec["frames"])
-    instruction = str(rec["instruction"])
-    n = len(states)
-    zeros = np.zeros(512, np.float32)  # placeholder, NOT a real language embedding
-    steps = [
-        {
-            "observation": {"image_0": encode_jpeg(frames[t], quality=JPEG_QUALITY), "state": states[t]},
-            "action": actions[t],
-            "discount": np.float32(1.0),
-            "reward": np.float32(1.0 if t == n - 1 else 0.0),
-            "is_first": t == 0,
-            "is_last": t == n - 1,
-            "is_terminal": t == n - 1,
-            "language_instruction": instruction,
-            "language_embedding": zeros,
-        }
-        for t in range(n)
-    ]
-    return {
-        "steps": steps,
-        "episode_metadata": {
-            "file_path": f"maniskill3/{rec['env_id']}/seed_{int(rec['seed'])}",
-            "episode_id": np.int32(episode_id),
-            "has_image_0": True,
-            **{f"has_image_{i}": False for i in (1, 2, 3)},
-            "has_language": True,
-        },
-    }
+    return bridge_example(
+        episode_id,
+        states,
+        actions,
+        {"image_0": [encode_jpeg(frame, quality=JPEG_QUALITY) for frame in frames[: len(states)]]},
+        instruction=str(rec["instruction"]),
+        file_path=f"maniskill3/{rec['env_id']}/seed_{int(rec['seed'])}",
+    )
 
 
 def _interleaved(paths: list[str]) -> list[str]:

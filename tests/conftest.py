@@ -35,29 +35,7 @@ def bridge_example(
     instruction: str,
 ) -> dict[str, Any]:
     """A TFDS example in Bridge's exact layout from per-step arrays (cameras named image_0..3)."""
-    steps = len(state)
-    return {
-        "steps": [
-            {
-                "observation": {**{cam: frames[t] for cam, frames in images.items()}, "state": state[t]},
-                "action": action[t],
-                "discount": 1.0,
-                "reward": float(t == steps - 1),
-                "is_first": t == 0,
-                "is_last": t == steps - 1,
-                "is_terminal": t == steps - 1,
-                "language_instruction": instruction,
-                "language_embedding": np.zeros(512, np.float32),
-            }
-            for t in range(steps)
-        ],
-        "episode_metadata": {
-            "file_path": file_path,
-            "episode_id": seed,
-            **{f"has_image_{c}": f"image_{c}" in images for c in range(4)},
-            "has_language": True,
-        },
-    }
+    return specs.bridge_example(seed, state, action, images, instruction=instruction, file_path=file_path)
 
 
 def bridge_episode(seed: int, steps: int = 12, cameras: int = 2, size: tuple[int, int] = IMAGE) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Layouts follow `bridge_orig` / `bridge_dataset` and `fractal20220817_data/0.1.0`
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -47,6 +48,48 @@ def bridge_features(cameras: int = 4, image_size: tuple[int, int] = (256, 256)) 
             ),
         }
     )
+
+
+def bridge_example(
+    episode_id: int,
+    states: Any,
+    actions: Any,
+    images: Mapping[str, Sequence[Any]],
+    *,
+    instruction: str,
+    file_path: str,
+) -> dict[str, Any]:
+    """One episode as a TFDS example in Bridge's layout (what `bridge_features` serialises).
+
+    `images` maps cameras `image_0`..`image_3` to per-step uint8 arrays or JPEG bytes. The
+    language embedding is zeros: a placeholder with Bridge's shape, not a real embedding. The
+    embedded sample, the benchmarks and the tests all write Bridge-layout data through this.
+    """
+    n = len(states)
+    zeros = np.zeros(512, np.float32)
+    steps = [
+        {
+            "observation": {**{cam: frames[t] for cam, frames in images.items()}, "state": states[t]},
+            "action": actions[t],
+            "discount": np.float32(1.0),
+            "reward": np.float32(1.0 if t == n - 1 else 0.0),
+            "is_first": t == 0,
+            "is_last": t == n - 1,
+            "is_terminal": t == n - 1,
+            "language_instruction": instruction,
+            "language_embedding": zeros,
+        }
+        for t in range(n)
+    ]
+    return {
+        "steps": steps,
+        "episode_metadata": {
+            "file_path": file_path,
+            "episode_id": np.int32(episode_id),
+            **{f"has_image_{c}": f"image_{c}" in images for c in range(4)},
+            "has_language": True,
+        },
+    }
 
 
 def fractal_features() -> Any:
