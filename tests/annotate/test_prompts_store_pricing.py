@@ -124,28 +124,32 @@ def test_rule_based_names_the_phase_after_a_grasp_from_the_moves_made() -> None:
     assert sub == "move the object left" and "push it" in why
 
 
-def _open_store_together(path: str, barrier, errors) -> None:  # type: ignore[no-untyped-def]
-    barrier.wait()
-    try:
-        ResultStore(path).close()
-    except Exception as exc:  # reported to the test
-        errors.put(repr(exc))
+_OPEN_AT = """
+import sys, time
+from refinevla.annotate.store import ResultStore
+at = float(sys.argv[2])
+time.sleep(max(0.0, at - time.time() - 0.05))
+while time.time() < at:  # every process opens the store at the same instant
+    pass
+ResultStore(sys.argv[1]).close()
+"""
 
 
 def test_processes_opening_one_new_store_together_all_succeed(tmp_path):
     """Switching a new file to WAL is exclusive; SQLite refuses a concurrent switch without waiting."""
-    import multiprocessing as mp
+    import subprocess
+    import sys
+    import time
 
-    ctx = mp.get_context("spawn")
-    for round_ in range(4):
+    for round_ in range(8):
         path = str(tmp_path / f"store-{round_}.sqlite")
-        barrier, errors = ctx.Barrier(4), ctx.Queue()
-        procs = [ctx.Process(target=_open_store_together, args=(path, barrier, errors)) for _ in range(4)]
+        at = str(time.time() + 0.8)  # after every interpreter has started
+        procs = [
+            subprocess.Popen([sys.executable, "-c", _OPEN_AT, path, at], stderr=subprocess.PIPE, text=True)
+            for _ in range(6)
+        ]
         for p in procs:
-            p.start()
-        for p in procs:
-            p.join(60)
-        assert errors.empty(), errors.get()
-        assert all(p.exitcode == 0 for p in procs)
+            _, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
         with sqlite3.connect(path) as db:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
