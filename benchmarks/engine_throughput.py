@@ -5,7 +5,12 @@ C / L requests per second. This runs the real pipeline — keyframe selection on
 frames, request keys, the `openai` async client, answer validation, the SQLite store
 (`synchronous=FULL`) and the Parquet writer — and reports the achieved rate against that
 ideal, plus the engine's CPU time per request. The server runs in another process so its
-CPU is not counted as the engine's.
+CPU is not counted as the engine's (it does share the machine's cores).
+
+Two rates are printed: the whole run (start signal to every row written: client start-up,
+new connections and closing the Parquet files included) and the steady state (episodes
+finished per second once every slot has turned over once), which is what a run over
+hundreds of thousands of episodes sees.
 
     python benchmarks/engine_throughput.py                 # 2560 requests, C=64, L=0.2 s, 1 and 2 processes
     python benchmarks/engine_throughput.py --requests 2000 --concurrency 128 --processes 1 2 4
@@ -16,6 +21,8 @@ sharing the concurrency and one SQLite store, as `refine-data annotate --process
 
 Episodes are built in memory from a pool of real 256x256 JPEG frames (reading the source
 is the source's own benchmark); each has a distinct id, so every request has its own key.
+`--cli` also writes them as 8 RLDS TFRecord shards and runs `refine-data annotate` on them,
+reading included, timing it by the manifest's `this_run.seconds`.
 """
 
 from __future__ import annotations
