@@ -91,9 +91,9 @@ def run_processes(args: AnnotateArgs, setup: RunSetup) -> PartResult:
     ranges = split_range(setup.start, setup.stop, args.processes)
     parts = len(ranges)
     budget = args.max_cost
-    with ResultStore(setup.store_path) as store:  # created here, once, before the workers open it
-        prior = store.spend().cost
     if budget is not None:
+        with ResultStore(setup.store_path) as store:
+            prior = store.spend().cost
         budget = prior + max(0.0, budget - prior) / parts  # each worker's engine adds the prior spend it reads
     wargs = worker_args(args, parts, budget)
     parts_root = setup.out / ".refine" / f"parts{setup.suffix}"

@@ -272,17 +272,23 @@ def _mark_images(message: Any, blobs: list[bytes]) -> Any:
     parts = []
     for part in content:
         image = part.get("image_url") if isinstance(part, dict) else None
-        url = image.get("url") if isinstance(image, dict) else None
-        if type(url) is DataURL:  # made by the prompt builder, its JSON text with it
-            blobs.append(url.json)
+        blob = _url_json(image.get("url")) if isinstance(image, dict) else None
+        if blob is not None:
+            blobs.append(blob)
             part = {**part, "image_url": {**image, "url": _BLOB_MARK}}  # type: ignore[dict-item]
-        elif isinstance(image, dict) and isinstance(url, str) and len(url) >= _SPLICE_MIN and url.isascii():
-            blob = url.encode("ascii")
-            if not blob.translate(None, _VERBATIM):  # a C scan, ~10 us for a 256 px keyframe
-                blobs.append(b'"' + blob + b'"')
-                part = {**part, "image_url": {**image, "url": _BLOB_MARK}}
         parts.append(part)
     return {**message, "content": parts}
+
+
+def _url_json(url: Any) -> bytes | None:
+    """The JSON text of an image URL when it can be spliced in verbatim, else None."""
+    if type(url) is DataURL:  # made by the prompt builder, its JSON text with it
+        return url.json
+    if isinstance(url, str) and len(url) >= _SPLICE_MIN and url.isascii():
+        text = url.encode("ascii")
+        if not text.translate(None, _VERBATIM):  # a C scan, ~10 us for a 256 px keyframe
+            return b'"' + text + b'"'
+    return None
 
 
 def parse_completion(raw: bytes, default_model: str) -> TeacherResponse:
