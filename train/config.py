@@ -50,6 +50,7 @@ class TrainConfig:
     push_to_hub: str | None = None  # upload the final checkpoint to this Hub model repo
     num_workers: int = 2  # DataLoader worker processes (decode + resize + tokenise)
     limit_samples: int | None = None  # train on the first N training samples only (debugging, overfit checks)
+    trace_samples: bool = False  # each rank writes the sample indices of every micro-batch to OUTPUT/trace/
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)

@@ -173,7 +173,8 @@ class Prepared:
     actions: ActionTokenizer
 
 
-def prepare(cfg: TrainConfig, accelerator: Any = None) -> Prepared:
+def prepare(cfg: TrainConfig, accelerator: Any = None, checkpoint_statistics: bool = False) -> Prepared:
+    """Open (building if needed) the table; split; statistics (--stats, a checkpoint's, or the training split's)."""
     from .checkpoint import STATS_FILE, is_policy
 
     ds = open_published(cfg.dataset)
@@ -199,7 +200,7 @@ def prepare(cfg: TrainConfig, accelerator: Any = None) -> Prepared:
     unnorm_key = cfg.unnorm_key or table.meta["source_name"]
     if cfg.stats is not None:
         unnorm_key, entry = load_statistics(cfg.stats, cfg.unnorm_key)
-    elif is_policy(cfg.model) and cfg.resume is False and (Path(cfg.model) / STATS_FILE).is_file():
+    elif checkpoint_statistics and is_policy(cfg.model):  # preview of a trained policy: its own bounds
         unnorm_key, entry = load_statistics(Path(cfg.model) / STATS_FILE, None)
     else:  # the training split's episodes, through refine-data stats' function
         entry = dataset_statistics(table.episodes(train_eps), table.meta["transform"], unnorm_key)[unnorm_key]
@@ -347,6 +348,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 )
                 accelerator.backward(jl.loss / cfg.grad_accum)
             step_losses.append(jl.loss.detach())
+            if cfg.trace_samples:
+                _trace(output, rank, state, batch["index"].tolist())
             parts += torch.tensor([float(jl.action), float(jl.rationale)])
             state.batch += 1
             window_samples += len(batch["index"]) * world
@@ -412,6 +415,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(
         output, state.global_step, n_train, n_total, metrics, losses, final, p.processor, p.actions, p.train_indices
     )
+
+
+def _trace(output: Path, rank: int, state: TrainerState, indices: list[int]) -> None:
+    trace = output / "trace"
+    trace.mkdir(parents=True, exist_ok=True)
+    with (trace / f"rank-{rank}.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "indices": indices}) + "\n")
 
 
 def _fmt(metrics: dict[str, float]) -> str:
