@@ -31,7 +31,9 @@ import numpy as np
 
 from ..schemas import (
     DEFAULT_SCHEMA_ID,
+    SchemaDetail,
     SemanticContext,
+    backend_for,
     schema_digest,
     semantic_errors,
     teacher_response_format,
@@ -71,6 +73,8 @@ class EngineOptions:
     retry_max: float = 60.0  # longest backoff in seconds
     max_cost: float | None = None  # USD; stop dispatching when spent + in-flight estimate reaches it
     schema_id: str = DEFAULT_SCHEMA_ID
+    schema_detail: SchemaDetail = "static"  # "episode": each request's schema carries its episode's facts
+    schema_backend: str | None = None  # structured-output subset (schemas.BACKENDS); None: from the teacher
     template: str = "rationale-v1"  # prompt template version
     frames: FrameOptions = field(default_factory=FrameOptions)
     expected_completion_tokens: int = 1200  # estimate for TPM and budgets until real answers arrive
@@ -88,6 +92,8 @@ class PreparedRequest:
     states: np.ndarray
     bundle: PromptBundle
     estimated_prompt_tokens: int
+    context: SemanticContext  # the episode's facts the answer is checked against
+    response_format: dict[str, Any]  # the structured-output request (shared by all when `static`)
     stored: Lookup | None = None  # read ahead by the producer (None: look it up when dispatching)
 
 
@@ -152,9 +158,14 @@ def request_key(
     teacher: str,
     model: str,
     sampling: dict[str, Any],
+    schema_detail: SchemaDetail = "static",
 ) -> str:
-    """sha256 over everything that changes an answer (and nothing that does not)."""
-    payload = {
+    """sha256 over everything that changes an answer (and nothing that does not).
+
+    `static` detail adds nothing to the payload, so stores written before the detail existed keep
+    their keys (their answers were validated against the same full schema); `episode` changes it.
+    """
+    payload: dict[str, Any] = {
         "episode": content_digest,
         "frames": frame_key,
         "prompt": [template_version, template_digest],
@@ -163,6 +174,8 @@ def request_key(
         "model": model,
         "sampling": sampling,
     }
+    if schema_detail != "static":
+        payload["schema_detail"] = schema_detail
     return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -288,7 +301,9 @@ class Engine:
         self.sink = sink or (lambda result: None)
         self.counters = Counters()
         self.template = load_template(options.template)
-        self.response_format = teacher_response_format(options.schema_id)
+        self.schema_backend = options.schema_backend or backend_for(teacher.name).name
+        # `static`: one response format for the run, serialised once by the teacher; `episode`: one per request.
+        self.response_format = teacher_response_format(options.schema_id, self.schema_backend)
         self.stop_reason: str | None = None  # "interrupted", "max-cost", or None for a full pass
         self._stop = asyncio.Event()
         self._hard_stop = False
@@ -326,7 +341,13 @@ class Engine:
             self.teacher.name,
             self.teacher.model,
             self.teacher.sampling(),
+            self.options.schema_detail,
         )
+        facts = bundle.facts
+        context = SemanticContext(facts.num_steps, len(facts.segments), bundle.image_size)
+        response_format = self.response_format
+        if self.options.schema_detail == "episode":
+            response_format = teacher_response_format(self.options.schema_id, self.schema_backend, context)
         return PreparedRequest(
             key=key,
             episode_id=episode.episode_id,
@@ -336,19 +357,20 @@ class Engine:
             states=episode.states,
             bundle=bundle,
             estimated_prompt_tokens=estimate_prompt_tokens(bundle.messages),
+            context=context,
+            response_format=response_format,
         )
 
     def teacher_request(
         self, prepared: PreparedRequest, messages: list[dict[str, Any]], attempt: int
     ) -> TeacherRequest:
-        facts = prepared.bundle.facts
         return TeacherRequest(
             key=prepared.key,
             episode_id=prepared.episode_id,
             messages=messages,
-            response_format=self.response_format,
-            facts=facts,
-            context=SemanticContext(facts.num_steps, len(facts.segments), prepared.bundle.image_size),
+            response_format=prepared.response_format,
+            facts=prepared.bundle.facts,
+            context=prepared.context,
             attempt=attempt,
         )
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import RefineError
 
 if TYPE_CHECKING:
-    from .annotate_cmd import AnnotateArgs, PartResult, RunSetup
+    from .part import AnnotateArgs, PartResult, RunSetup
 
 STOP_SIGNAL = signal.SIGUSR1  # parent -> worker: stop dispatching (a second one cancels in-flight requests)
 
@@ -57,7 +57,7 @@ def worker_args(args: AnnotateArgs, parts: int, budget: float | None) -> Annotat
 
 def _worker(args: AnnotateArgs, start: int, stop: int, index: int, rows_root: str, queue: Any) -> None:
     """Entry point of a worker process: run one part, report through `queue`."""
-    from .annotate_cmd import _setup, run_part
+    from .part import run_part, setup_run
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it forwards STOP_SIGNAL
     parent = os.getppid()
@@ -70,7 +70,7 @@ def _worker(args: AnnotateArgs, start: int, stop: int, index: int, rows_root: st
             os.kill(os.getpid(), STOP_SIGNAL)
 
     try:
-        setup = _setup(args)
+        setup = setup_run(args)
         part = run_part(
             args, setup, start, stop, Path(rows_root), live_progress=False, stop_signal=STOP_SIGNAL, on_counters=report
         )
@@ -187,7 +187,7 @@ def merge_parts(parts: list[PartResult]) -> PartResult:
     """Sum what the workers did; the run stopped for the most serious reason any worker stopped for."""
     from collections import Counter
 
-    from .annotate_cmd import PartResult
+    from .part import PartResult
 
     counters: dict[str, Any] = {}
     for p in parts:

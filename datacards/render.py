@@ -178,6 +178,20 @@ def field_rows(schema_id: str, arrow: pa.Schema | None, level: str, teacher_labe
     return rows
 
 
+def _request_schema_cell(schema: dict[str, Any]) -> str:
+    """How the structured-output schema of the requests was derived (`--schema-detail`)."""
+    detail, backend = schema.get("request_detail"), schema.get("request_backend")
+    if not detail:
+        return "—"
+    what = (
+        "each request's schema carried its episode's facts (step range, one move reason per motion segment, "
+        "box within the keyframe)"
+        if detail == "episode"
+        else "one schema for every request, with the constraints the backend enforces"
+    )
+    return f"`{detail}` for the `{backend}` structured-output subset: {what}"
+
+
 def prompt_template_text(version: str | None, sha256: str | None) -> tuple[str | None, str | None]:
     """(full text, note) of the prompt template a run used, read from the installed package.
 
@@ -321,6 +335,7 @@ def card_context(out_dir: Path, manifest: dict[str, Any], license_id: str, licen
             f"`{prompt['template']}` (sha256 `{prompt.get('sha256', '?')}`)" if prompt.get("template") else "none",
         ),
         ("schema", f"`{schema_id}` (sha256 `{manifest.get('schema', {}).get('sha256', '?')}`)"),
+        ("request schema", _request_schema_cell(manifest.get("schema", {}))),
         ("refinevla version", f"`{manifest.get('refinevla_version', 'unknown')}`"),
         ("date", manifest.get("created", "unknown")),
     ]

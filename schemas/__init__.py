@@ -8,19 +8,34 @@ field means a new file and a new id.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 from functools import cache
 from importlib import resources
 from typing import Any
 
+from .request import (
+    BACKENDS,
+    SCHEMA_DETAILS,
+    Backend,
+    SchemaDetail,
+    backend_for,
+    default_detail,
+    request_schema,
+    teacher_part,
+)
 from .semantic import SemanticContext, semantic_errors
 
 __all__ = [
+    "BACKENDS",
     "DEFAULT_SCHEMA_ID",
+    "SCHEMA_DETAILS",
     "SCHEMA_FILES",
+    "Backend",
+    "SchemaDetail",
     "SemanticContext",
+    "backend_for",
+    "default_detail",
     "load_schema",
     "schema_digest",
     "semantic_errors",
@@ -32,12 +47,6 @@ __all__ = [
 
 DEFAULT_SCHEMA_ID = "refinevla.rationale/1"
 SCHEMA_FILES = {"refinevla.rationale/1": "rationale-v1.json"}  # schema id -> file in this package
-
-# Keywords kept when deriving a teacher schema. OpenAI's strict structured outputs and
-# Gemini's OpenAI-compatible endpoint both accept this subset; length/format/range
-# constraints are rejected (OpenAI) or silently ignored (some servers), so they are
-# enforced by `validate` after the answer arrives instead.
-_TEACHER_KEYWORDS = {"type", "properties", "required", "additionalProperties", "items", "enum", "description"}
 
 
 @cache
@@ -74,17 +83,9 @@ def _teacher_validator(schema_id: str) -> Any:
     """Validates a teacher's answer against the *full* constraints of the teacher-written part."""
     from jsonschema import Draft202012Validator
 
-    schema = load_schema(schema_id)
-    defs = schema.get("$defs", {})
-    teacher = [k for k, v in schema["properties"].items() if v.get("x-refinevla-source") == "teacher"]
     # $refs inlined: jsonschema's reference resolution dominated validation time (~1 ms an answer).
-    part = {
-        "$schema": schema["$schema"],
-        "type": "object",
-        "additionalProperties": False,
-        "required": [k for k in schema["required"] if k in teacher],
-        "properties": {k: _resolve(schema["properties"][k], defs) for k in teacher},
-    }
+    part = {"$schema": load_schema(schema_id)["$schema"], **_teacher_part(schema_id), "additionalProperties": False}
+    part.pop("description", None)
     return Draft202012Validator(part)
 
 
@@ -132,77 +133,35 @@ def _fast_teacher_validator(schema_id: str) -> Any:
     return fastjsonschema.compile(schema)
 
 
-def _resolve(node: Any, defs: dict[str, Any]) -> Any:
-    if isinstance(node, dict):
-        if "$ref" in node:
-            ref = node["$ref"]
-            if not ref.startswith("#/$defs/"):
-                raise ValueError(f"unsupported $ref {ref!r} (only local #/$defs/ references)")
-            target = copy.deepcopy(defs[ref.removeprefix("#/$defs/")])
-            extra = {k: v for k, v in node.items() if k != "$ref"}
-            return _resolve({**target, **extra}, defs)
-        return {k: _resolve(v, defs) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_resolve(v, defs) for v in node]
-    return node
-
-
-def _strict(node: dict[str, Any], required: bool = True) -> dict[str, Any]:
-    """Rewrite one (resolved) schema node into the strict subset."""
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        if key not in _TEACHER_KEYWORDS and key != "const":
-            continue
-        if key == "const":  # not in every provider's subset; an enum of one says the same
-            out["enum"] = [value]
-        elif key == "properties":
-            out["properties"] = {name: _strict(sub, name in node.get("required", [])) for name, sub in value.items()}
-        elif key == "items":
-            out["items"] = _strict(value)
-        elif key in ("required", "additionalProperties"):
-            continue  # rewritten below
-        else:
-            out[key] = copy.deepcopy(value)
-    types = out.get("type")
-    if "properties" in out:
-        # Strict mode: every property listed as required, no extras; optional -> nullable.
-        out["type"] = types or "object"
-        out["required"] = list(out["properties"])
-        out["additionalProperties"] = False
-    if not required:
-        if types is None:
-            raise ValueError("an optional property needs an explicit type to become nullable")
-        if isinstance(types, str):
-            types = [types]
-        out["type"] = [*types, "null"] if "null" not in types else types
-    return out
+@cache
+def _teacher_part(schema_id: str) -> dict[str, Any]:
+    return teacher_part(load_schema(schema_id))
 
 
 @cache
-def _teacher_schema_json(schema_id: str) -> str:
-    schema = load_schema(schema_id)
-    defs = schema.get("$defs", {})
-    props = {k: _resolve(v, defs) for k, v in schema["properties"].items() if v.get("x-refinevla-source") == "teacher"}
-    root = {
-        "type": "object",
-        "description": "The teacher-written part of a refinevla rationale for one robot episode.",
-        "properties": props,
-        "required": [k for k in schema["required"] if k in props],
-    }
-    return json.dumps(_strict(root))  # property order kept: models write fields in this order
+def _static_teacher_schema_json(schema_id: str, backend: str) -> str:
+    return json.dumps(request_schema(_teacher_part(schema_id), BACKENDS[backend]))
 
 
-def teacher_schema(schema_id: str = DEFAULT_SCHEMA_ID) -> dict[str, Any]:
-    """The schema sent to a teacher: the teacher-written properties of the file, with $refs
-    inlined, `additionalProperties: false` on every object, every property required (optional
-    ones nullable via a type union) and only keywords that OpenAI strict mode and Gemini accept."""
-    return json.loads(_teacher_schema_json(schema_id))  # type: ignore[no-any-return]
+def teacher_schema(
+    schema_id: str = DEFAULT_SCHEMA_ID, backend: str = "openai", context: SemanticContext | None = None
+) -> dict[str, Any]:
+    """The schema sent to a teacher behind `backend` (a key of `BACKENDS`): the teacher-written
+    properties of the file, $refs inlined, `additionalProperties: false` on every object, every
+    property required (optional ones nullable), and every constraint that backend enforces; with
+    `context`, also the facts of that one episode (`--schema-detail episode`)."""
+    if context is None:
+        return json.loads(_static_teacher_schema_json(schema_id, backend))  # type: ignore[no-any-return]
+    return request_schema(_teacher_part(schema_id), BACKENDS[backend], context)
 
 
-def teacher_response_format(schema_id: str = DEFAULT_SCHEMA_ID) -> dict[str, Any]:
+def teacher_response_format(
+    schema_id: str = DEFAULT_SCHEMA_ID, backend: str = "openai", context: SemanticContext | None = None
+) -> dict[str, Any]:
     """The `response_format` of an OpenAI-style chat completion request for this schema."""
     name = "refinevla_" + schema_id.replace("refinevla.", "").replace("/", "_v").replace(".", "_")
-    return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": teacher_schema(schema_id)}}
+    schema = teacher_schema(schema_id, backend, context)
+    return {"type": "json_schema", "json_schema": {"name": name, "strict": True, "schema": schema}}
 
 
 def schema_id_of(schema: dict[str, Any]) -> str:

@@ -7,12 +7,11 @@ A preset fixes *what the features mean*; where the data lives is the user's choi
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 
 from ..errors import SourceError
+from .remote import remote_errors
 from .rlds import RldsMapping
 
 BRIDGE_EPISODE_KEYS = ("episode_metadata/file_path", "episode_metadata/episode_id")
@@ -127,19 +126,6 @@ def _find(preset: Preset, data_dir: str | None, looked: list[str]) -> tuple[str,
         f"no {' or '.join(preset.builder_names)} dataset found (looked in: {', '.join(looked)}). "
         f"Set --data-dir or TFDS_DATA_DIR; {preset.download_hint}."
     )
-
-
-@contextmanager
-def remote_errors(where: str) -> Iterator[None]:
-    """One clear line instead of a traceback when a remote path (gs://, s3://) cannot be reached."""
-    try:
-        yield
-    except ImportError as exc:
-        raise SourceError(f"{where}: {exc} (for gs:// paths: pip install gcsfs)") from None
-    except OSError as exc:
-        if "://" not in where:
-            raise
-        raise SourceError(f"{where}: cannot be read: {type(exc).__name__}: {exc}") from None
 
 
 def sample_dir() -> str:

@@ -30,6 +30,7 @@ from ..episode import Episode, FrameSequence
 from ..errors import CorruptRecordError, SourceError
 from . import tfrecord
 from .base import ReadCounters, ReadOptions
+from .remote import remote_errors
 
 _STEPS = "steps/"
 
@@ -75,8 +76,6 @@ class RldsBuilder:
 
     def __post_init__(self) -> None:
         from etils import epath
-
-        from .presets import remote_errors
 
         with remote_errors(self.directory):
             self._open(epath.Path(self.directory))

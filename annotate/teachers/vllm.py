@@ -127,10 +127,20 @@ class VllmTeacher:
                 "check the vLLM version and its structured-output backend (xgrammar/guidance)"
             )
 
-    def build_batch(self, requests: list[TeacherRequest]) -> tuple[list[list[dict[str, Any]]], Any]:
-        """(conversations, sampling params) for one `LLM.chat` call; one schema per batch."""
-        schema = requests[0].response_format["json_schema"]["schema"]
-        params = structured_sampling_params(self._vllm, schema, self.temperature, self.max_tokens)
+    def build_batch(self, requests: list[TeacherRequest]) -> tuple[list[list[dict[str, Any]]], list[Any]]:
+        """(conversations, one SamplingParams per request) for one `LLM.chat` call.
+
+        Each request keeps its own schema (`--schema-detail episode` gives every episode its own
+        step range and segment count); requests sharing a schema object share its SamplingParams.
+        """
+        by_schema: dict[int, Any] = {}
+        params = []
+        for r in requests:
+            schema = r.response_format["json_schema"]["schema"]
+            if id(schema) not in by_schema:
+                sp = structured_sampling_params(self._vllm, schema, self.temperature, self.max_tokens)
+                by_schema[id(schema)] = sp
+            params.append(by_schema[id(schema)])
         return [r.messages for r in requests], params
 
     async def complete(self, request: TeacherRequest, timeout: float) -> TeacherResponse:

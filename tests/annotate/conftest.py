@@ -4,7 +4,8 @@ The server is a real HTTP server on 127.0.0.1 (stdlib `ThreadingHTTPServer`), so
 `openai` client, its timeouts and its error mapping are exercised. Each episode (recognised
 by the seed in its instruction, "put the spoon <seed> on the towel") can be given a script of
 behaviours, consumed one per request: ok, 429, 500, 400, hang, badjson, length, schema,
-semantic. Every request is recorded (path, headers, JSON body).
+semantic, smallest (the smallest instance of the request's own `response_format` schema).
+Every request is recorded (path, headers, JSON body).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pytest
 
 from refinevla.annotate.sources import specs
 from refinevla.annotate.sources.rlds_writer import write_rlds
+from tests.annotate.smallest import smallest_instance
 from tests.conftest import tiny_episode
 
 SEED_RE = re.compile(r"put the spoon (\d+) on the towel")
@@ -150,6 +152,8 @@ def _handler(state: FakeTeacherServer) -> type[BaseHTTPRequestHandler]:
                 answer.pop("spatial_reasoning")
                 answer["extra"] = 1
                 content = json.dumps(answer)
+            elif kind == "smallest":
+                content = json.dumps(smallest_instance(body["response_format"]["json_schema"]["schema"]))
             elif kind == "semantic":
                 answer["task_plan"][1]["start_step"] += 1  # leaves a gap
                 content = json.dumps(answer)

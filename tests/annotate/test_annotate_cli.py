@@ -81,7 +81,7 @@ def test_dry_run_prints_the_first_request_and_an_estimate_and_asks_nothing(tiny_
     assert teacher_server.requests == [] and not out.exists()
     body = json.loads(r.output[: r.output.rindex("}") + 1])
     assert body["request"]["model"] == "gemini-2.5-flash"
-    assert body["request"]["response_format"]["json_schema"]["schema"] == teacher_schema()
+    assert body["request"]["response_format"]["json_schema"]["schema"] == teacher_schema(backend="gemini")
     assert "estimate for 3 episodes" in r.output and "$" in r.output
     assert SECRET not in r.output
 
@@ -166,7 +166,7 @@ def test_gemini_request_shape_and_the_key_never_leaks(tiny_rlds, teacher_server,
     assert body["model"] == "gemini-2.5-flash" and body["max_tokens"] == 4096 and body["temperature"] == 0.2
     fmt = body["response_format"]
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
-    assert fmt["json_schema"]["schema"] == teacher_schema()
+    assert fmt["json_schema"]["schema"] == teacher_schema(backend="gemini")
     assert body["messages"][0]["role"] == "system"
     parts = body["messages"][1]["content"]
     assert parts[0]["type"] == "text" and "put the spoon" in parts[0]["text"]

@@ -43,8 +43,10 @@ class FakeLLM:
     def chat(self, conversations: list[Any], sampling_params: Any, use_tqdm: bool = True) -> list[Any]:
         self.calls.append((conversations, sampling_params))
         outs = []
-        for conv in conversations:
-            kw = sampling_params.kwargs
+        # vLLM takes one SamplingParams for all prompts, or a list with one per prompt.
+        per_prompt = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(conversations)
+        for conv, params in zip(conversations, per_prompt, strict=True):
+            kw = params.kwargs
             schema = (kw.get("structured_outputs") or kw.get("guided_decoding")).json
             if PROBE_FIELD in schema["properties"]:
                 text = json.dumps({PROBE_FIELD: schema["properties"][PROBE_FIELD]["enum"][0]})
@@ -95,14 +97,16 @@ def test_self_check_refuses_an_engine_that_ignores_the_schema(monkeypatch):
 
 
 @pytest.mark.parametrize("new_api", [True, False])
-def test_requests_are_batched_and_constrained_by_the_teacher_schema(monkeypatch, tiny_rlds, tmp_path, new_api):
+def test_requests_are_batched_and_each_is_constrained_by_its_own_episode_schema(
+    monkeypatch, tiny_rlds, tmp_path, new_api
+):
     fake_vllm(monkeypatch, new_api=new_api)
     source = open_source(tiny_rlds(5))
     llm = FakeLLM()
-    teacher = VllmTeacher("local-model", llm=llm, temperature=0.0, max_tokens=512, batch_window=0.2)
+    teacher = VllmTeacher("local-model", llm=llm, temperature=0.0, max_tokens=512, batch_window=1.0)
     facts_by_instruction = {}
     with ResultStore(tmp_path / "s.sqlite") as store:
-        engine = Engine(teacher, store, EngineOptions(concurrency=8))
+        engine = Engine(teacher, store, EngineOptions(concurrency=8, schema_detail="episode"))
         prepared = {}
         episodes = list(source.iter_episodes())
         for ep in episodes:
@@ -125,6 +129,11 @@ def test_requests_are_batched_and_constrained_by_the_teacher_schema(monkeypatch,
     assert teacher.batches == [5] and len(work) == 1, "the 5 concurrent requests run as one batch"
     conversations, params = work[0]
     key = "structured_outputs" if new_api else "guided_decoding"
-    assert params.kwargs[key].json == teacher_schema()
-    assert params.kwargs["temperature"] == 0.0 and params.kwargs["max_tokens"] == 512
+    assert len(params) == len(conversations) == 5
+    for conv, p in zip(conversations, params, strict=True):
+        text = conv[1]["content"][0]["text"]
+        mine = next(prep for instr, prep in prepared.items() if instr in text)
+        assert p.kwargs[key].json == teacher_schema(backend="vllm", context=mine.context)
+        assert p.kwargs["temperature"] == 0.0 and p.kwargs["max_tokens"] == 512
+    assert len({json.dumps(p.kwargs[key].json) for p in params}) > 1, "episodes of different lengths, own schemas"
     assert conversations[0][1]["content"][1]["image_url"]["url"].startswith("data:image/jpeg;base64,")

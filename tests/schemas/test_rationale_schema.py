@@ -13,47 +13,11 @@ from refinevla.schemas import (
     load_schema,
     schema_id_of,
     semantic_errors,
-    teacher_response_format,
     teacher_schema,
     validate,
     validate_teacher_answer,
 )
-
-# What neither OpenAI strict structured outputs nor Gemini's OpenAI-compatible endpoint takes (or
-# what strict mode rejects outright).
-UNSUPPORTED = {
-    "minLength",
-    "maxLength",
-    "pattern",
-    "format",
-    "minItems",
-    "maxItems",
-    "minimum",
-    "maximum",
-    "$ref",
-    "$defs",
-    "$schema",
-    "$id",
-    "const",
-    "x-refinevla-source",
-    "title",
-    "uniqueItems",
-}
-
-
-def good_answer() -> dict[str, Any]:
-    return {
-        "observation": "A spoon on a table.",
-        "situation_analysis": "Grasp the spoon.",
-        "spatial_reasoning": "The towel is left.",
-        "task_plan": [
-            {"subtask": "grasp", "reason": "first", "start_step": 0, "end_step": 4},
-            {"subtask": "place", "reason": "then", "start_step": 5, "end_step": 9},
-        ],
-        "objects": [{"name": "spoon", "box": [1, 2, 30, 40]}],
-        "move_reasons": [{"segment": 0, "reason": "a"}, {"segment": 1, "reason": "b"}],
-    }
-
+from tests.schemas.answers import good_answer
 
 CTX = SemanticContext(num_steps=10, num_segments=2, image_size=(64, 64))
 
@@ -90,30 +54,6 @@ def test_schema_file_is_valid_2020_12_with_an_id_and_every_field_described():
     }
 
 
-def test_teacher_schema_is_in_the_strict_subset():
-    derived = teacher_schema()
-    assert derived["type"] == "object"
-    assert set(derived["properties"]) == {
-        "observation",
-        "situation_analysis",
-        "spatial_reasoning",
-        "task_plan",
-        "objects",
-        "move_reasons",
-    }
-    for path, node in walk(derived):
-        assert not UNSUPPORTED & set(node), f"{path} keeps {UNSUPPORTED & set(node)}"
-        if "properties" in node:
-            assert node["additionalProperties"] is False, path
-            assert node["required"] == list(node["properties"]), f"{path}: every property must be required"
-    # The optional `objects` became nullable instead of optional.
-    assert derived["properties"]["objects"]["type"] == ["array", "null"]
-    Draft202012Validator.check_schema(derived)
-    fmt = teacher_response_format()
-    assert fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
-    assert fmt["json_schema"]["name"] == "refinevla_rationale_v1"
-
-
 def test_a_good_answer_passes_the_derived_schema_the_full_constraints_and_the_semantic_checks():
     answer = good_answer()
     assert Draft202012Validator(teacher_schema()).is_valid(answer)
@@ -122,7 +62,7 @@ def test_a_good_answer_passes_the_derived_schema_the_full_constraints_and_the_se
     assert validate_teacher_answer({**answer, "objects": None}) == []
 
 
-def test_full_constraints_catch_what_the_teacher_schema_cannot_say():
+def test_full_constraints_catch_what_a_bare_structural_schema_lets_through():
     answer = good_answer()
     answer["observation"] = ""
     answer["task_plan"][0]["start_step"] = -1

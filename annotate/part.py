@@ -1,0 +1,260 @@
+"""One part of an `annotate` run: the parsed flags, the shared setup, and the engine over a range.
+
+Both the command (`annotate_cmd`, one process) and the worker runner (`parallel`, many) build on
+this module, so their dependencies point one way: command -> parallel -> part, command -> part.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import RefineError
+
+
+@dataclass
+class AnnotateArgs:
+    """Everything `annotate` was asked to do (the CLI flags, one field each)."""
+
+    source: str
+    teacher: str = "rule-based"
+    model: str | None = None
+    base_url: str | None = None
+    out: Path | None = None
+    data_dir: str | None = None
+    split: str = "train"
+    camera: list[str] | None = None
+    instruction_key: str | None = None  # layout flags, as for inspect/stats
+    state_key: str | None = None
+    action_key: str | None = None
+    frames: int = 6
+    image_size: int = 256
+    prompt_template: str = "rationale-v1"
+    schema_id: str = "refinevla.rationale/1"
+    schema_detail: str | None = None  # static | episode; None: episode for vllm / openai-compatible, else static
+    concurrency: int = 16
+    rpm: float | None = None
+    tpm: float | None = None
+    timeout: float = 120.0
+    max_attempts: int = 3
+    max_retries: int = 6
+    retry_base: float = 1.0
+    max_cost: float | None = None
+    limit: int | None = None
+    shard: str = "0/1"
+    dry_run: bool = False
+    temperature: float = 0.2
+    max_tokens: int = 4096
+    prices: Path | None = None
+    tensor_parallel_size: int = 1
+    progress: str = "auto"  # auto | rich | plain | none
+    license: str | None = None  # dataset-card license; needed where the source's is not known
+    processes: int = 1  # engine processes on this machine, each with a contiguous part of the selection
+    argv: list[str] = field(default_factory=list)  # for the resume command
+
+
+def parse_shard(value: str) -> tuple[int, int]:
+    """'i/n' -> (i, n) with 0 <= i < n."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", value)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise RefineError(f"--shard {value!r}: expected i/n with 0 <= i < n, e.g. 0/4")
+    return int(m.group(1)), int(m.group(2))
+
+
+def shard_range(num_episodes: int, shard: tuple[int, int], limit: int | None) -> tuple[int, int]:
+    """Contiguous, deterministic episode range of a shard (like TFDS shards), cut to --limit."""
+    i, n = shard
+    start, stop = i * num_episodes // n, (i + 1) * num_episodes // n
+    if limit is not None:
+        stop = min(stop, start + max(0, limit))
+    return start, stop
+
+
+def default_out(source: str, teacher: str) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source.rsplit("/", 1)[-1] if ":" in source else source).strip("-")
+    return Path("runs") / f"{slug or 'source'}-{teacher}"
+
+
+@dataclass
+class RunSetup:
+    """What every part of a run shares: the opened source, the selection, the teacher, the limits."""
+
+    source: Any
+    start: int
+    stop: int
+    teacher: Any
+    prices: Any
+    options: Any
+    out: Path
+    shard: tuple[int, int]
+    suffix: str  # "" for a single shard, "-i-of-n" otherwise: names the store, manifest and rejects
+
+    @property
+    def total(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def store_path(self) -> Path:
+        return self.out / ".refine" / f"store{self.suffix}.sqlite"
+
+
+@dataclass
+class PartResult:
+    """What one engine run over a range did: the numbers the manifest and the exit code need."""
+
+    counters: dict[str, Any]  # Counters fields (this run)
+    statuses: dict[str, int]  # episodes by final status, as written
+    reject_reasons: dict[str, int]
+    counts: dict[str, int]  # rows written: episodes, steps
+    stop_reason: str | None
+    seconds: float = 0.0  # how long the engine ran (the rate in the summary line is per this)
+
+
+def setup_run(args: AnnotateArgs) -> RunSetup:
+    """Validate flags, open the source, build the teacher and engine options (no request sent)."""
+    from ..schemas import SCHEMA_DETAILS, default_detail
+    from .cli import open_cli_source
+    from .engine import EngineOptions
+    from .pricing import PriceTable
+    from .prompts import FrameOptions
+    from .teachers import make_teacher
+
+    shard = parse_shard(args.shard)
+    for name, value in (
+        ("--concurrency", args.concurrency),
+        ("--max-attempts", args.max_attempts),
+        ("--frames", args.frames),
+        ("--processes", args.processes),
+    ):
+        if value < 1:
+            raise RefineError(f"{name} must be at least 1")
+    source = open_cli_source(
+        args.source,
+        args.data_dir,
+        args.split,
+        args.camera,
+        args.instruction_key,
+        args.state_key,
+        args.action_key,
+    )
+    start, stop = shard_range(len(source), shard, args.limit)
+    teacher = make_teacher(
+        args.teacher,
+        model=args.model,
+        base_url=args.base_url,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        tensor_parallel_size=args.tensor_parallel_size,
+        require_key=not args.dry_run,  # a dry run sends nothing: estimate before setting up keys
+    )
+    prices = PriceTable.load(args.prices)
+    detail = args.schema_detail or default_detail(teacher.name)
+    if detail not in SCHEMA_DETAILS:
+        raise RefineError(f"--schema-detail must be one of {', '.join(SCHEMA_DETAILS)}, not {detail!r}")
+    options = EngineOptions(
+        concurrency=args.concurrency,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        timeout=args.timeout,
+        max_attempts=args.max_attempts,
+        max_retries=args.max_retries,
+        retry_base=args.retry_base,
+        max_cost=args.max_cost,
+        schema_id=args.schema_id,
+        schema_detail=detail,  # checked against SCHEMA_DETAILS above
+        template=args.prompt_template,
+        frames=FrameOptions(count=args.frames, camera=None, max_side=args.image_size),
+        expected_completion_tokens=min(args.max_tokens, 1200),
+    )
+    i, n = shard
+    return RunSetup(
+        source=source,
+        start=start,
+        stop=stop,
+        teacher=teacher,
+        prices=prices,
+        options=options,
+        out=args.out or default_out(args.source, args.teacher),
+        shard=shard,
+        suffix="" if n == 1 else f"-{i:05d}-of-{n:05d}",
+    )
+
+
+def run_part(
+    args: AnnotateArgs,
+    setup: RunSetup,
+    start: int,
+    stop: int,
+    rows_root: Path,
+    *,
+    live_progress: bool,
+    stop_signal: int = signal.SIGINT,
+    on_counters: Any = None,
+) -> PartResult:
+    """Annotate episodes [start, stop) into `rows_root`'s Parquet files; answers go to the run's store.
+
+    `stop_signal` is the signal that asks for a clean stop (SIGINT in the foreground process;
+    worker processes get theirs from the parent). `on_counters`, when given, is called with the live
+    Counters about twice a second (the parent of worker processes aggregates them).
+    """
+    from dataclasses import asdict
+
+    from .engine import Engine
+    from .sources import ReadOptions
+    from .store import ResultStore
+    from .writer import DatasetWriter
+
+    episodes = setup.source.iter_episodes(ReadOptions(start=start, stop=stop))
+    store = ResultStore(setup.store_path)
+    writer = DatasetWriter(rows_root, args.schema_id, setup.teacher.name, setup.teacher.model, setup.shard)
+    engine = Engine(setup.teacher, store, setup.options, setup.prices, sink=writer.add)
+    live = args.progress == "rich" or (args.progress == "auto" and sys.stderr.isatty())
+    show = live_progress and args.progress != "none"
+
+    async def report() -> None:
+        while True:
+            on_counters(engine.counters)
+            await asyncio.sleep(0.5)
+
+    async def main() -> None:
+        from .progress import show_progress
+
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread (tests) / Windows
+            loop.add_signal_handler(stop_signal, engine.request_stop, "interrupted")
+        tasks = []
+        if show:
+            tasks.append(asyncio.create_task(show_progress(engine.counters, live)))
+        if on_counters is not None:
+            tasks.append(asyncio.create_task(report()))
+        try:
+            await engine.run(episodes, total=stop - start)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(stop_signal)
+
+    try:
+        asyncio.run(main())
+    finally:
+        counts = writer.close()
+        store.close()
+    counters = asdict(engine.counters)
+    seconds = time.monotonic() - counters.pop("started")
+    return PartResult(
+        counters=counters,
+        seconds=seconds,
+        statuses=dict(writer.statuses),
+        reject_reasons=dict(writer.reject_reasons),
+        counts=counts,
+        stop_reason=engine.stop_reason,
+    )
