@@ -21,6 +21,7 @@ import io
 import json
 import os
 import shutil
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +187,70 @@ def _read_rows(files: list[Path], columns: list[str] | None = None) -> pa.Table:
         raise TrainError(f"{files[0].parent}: unreadable Parquet ({exc})") from None
 
 
+class StepRows:
+    """The published step rows, read one Parquet row group at a time as their episodes arrive.
+
+    Building the table must not hold a whole Bridge-sized dataset's rationale text in memory: only an
+    index (episode id -> the row groups holding its rows) is kept, and the few most recently read row
+    groups. The writer appends an episode's rows together and the source is read in the same order,
+    so each row group is read about once.
+    """
+
+    CACHED_GROUPS = 4
+
+    def __init__(self, files: list[Path], columns: list[str]) -> None:
+        self.columns = ["episode_id", "step", *columns]
+        self.where: dict[str, list[tuple[int, int]]] = {}
+        self.num_rows = 0
+        self._cache: OrderedDict[tuple[int, int], dict[str, dict[int, dict[str, Any]]]] = OrderedDict()
+        self._files: list[pq.ParquetFile] = []
+        self._paths = files
+        try:
+            for fi, f in enumerate(files):
+                pf = pq.ParquetFile(f)
+                self._files.append(pf)
+                absent = [c for c in self.columns if c not in pf.schema_arrow.names]
+                if absent:
+                    raise TrainError(f"{f}: step rows have no column {absent[0]!r} (the schema's step parts need it)")
+                self.num_rows += pf.metadata.num_rows
+                for rg in range(pf.num_row_groups):
+                    ids = pf.read_row_group(rg, columns=["episode_id"]).column(0).unique().to_pylist()
+                    for eid in ids:
+                        self.where.setdefault(eid, []).append((fi, rg))
+        except (pa.ArrowInvalid, KeyError, OSError) as exc:
+            raise TrainError(f"{files[0].parent}: unreadable Parquet ({exc})") from None
+
+    def __contains__(self, episode_id: str) -> bool:
+        return episode_id in self.where
+
+    def episode_ids(self) -> list[str]:
+        return list(self.where)
+
+    def rows(self, episode_id: str) -> dict[int, dict[str, Any]]:
+        """Step number -> row, for one episode (read from its row groups, or the cache)."""
+        out: dict[int, dict[str, Any]] = {}
+        for place in self.where.get(episode_id, []):
+            out.update(self._group(place).get(episode_id, {}))
+        return out
+
+    def _group(self, place: tuple[int, int]) -> dict[str, dict[int, dict[str, Any]]]:
+        if place in self._cache:
+            self._cache.move_to_end(place)
+            return self._cache[place]
+        fi, rg = place
+        try:
+            rows = self._files[fi].read_row_group(rg, columns=self.columns).to_pylist()
+        except (pa.ArrowInvalid, KeyError, OSError) as exc:
+            raise TrainError(f"{self._paths[fi]}: unreadable row group {rg} ({exc})") from None
+        grouped: dict[str, dict[int, dict[str, Any]]] = {}
+        for r in rows:
+            grouped.setdefault(r["episode_id"], {})[int(r["step"])] = r
+        self._cache[place] = grouped
+        while len(self._cache) > self.CACHED_GROUPS:
+            self._cache.popitem(last=False)
+        return grouped
+
+
 def build_table(
     ds: PublishedDataset,
     *,
@@ -211,8 +276,8 @@ def build_table(
     if (final / "meta.json").is_file():
         return TrainingTable(final)
 
-    steps = _read_rows(ds.step_files)
-    if steps.num_rows == 0:
+    step_rows = StepRows(ds.step_files, list(ser.step_parts))
+    if step_rows.num_rows == 0:
         raise TrainError(f"{ds.root / 'data'}: the dataset has no step rows (nothing to train on)")
     episodes = _read_rows(ds.episode_files)
     if "schema_id" in episodes.column_names:
@@ -220,10 +285,7 @@ def build_table(
         if other:
             serialisation_for(sorted(other)[0], where=str(ds.root / "episodes"))
     episode_rows = {r["episode_id"]: r for r in episodes.to_pylist()}
-    step_rows: dict[str, dict[int, dict[str, Any]]] = {}
-    for r in steps.select(["episode_id", "step", *ser.step_parts]).to_pylist():
-        step_rows.setdefault(r["episode_id"], {})[int(r["step"])] = r
-    for eid in step_rows:
+    for eid in step_rows.episode_ids():
         if eid not in episode_rows:
             raise TrainError(f"{ds.root / 'data'}: step rows of episode {eid!r} have no row in episodes/")
 
@@ -251,9 +313,9 @@ def build_table(
         ):
             buffer: list[dict[str, Any]] = []
             for ep in _episodes(src, uri):
-                rows_of = step_rows.get(ep.episode_id)
-                if rows_of is None:
+                if ep.episode_id not in step_rows:
                     continue
+                rows_of = step_rows.rows(ep.episode_id)
                 seen.add(ep.episode_id)
                 if not ep.frames:
                     raise TrainError(f"{uri}: episode {ep.episode_id!r} has no camera frames")
@@ -300,7 +362,7 @@ def build_table(
             if buffer:
                 writer.write_batch(pa.RecordBatch.from_pylist(buffer, schema=STEP_SCHEMA))
                 n_rows += len(buffer)
-        missing = sorted(set(step_rows) - seen)
+        missing = sorted(set(step_rows.episode_ids()) - seen)
         if missing:
             raise TrainError(
                 f"{ds.root / 'data'}: step rows of episode {missing[0]!r} have no episode in source {uri} "
