@@ -89,7 +89,8 @@ class ActionTokenizer:
     @property
     def bin_centers(self) -> np.ndarray:
         b = self.bins
-        return (b[:-1] + b[1:]) / 2.0
+        centers: np.ndarray = (b[:-1] + b[1:]) / 2.0
+        return centers
 
     @property
     def first_id(self) -> int:
@@ -112,7 +113,8 @@ class ActionTokenizer:
     def encode(self, actions: np.ndarray) -> np.ndarray:
         """Actions (..., 7) -> token ids (..., 7), int64."""
         n = np.clip(self.normalize(actions), -1.0, 1.0)
-        return (self.vocab_size - np.digitize(n, self.bins)).astype(np.int64)
+        ids: np.ndarray = (self.vocab_size - np.digitize(n, self.bins)).astype(np.int64)
+        return ids
 
     def decode(self, token_ids: np.ndarray) -> np.ndarray:
         """Token ids (..., 7) -> actions (..., 7) through the bin centres, un-normalised."""

@@ -48,8 +48,8 @@ def epoch_order(indices: Sequence[int], seed: int, epoch: int, rank: int = 0, wo
 def decode_resize(data: bytes, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as img:
-        img = img.convert("RGB")
+    with Image.open(io.BytesIO(data)) as opened:
+        img = opened.convert("RGB")
         h, w = size
         if img.size != (w, h):
             img = img.resize((w, h), Image.Resampling.LANCZOS)

@@ -172,7 +172,7 @@ def step_offset(transform: str) -> int:
 def encoded_frame(seq: FrameSequence, step: int) -> bytes:
     raw = seq.encoded(step)
     if raw is not None:
-        return raw
+        return bytes(raw)
     from PIL import Image
 
     buf = io.BytesIO()  # video-backed sources: keep a JPEG, as RLDS stores its frames

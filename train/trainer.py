@@ -153,7 +153,8 @@ def predict_action_ids(model: Any, batch: dict[str, Any]) -> torch.Tensor:
     with torch.no_grad():
         logits = model(**batch["model_inputs"]).logits
     pos = batch["action_positions"] - 1
-    return logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1)
+    ids: torch.Tensor = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1)
+    return ids
 
 
 # --------------------------------------------------------------------------- the run

@@ -35,7 +35,7 @@ class ModelAdapter(ABC):
     def load_processor(self, path: str) -> Any:
         from transformers import AutoProcessor
 
-        return AutoProcessor.from_pretrained(path, trust_remote_code=self.trust_remote_code)
+        return AutoProcessor.from_pretrained(path, trust_remote_code=self.trust_remote_code)  # type: ignore[no-untyped-call]
 
     def tokenizer(self, processor: Any) -> Any:
         return processor.tokenizer

@@ -31,7 +31,7 @@ class OpenVLAAdapter(ModelAdapter):
         ref = (getattr(config, "auto_map", None) or {}).get("AutoModelForVision2Seq")
         if ref is None:
             raise TrainError(f"{path}: config.json has no auto_map.AutoModelForVision2Seq (not an OpenVLA checkpoint?)")
-        cls = get_class_from_dynamic_module(ref, path)
+        cls: Any = get_class_from_dynamic_module(ref, path)
         return cls.from_pretrained(path, config=config, torch_dtype=dtype, trust_remote_code=True)
 
     def image_size(self, processor: Any) -> tuple[int, int]:
