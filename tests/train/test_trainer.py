@@ -153,3 +153,21 @@ def test_action_only_baseline_generates_its_actions_from_the_checkpoint(publishe
         rationale, action = policy.predict(sample["image"], p.table.row(index)["instruction"], max_new_tokens=16)
         assert rationale == ""
         assert np.allclose(action, p.actions.decode(p.actions.encode(sample["action"])), atol=1e-6)
+
+
+@pytest.mark.parametrize("trainable_layers", [None, 1])
+def test_gradient_checkpointing_trains_the_same_weights(
+    published, paligemma_dir, tmp_path, cache_dir, trainable_layers
+):
+    kw = {"max_steps": 2, "limit_samples": 4, "trainable_layers": trainable_layers}
+    plain = train(config(published, paligemma_dir, tmp_path / "plain", cache_dir, **kw))
+    ckpt = train(config(published, paligemma_dir, tmp_path / "gc", cache_dir, gradient_checkpointing=True, **kw))
+    assert ckpt.model.is_gradient_checkpointing and not plain.model.is_gradient_checkpointing
+    assert ckpt.losses == pytest.approx(plain.losses, rel=1e-4)
+    sa, sb = plain.model.state_dict(), ckpt.model.state_dict()
+    moved = [k for k in sa if not torch.equal(sa[k], sb[k])]
+    assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa), moved[:3]
+    from transformers import AutoModelForImageTextToText
+
+    before = AutoModelForImageTextToText.from_pretrained(paligemma_dir).state_dict()
+    assert any(not torch.equal(before[k], sb[k]) for k in sb), "recomputed activations still carry gradients"
