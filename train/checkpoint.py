@@ -39,11 +39,20 @@ class TrainerState:
 
 
 def save_policy(
-    directory: Path, model: Any, processor: Any, statistics: dict[str, Any], policy: dict[str, Any]
+    directory: Path,
+    model: Any,
+    processor: Any,
+    statistics: dict[str, Any],
+    policy: dict[str, Any],
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
-    """Write a policy folder (call on the main process with the unwrapped model)."""
+    """Write a policy folder (call on the main process with the unwrapped model).
+
+    `state_dict`: the full weights gathered by `accelerator.get_state_dict` — under FSDP each rank
+    holds a shard only, and `save_pretrained` of the unwrapped model would write that shard.
+    """
     directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
+    model.save_pretrained(directory, state_dict=state_dict)
     processor.save_pretrained(directory)
     (directory / STATS_FILE).write_text(json.dumps(statistics, indent=2))
     (directory / POLICY_FILE).write_text(json.dumps(policy, indent=2))

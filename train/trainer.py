@@ -309,9 +309,15 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     def save(directory: Path, with_state: bool) -> None:
         accelerator.wait_for_everyone()
+        full = accelerator.get_state_dict(model)  # a collective under FSDP: every rank takes part
         if accelerator.is_main_process:
             save_policy(
-                directory, accelerator.unwrap_model(model), p.processor, p.statistics, policy(state.global_step)
+                directory,
+                accelerator.unwrap_model(model),
+                p.processor,
+                p.statistics,
+                policy(state.global_step),
+                state_dict=full,
             )
         if with_state:
             accelerator.save_state(str(directory / "state"))
