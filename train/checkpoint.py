@@ -92,11 +92,28 @@ class Policy:
         self.info = json.loads((self.path / POLICY_FILE).read_text())
         self.adapter = adapter_for_type(self.info["model_family"], str(self.path))
         self.processor = self.adapter.load_processor(str(self.path))
-        self.model = self.adapter.load_model(str(self.path), torch.float32).to(device).eval()
+        self.model = self._load_model(torch.float32).to(device).eval()
         key, entry = load_statistics(self.path / STATS_FILE, self.info["unnorm_key"])
         self.statistics = {key: entry}
         self.actions = ActionTokenizer.from_statistics(entry, self.adapter.tokenizer(self.processor).vocab_size)
         self.device = device
+
+    def _load_model(self, dtype: Any) -> Any:
+        """Plain weights, or — in an intermediate LoRA checkpoint, which holds only the adapter — the
+        base model named in `adapter_config.json` with the adapter merged in."""
+        adapter_config = self.path / "adapter_config.json"
+        if not adapter_config.is_file():
+            return self.adapter.load_model(str(self.path), dtype)
+        from peft import PeftModel
+
+        base_path = json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+        if not base_path:
+            raise TrainError(f"{adapter_config}: no base_model_name_or_path (cannot rebuild the LoRA model)")
+        try:
+            base = self.adapter.load_model(str(base_path), dtype)
+        except OSError as exc:
+            raise TrainError(f"{adapter_config}: base model {base_path!r} cannot be loaded ({exc})") from None
+        return PeftModel.from_pretrained(base, str(self.path)).merge_and_unload()
 
     def predict(self, image: np.ndarray, instruction: str, max_new_tokens: int = 1024) -> tuple[str, np.ndarray]:
         """(rationale text, action) by greedy decoding; the action follows `ACTION:`."""

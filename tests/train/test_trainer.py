@@ -121,6 +121,7 @@ def test_lora_trains_a_small_share_and_the_merged_checkpoint_reloads(published, 
         limit_samples=4,
         learning_rate=2e-2,
         lora_rank=4,
+        save_every=4,
     )
     result = train(cfg)
     assert result.trainable_parameters < result.total_parameters / 10
@@ -131,6 +132,18 @@ def test_lora_trains_a_small_share_and_the_merged_checkpoint_reloads(published, 
     assert torch.equal(
         predict_action_ids(result.model.eval(), batch), predict_action_ids(Policy(cfg.output).model, batch)
     )
+    # An intermediate checkpoint holds the adapter only; the policy rebuilds base + adapter, merged.
+    mid = cfg.output / "checkpoints" / "step-000004"
+    assert (mid / "adapter_config.json").is_file()
+    mid_model = Policy(mid).model
+    assert not any("lora" in k for k in mid_model.state_dict())
+    from transformers import AutoModelForImageTextToText
+
+    plain = AutoModelForImageTextToText.from_pretrained(paligemma_dir).state_dict()
+    moved = [k for k, v in mid_model.state_dict().items() if k in plain and not torch.equal(v, plain[k])]
+    assert moved, "the adapter's update is merged into the rebuilt weights"
+    final = result.model.state_dict()
+    assert any(not torch.equal(mid_model.state_dict()[k], final[k]) for k in moved), "step 4, not step 8"
 
 
 def test_action_only_baseline_generates_its_actions_from_the_checkpoint(published, idefics3_dir, tmp_path, cache_dir):
