@@ -342,7 +342,7 @@ def _hub_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self._send(200, {"url": f"{hub.url}/datasets/{repo_id}", "name": repo_id})
             elif p == "/api/validate-yaml":
                 self._send(200, {"errors": [], "warnings": []})
-            elif p.startswith("/api/datasets/"):
+            elif p.startswith(("/api/datasets/", "/api/models/")):  # model repos: refine-train's policies
                 self._dataset_api(req)
             elif p.endswith(".git/info/lfs/objects/batch"):
                 body = req.json()
