@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test factories build the data and the tiny model
@@ -74,15 +75,11 @@ def peak_rss_mb() -> tuple[float, float]:
     )
 
 
-def pipeline(work: Path, episodes: int, samples: int, batch: int, workers: int) -> dict[str, float]:
-    """Stream `samples` shuffled samples through the loader; rate and peak RSS (fresh process)."""
-    import numpy as np
-
+def bench_config(work: Path, episodes: int, batch: int, workers: int) -> Any:
+    """The one training configuration both measurements use (only the worker count differs)."""
     from refinevla.train.config import TrainConfig
-    from refinevla.train.data import epoch_order
-    from refinevla.train.trainer import make_loader, prepare
 
-    cfg = TrainConfig(
+    return TrainConfig(
         dataset=str(work / f"out-{episodes}"),
         model=str(model_dir(work)),
         output=work / "x",
@@ -91,6 +88,16 @@ def pipeline(work: Path, episodes: int, samples: int, batch: int, workers: int) 
         num_workers=workers,
         val_fraction=0.0,
     )
+
+
+def pipeline(work: Path, episodes: int, samples: int, batch: int, workers: int) -> dict[str, float]:
+    """Stream `samples` shuffled samples through the loader; rate and peak RSS (fresh process)."""
+    import numpy as np
+
+    from refinevla.train.data import epoch_order
+    from refinevla.train.trainer import make_loader, prepare
+
+    cfg = bench_config(work, episodes, batch, workers)
     p = prepare(cfg)
     order = epoch_order(p.train_indices, 0, 0)
     reps = -(-samples // len(order))
@@ -110,19 +117,10 @@ def train_steps(work: Path, episodes: int, steps: int, batch: int) -> float:
     """Samples/s of forward + backward + AdamW on pre-built batches (the loader not counted)."""
     import torch
 
-    from refinevla.train.config import TrainConfig
     from refinevla.train.loss import joint_loss
     from refinevla.train.trainer import make_loader, prepare
 
-    cfg = TrainConfig(
-        dataset=str(work / f"out-{episodes}"),
-        model=str(model_dir(work)),
-        output=work / "x",
-        cache_dir=work / "cache",
-        batch_size=batch,
-        num_workers=0,
-        val_fraction=0.0,
-    )
+    cfg = bench_config(work, episodes, batch, 0)
     p = prepare(cfg)
     loader = iter(make_loader(p, p.train_indices, cfg, epoch=0, train=True))
     batches = [next(loader) for _ in range(steps + 1)]

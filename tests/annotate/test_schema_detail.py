@@ -70,6 +70,7 @@ def test_the_cli_records_the_detail_in_the_manifest_and_the_card(tiny_rlds, teac
     # The detail is part of the request key: the same run in static mode pays again.
     before = len(teacher_server.requests)
     r = CliRunner().invoke(app, [*args, "--out", str(out), "--progress", "none", "--schema-detail", "static"])
+    assert r.exit_code == 0, r.output
     assert len(teacher_server.requests) > before
 
 
