@@ -25,9 +25,13 @@ def test_wheel_contains_package_data_and_no_bare_top_level_modules(tmp_path: Pat
     assert any(n.endswith("dataset_info.json") for n in sample)
     assert any(n.endswith("features.json") for n in sample)
     assert any(".tfrecord-" in n for n in sample)
-    # everything annotate + card need at run time
+    # everything annotate, card, train and eval need at run time
     for data in (
         "refinevla/annotate/prices.json",
+        "refinevla/train/configs/ddp.yaml",
+        "refinevla/evaluate/simplerenv_baselines.csv",
+        "refinevla/evaluate/backends/maniskill.py",
+        "refinevla/evaluate/backends/simpler.py",
         "refinevla/annotate/prompts/rationale-v1.txt",
         "refinevla/datacards/template.md",
         "refinevla/schemas/rationale-v1.json",

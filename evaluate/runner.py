@@ -1,0 +1,305 @@
+"""`refine-eval run`: a checkpoint through a suite's tasks, one durable line per finished episode.
+
+Per task the schedule is every (configuration, repeat) pair — configuration = the task's own
+episode id, repeat < --episodes-per-config — minus the ones `episodes.jsonl` already holds, cut
+to --max-episodes. Episodes run in batches of --num-envs, in lock step, with one forward pass of
+the policy per step for the whole batch. A killed run loses at most the batch in progress; a
+rerun does only what is missing. A rerun into a folder made with another checkpoint, backend,
+reasoning mode or asset digest is refused, so numbers made on different setups never mix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends.base import Simulator
+from .errors import EvalError
+from .policy import RefinePolicy
+from .results import RESULTS_FORMAT, RUN_FILE, EpisodeLog, EpisodeResult, episode_key, read_run, write_run
+from .robots import flat_env_action
+from .suites import Task, suite_tasks
+
+# run.json fields that must agree between a results folder and a rerun into it
+# (--episodes-per-config may grow: repeat r of config c keeps its seed, so earlier episodes stay valid)
+SAME_RUN = ("policy_digest", "reasoning", "seed", "max_rationale_tokens")
+DIGEST_SAMPLE = 1 << 20  # bytes read from each end of a weight file for the checkpoint digest
+
+
+@dataclass
+class RunArgs:
+    policy: Path  # refine-train checkpoint folder
+    suite: str  # widowx | google-vm | google-va | maniskill:ENV_ID
+    out: Path  # results folder
+    tasks: list[str] | None = None  # default: the suite's tasks
+    episodes_per_config: int = 1  # repeats of each built-in configuration (different seeds)
+    max_episodes: int | None = None  # per task, at most this many episodes in all (the first of the schedule)
+    num_envs: int = 1  # parallel envs (GPU: one env with N scenes; CPU: N processes)
+    reasoning: bool = True  # let the policy write its rationale before the action
+    max_rationale_tokens: int = 256  # rationale budget per step; then ACTION: is forced
+    video: bool = False  # write an mp4 per episode
+    log_actions: bool = False  # keep raw_action and env_action of every step
+    seed: int = 0  # base seed of the env resets
+    instruction: str | None = None  # maniskill:ENV_ID: the instruction given to the policy
+    sim_backend: str | None = None  # cpu | gpu (default: gpu when CUDA is there)
+    camera: str | None = None  # maniskill:ENV_ID: which camera the policy sees (default: the first)
+    control_mode: str | None = None  # maniskill:ENV_ID: a 7-d controller (default pd_ee_delta_pose)
+    robot: str | None = None  # override the checkpoint's robot conventions (widowx | google_robot)
+    device: str | None = None  # torch device of the policy
+
+
+@dataclass
+class RunSummary:
+    done: int = 0  # episodes finished in this invocation
+    skipped: int = 0  # already in episodes.jsonl
+    per_task: dict[str, tuple[int, int]] = field(default_factory=dict)  # task -> (successes, episodes), all so far
+    forced_tags: int = 0  # policy steps whose rationale hit the budget
+
+
+def policy_digest(path: Path) -> str:
+    """What identifies a checkpoint: its description, statistics, and each weight file's name, size
+    and first and last MiB (a retrained model differs there; hashing gigabytes of weights would not
+    pay for itself on every rerun)."""
+    import hashlib
+
+    from ..train.checkpoint import POLICY_FILE, STATS_FILE
+
+    h = hashlib.sha256()
+    for name in (POLICY_FILE, STATS_FILE):
+        h.update((path / name).read_bytes())
+    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
+        size = weights.stat().st_size
+        h.update(f"{weights.name}:{size}".encode())
+        with weights.open("rb") as fh:
+            h.update(fh.read(DIGEST_SAMPLE))
+            fh.seek(max(size - DIGEST_SAMPLE, 0))
+            h.update(fh.read(DIGEST_SAMPLE))
+    return h.hexdigest()
+
+
+def make_simulator(task: Task, args: RunArgs) -> Simulator:
+    if task.backend == "maniskill3":
+        from .backends.maniskill import make_maniskill
+
+        return make_maniskill(task.env_id, args.num_envs, args.sim_backend, args.camera, args.control_mode)
+    from .backends.simpler import make_simpler
+
+    return make_simpler(task, args.num_envs)
+
+
+def preflight(task: Task) -> None:
+    """Raise EvalError naming what to install or download if the task's backend or assets are missing."""
+    if task.backend == "maniskill3":
+        from .backends.maniskill import check_assets
+
+        check_assets(task.env_id)
+    else:
+        from .backends.simpler import import_simpler
+
+        import_simpler()
+
+
+def schedule(task: Task, n_configs: int, args: RunArgs, done: set[str]) -> tuple[list[tuple[int, int]], int]:
+    """(the (config, repeat) pairs still to run, how many of the first --max-episodes are done)."""
+    pairs = [(c, r) for r in range(args.episodes_per_config) for c in range(n_configs)]
+    if args.max_episodes is not None:
+        pairs = pairs[: args.max_episodes]
+    todo = [p for p in pairs if episode_key(task.suite, task.name, *p) not in done]
+    return todo, len(pairs) - len(todo)
+
+
+def check_same_run(out: Path, run: dict[str, Any]) -> None:
+    if not (out / RUN_FILE).is_file():
+        return
+    old = read_run(out)
+    for key in SAME_RUN:
+        if old.get(key) != run.get(key):
+            raise EvalError(
+                f"{out}: made with {key}={old.get(key)!r}, this run has {run.get(key)!r}; "
+                "use another --out (results of different setups are never mixed)"
+            )
+
+
+def check_same_assets(out: Path, task: Task, description: dict[str, Any]) -> None:
+    """Per backend: the asset digest recorded the first time must match."""
+    run = read_run(out)
+    sims = run.setdefault("simulators", {})
+    key = f"{description['backend']}:{task.env_id}"
+    old = sims.get(key)
+    if old is not None and old.get("assets", {}).get("digest") != description.get("assets", {}).get("digest"):
+        raise EvalError(
+            f"{out}: {task.env_id} was evaluated on assets {old['assets'].get('digest')} ({old['assets'].get('dir')}), "
+            f"this run finds {description['assets'].get('digest')} ({description['assets'].get('dir')}); "
+            "use another --out"
+        )
+    sims[key] = description
+    write_run(out, run)
+
+
+def run_eval(args: RunArgs, progress: Callable[[str], None] = print) -> RunSummary:
+    tasks = suite_tasks(args.suite, args.tasks)
+    if args.suite.startswith("maniskill:") and not args.instruction:
+        raise EvalError(f"--suite {args.suite}: give the policy's instruction with --instruction TEXT")
+    for name, value in (("--num-envs", args.num_envs), ("--episodes-per-config", args.episodes_per_config)):
+        if value < 1:
+            raise EvalError(f"{name} {value}: must be at least 1")
+    for task in tasks:
+        preflight(task)  # a missing simulator or asset is reported before minutes of model loading
+    policy = RefinePolicy(args.policy, args.robot, args.reasoning, args.max_rationale_tokens, args.device)
+    run = {
+        "format": RESULTS_FORMAT,
+        "policy": policy.describe(),
+        "policy_digest": policy_digest(Path(args.policy)),
+        "suite": args.suite,
+        "reasoning": policy.reasoning,
+        "seed": args.seed,
+        "episodes_per_config": args.episodes_per_config,
+        "max_rationale_tokens": args.max_rationale_tokens if policy.reasoning else None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    check_same_run(args.out, run)
+    if (args.out / RUN_FILE).is_file():
+        old = read_run(args.out)
+        run = {**run, "created": old.get("created"), "simulators": old.get("simulators", {})}
+    write_run(args.out, run)
+    log = EpisodeLog(args.out)
+    summary = RunSummary()
+    for task in tasks:
+        sim = make_simulator(task, args)
+        try:
+            check_same_assets(args.out, task, sim.description)
+            _record_run_fields(args.out, sim.description)
+            todo, already = schedule(task, sim.n_configs, args, log.done)
+            summary.skipped += already
+            progress(f"{task.name} ({task.env_id}): {len(todo)} episodes to run, {already} already done")
+            for start in range(0, len(todo), sim.n_envs):
+                batch = todo[start : start + sim.n_envs]
+                for result in run_batch(sim, policy, task, batch, args, summary):
+                    log.append(result)
+                    summary.done += 1
+                    progress(
+                        f"  {task.name} config {result.config} repeat {result.repeat}: "
+                        f"{'success' if result.success else 'failure'}"
+                        + (f", grasp {result.grasp}" if result.grasp is not None else "")
+                        + f" ({result.steps} steps, {result.wall_s:.1f} s)"
+                    )
+        finally:
+            sim.close()
+    from .results import read_episodes
+
+    for rec in read_episodes(args.out):
+        s, n = summary.per_task.get(rec["task"], (0, 0))
+        summary.per_task[rec["task"]] = (s + int(rec["success"]), n + 1)
+    return summary
+
+
+def _record_run_fields(out: Path, description: dict[str, Any]) -> None:
+    """run.json's top-level backend / versions / assets (the report prints them)."""
+    run = read_run(out)
+    run["backend"] = description["backend"]
+    run["versions"] = {**run.get("versions", {}), **description.get("versions", {})}
+    run["assets"] = description.get("assets", {})
+    write_run(out, run)
+
+
+def run_batch(
+    sim: Simulator,
+    policy: RefinePolicy,
+    task: Task,
+    batch: Sequence[tuple[int, int]],
+    args: RunArgs,
+    summary: RunSummary,
+) -> list[EpisodeResult]:
+    """Run len(batch) episodes in lock step (padded to the sim's n_envs; the padding is dropped)."""
+    n = len(batch)
+    padded = list(batch) + [batch[-1]] * (sim.n_envs - n)
+    configs = [c for c, _ in padded]
+    seeds = [args.seed + r * sim.n_configs + c for c, r in padded]
+    t0 = time.monotonic()
+    out = sim.reset(seeds, configs)
+    instructions = [args.instruction] * sim.n_envs if args.instruction else out.instructions
+    if len(instructions) != sim.n_envs:
+        raise EvalError(f"{task.env_id}: the task gives no language instruction; pass --instruction TEXT")
+    policy.reset(instructions)
+    frames: list[list[np.ndarray]] = [[img] for img in out.images[:n]] if args.video else [[] for _ in range(n)]
+    rationales: list[list[str]] = [[] for _ in range(n)]
+    actions: list[list[dict[str, list[float]]]] = [[] for _ in range(n)]
+    # SimplerEnv's episode stats are "ever" flags: grasp = held >= 5 consecutive steps at any point
+    success_once, grasp_ever, grasped_ever = (np.zeros(n, dtype=bool) for _ in range(3))
+    steps = 0
+    while True:
+        if out.instructions and not args.instruction and out.instructions != instructions:
+            instructions = out.instructions  # multi-stage tasks move to their next instruction
+        raw, env_action = policy.step(out.images, instructions)
+        flat = flat_env_action(env_action)
+        summary.forced_tags += sum(g.forced_tag for g in policy.last[:n])
+        for i in range(n):
+            rationales[i].append(policy.rationales[i])
+            if args.log_actions:
+                raw_i = np.concatenate([raw["world_vector"][i], raw["rotation_delta"][i], raw["open_gripper"][i]])
+                actions[i].append({"raw_action": raw_i.tolist(), "env_action": flat[i].tolist()})
+        out = sim.step(flat)
+        steps += 1
+        success_once |= _flags(out.infos[:n], "success")
+        grasp_ever |= _flags(out.infos[:n], "consecutive_grasp")
+        grasped_ever |= _flags(out.infos[:n], "is_src_obj_grasped")
+        if args.video:
+            for i in range(n):
+                frames[i].append(out.images[i])
+        if out.done or steps >= sim.max_steps:
+            break
+    wall = (time.monotonic() - t0) / max(n, 1)
+    results = []
+    for i, (config, repeat) in enumerate(batch):
+        info = out.infos[i]
+        video = write_video(args.out, task, config, repeat, frames[i], sim.control_freq) if args.video else None
+        results.append(
+            EpisodeResult(
+                suite=task.suite,
+                task=task.name,
+                env_id=task.env_id,
+                config=config,
+                repeat=repeat,
+                seed=seeds[i],
+                instruction=instructions[i],
+                success=bool(info.get("success", False)),
+                success_once=bool(success_once[i]),
+                grasp=bool(grasp_ever[i]) if task.grasp and "consecutive_grasp" in info else None,
+                grasped_once=bool(grasped_ever[i]) if task.grasp and "is_src_obj_grasped" in info else None,
+                steps=steps,
+                wall_s=round(wall, 3),
+                rationales=rationales[i],
+                actions=actions[i] if args.log_actions else None,
+                video=video,
+                info={k: v for k, v in info.items() if isinstance(v, bool | int | float)},
+            )
+        )
+    return results
+
+
+def _flags(infos: Sequence[dict[str, Any]], key: str) -> np.ndarray:
+    """info[key] of each env as a bool array (False where the task does not report it)."""
+    return np.array([bool(info.get(key, False)) for info in infos], dtype=bool)
+
+
+def write_video(out: Path, task: Task, config: int, repeat: int, frames: list[np.ndarray], fps: float) -> str:
+    """videos/TASK/config-C_repeat-R.mp4 (relative to the results folder)."""
+    from ..annotate.sources.lerobot_writer import VideoEncoder, pick_codec
+
+    rel = Path("videos") / task.name / f"config-{config:03d}_repeat-{repeat}.mp4"
+    path = out / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = frames[0].shape[:2]
+    h2, w2 = h - h % 2, w - w % 2  # yuv420p needs even sides
+    enc = VideoEncoder(str(path) + ".partial.mp4", fps, w2, h2, pick_codec(w2, h2))
+    for img in frames:
+        enc.add(img[:h2, :w2])
+    enc.close()
+    Path(str(path) + ".partial.mp4").replace(path)
+    return rel.as_posix()

@@ -1,0 +1,106 @@
+"""Tiny refine-train checkpoints for the refine-eval tests, made by `refine-train` itself.
+
+The models are the train tests' offline ones (random weights from configs, a tokenizer trained
+here); the dataset is a Bridge-layout RLDS source annotated by `refine-data annotate` with the
+rule-based teacher, so the checkpoints are `bridge_orig` / WidowX policies exactly as a user's
+would be. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from refinevla.annotate.sources import specs
+from refinevla.annotate.sources.rlds_writer import write_rlds
+from tests.conftest import tiny_episode
+from tests.train.conftest import EPISODES, IMAGE, STEPS, build_idefics3, build_paligemma
+
+
+@pytest.fixture(scope="session")
+def eval_published(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from refinevla.annotate.annotate_cmd import AnnotateArgs, run_annotate
+
+    root = tmp_path_factory.mktemp("eval-src")
+    eps = [tiny_episode(i, STEPS[i], size=IMAGE) for i in range(EPISODES)]
+    d = write_rlds(root, specs.bridge_features(cameras=1, image_size=(IMAGE, IMAGE)), eps, name="bridge_orig")
+    out = tmp_path_factory.mktemp("eval-published") / "out"
+    assert run_annotate(AnnotateArgs(source=f"rlds:{d}", out=out, progress="none", license="apache-2.0")) == 0
+    return out
+
+
+def train_checkpoint(published: Path, model: Path, output: Path, cache: Path, *extra: str) -> Path:
+    """`refine-train` through its CLI, a few steps: a real, self-describing policy folder."""
+    from typer.testing import CliRunner
+
+    from refinevla.train.cli import app
+
+    args = ["--dataset", str(published), "--model", str(model), "--output", str(output), "--cache-dir", str(cache)]
+    args += ["--max-steps", "2", "--batch-size", "2", "--num-workers", "0", "--val-fraction", "0", *extra]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return output
+
+
+@pytest.fixture(scope="session")
+def paligemma_policy(tmp_path_factory: pytest.TempPathFactory, eval_published: Path) -> Path:
+    """A PaliGemma WidowX policy (rationale + action), trained 2 steps by refine-train."""
+    model = build_paligemma(tmp_path_factory.mktemp("eval-paligemma-model"))
+    root = tmp_path_factory.mktemp("eval-paligemma")
+    return train_checkpoint(eval_published, model, root / "ckpt", root / "cache")
+
+
+@pytest.fixture(scope="session")
+def idefics3_policy(tmp_path_factory: pytest.TempPathFactory, eval_published: Path) -> Path:
+    """An Idefics3 WidowX policy, trained 2 steps by refine-train."""
+    model = build_idefics3(tmp_path_factory.mktemp("eval-idefics3-model"))
+    root = tmp_path_factory.mktemp("eval-idefics3")
+    return train_checkpoint(eval_published, model, root / "ckpt", root / "cache")
+
+
+def _find_simpler_assets() -> Path | None:
+    """The workplace's ready MS_ASSET_DIR: $REFINEVLA_SIMPLER_ASSETS, else a `shared/simpler_assets`
+    beside the checkout or one of its parents (tests read it there; it is never copied in)."""
+    import os
+
+    given = os.environ.get("REFINEVLA_SIMPLER_ASSETS")
+    if given:
+        return Path(given)
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / "shared" / "simpler_assets"
+        if (candidate / "data").is_dir():
+            return candidate
+    fallback = Path("/work/shared/simpler_assets")
+    return fallback if (fallback / "data").is_dir() else None
+
+
+def _missing(reason: str) -> None:
+    """Skip a simulator test where its pieces are absent; under REFINEVLA_REQUIRE_SIM=1 (CI) fail instead."""
+    import os
+
+    if os.environ.get("REFINEVLA_REQUIRE_SIM") == "1":
+        pytest.fail(f"REFINEVLA_REQUIRE_SIM=1 but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def sim_env() -> dict[str, str]:
+    """Environment for a `refine-eval run` subprocess on ManiSkill3: MS_ASSET_DIR at the shared
+    SimplerEnv assets, CPU physics and rendering. Skips (or fails in CI) when a piece is missing."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("mani_skill") is None:
+        _missing("ManiSkill3 is not installed (pip install 'refinevla[sim]')")
+    assets = _find_simpler_assets()
+    if assets is None:
+        _missing("no shared/simpler_assets found (set REFINEVLA_SIMPLER_ASSETS)")
+    if not any(Path(d).glob("*lvp*") for d in ("/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d")):
+        _missing("no Vulkan lavapipe ICD (run scripts/install_cpu_vulkan.sh)")
+    env = dict(os.environ)
+    env.update({"MS_ASSET_DIR": str(assets), "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"})
+    return env
