@@ -52,21 +52,52 @@ def run_annotate(args: AnnotateArgs) -> int:
                 'add it with --prices FILE ({"MODEL": {"input": USD_PER_1M, "output": USD_PER_1M}})'
             )
         typer.secho(f"warning: no price for model {teacher.model!r}: cost is not tracked", fg="yellow", err=True)
+    if args.batch:
+        from .batch.command import check_batch_args
+
+        check_batch_args(args, teacher)
     if args.dry_run:
         episodes = setup.source.iter_episodes(ReadOptions(start=setup.start, stop=setup.stop))
         return _dry_run(args, teacher, setup.options, setup.prices, episodes, setup.total)
 
     _check_card_license(setup.out, setup.source.name, args.license)
+    batch: dict[str, Any] | None = None
+    if args.batch:
+        from dataclasses import replace
+
+        from .batch.command import batch_manifest, run_batch_mode
+
+        resume = "refine-data " + shlex.join(args.argv) if args.argv else "the same command"
+        try:
+            summary = run_batch_mode(args, setup, lambda line: typer.echo(line, err=True))
+        except KeyboardInterrupt:
+            typer.secho(
+                f"interrupted; the batches keep running at {teacher.name} and every answer ingested is stored. "
+                f"Resume (polls them, submits nothing twice) with: {resume}",
+                fg="yellow",
+                err=True,
+            )
+            return EXIT_INTERRUPTED
+        batch = batch_manifest(summary, args, teacher.name)
+        # the dataset is written from the store; only --reask live asks anything more (the re-asks, live)
+        setup.options = replace(
+            setup.options,
+            ask=args.reask == "live",
+            unasked_reason="no batch answer (its lines failed more than --max-resubmits times, or --max-cost "
+            "stopped the submissions); rerun to submit it again",
+        )
+        if summary.stop_reason == "max-cost":
+            typer.secho(f"--max-cost ${args.max_cost} reached: no more batches submitted", fg="yellow", err=True)
     if args.processes > 1 and setup.total > 1:
         from .parallel import run_processes
 
         part = run_processes(args, setup)
     else:
         part = run_part(args, setup, setup.start, setup.stop, setup.out, live_progress=True)
-    return _finalize(args, setup, part)
+    return _finalize(args, setup, part, batch)
 
 
-def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult) -> int:
+def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult, batch: dict[str, Any] | None = None) -> int:
     """Rejects file, manifest and card for the whole run; the summary and the exit code."""
     from ..schemas import backend_for, schema_digest
     from .engine import Counters
@@ -77,6 +108,9 @@ def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult) -> int:
     out, source, teacher = setup.out, setup.source, setup.teacher
     i, n = setup.shard
     c = Counters(**part.counters, started=time.monotonic() - part.seconds)  # rates over the run, not from now
+    if batch is not None:  # answers ingested from batches in this run were written as store hits: count them as new
+        moved = min(int(batch["this_run"]["answers"]), c.cached)
+        c.annotated, c.cached = c.annotated + moved, c.cached - moved
     with ResultStore(setup.store_path) as store:
         spend = store.spend()
         rejects = store.rejects()
@@ -159,6 +193,8 @@ def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult) -> int:
         "complete": part.stop_reason is None and c.failed == 0,
         "stop_reason": part.stop_reason,
     }
+    if batch is not None:
+        manifest["batch"] = batch
     write_manifest(out, manifest, "refinevla.json" if n == 1 else f".refine/manifest{setup.suffix}.json")
     if n == 1:
         _write_card(out, args.license)
@@ -237,11 +273,12 @@ def _dry_run(args: AnnotateArgs, teacher: Any, options: Any, prices: Any, episod
     typer.echo(json.dumps({"request_key": first.key, "episode_id": first.episode_id, "request": body}, indent=2))
     prompt = sum(estimate_prompt_tokens(p.bundle.messages) for p in sampled) / len(sampled)
     completion = options.expected_completion_tokens
-    per = prices.cost(teacher.model, int(prompt), completion)
+    per = prices.cost(teacher.model, int(prompt), completion, batch=args.batch)
     typer.echo(
         f"estimate for {total} episodes with {teacher.name} ({teacher.model}): "
         f"~{int(prompt * total):,} prompt + ~{completion * total:,} completion tokens, "
-        f"~${per * total:,.2f} (first ask only; re-asks add to it)"
+        f"~${per * total:,.{2 if per * total >= 1 else 4}f} {'at batch prices ' if args.batch else ''}"
+        "(first ask only; re-asks add to it)"
     )
     return 0
 
@@ -330,6 +367,28 @@ def register(app: typer.Typer) -> None:
                 "request costs those providers schema-processing latency).",
             ),
         ] = None,
+        batch: Annotated[
+            bool,
+            typer.Option(
+                "--batch",
+                help="Ask through the provider's Batch API (openai, gemini): half price, answers within 24 h. "
+                "Same requests, validation and output; Ctrl-C leaves the batches running, the same command resumes.",
+            ),
+        ] = False,
+        reask: Annotated[
+            str, typer.Option("--reask", help="--batch: re-ask invalid answers in the next batch, or live at the end.")
+        ] = "batch",
+        poll_interval: Annotated[
+            float, typer.Option("--poll-interval", help="--batch: seconds between looks at the batches in flight.")
+        ] = 30.0,
+        max_resubmits: Annotated[
+            int,
+            typer.Option("--max-resubmits", help="--batch: times a request whose line expired or failed is resent."),
+        ] = 3,
+        batch_requests: Annotated[
+            int | None,
+            typer.Option("--batch-requests", help="--batch: requests per batch file (default: the provider's limit)."),
+        ] = None,
     ) -> None:
         """Annotate episodes with ReFineVLA rationales (resumable; a rerun never pays twice)."""
         code = run_annotate(
@@ -367,11 +426,35 @@ def register(app: typer.Typer) -> None:
                 license=license,
                 processes=processes,
                 schema_detail=schema_detail,
+                batch=batch,
+                reask=reask,
+                poll_interval=poll_interval,
+                max_resubmits=max_resubmits,
+                batch_requests=batch_requests,
                 argv=sys.argv[1:],
             )
         )
         if code:
             raise typer.Exit(code)
+
+    @app.command()
+    @user_errors
+    def batches(
+        out: Annotated[Path, typer.Argument(help="The run's output dir (annotated with --batch).")],
+        cancel: Annotated[
+            bool, typer.Option("--cancel", help="Cancel the run's batches that are still running at the provider.")
+        ] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="One JSON object per batch.")] = False,
+    ) -> None:
+        """List a --batch run's batches with their state (as last polled); --cancel cancels the running ones."""
+        from .batch.command import format_batches, list_batches
+
+        rows = list_batches(out, cancel=cancel)
+        if as_json:
+            for row in rows:
+                typer.echo(json.dumps(row, sort_keys=True))
+        else:
+            typer.echo(format_batches(rows))
 
     @app.command()
     @user_errors

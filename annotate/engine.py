@@ -78,6 +78,8 @@ class EngineOptions:
     template: str = "rationale-v1"  # prompt template version
     frames: FrameOptions = field(default_factory=FrameOptions)
     expected_completion_tokens: int = 1200  # estimate for TPM and budgets until real answers arrive
+    ask: bool = True  # False: settle episodes from the store only (batch mode's final pass); the rest end "failed"
+    unasked_reason: str = "not answered yet"  # the reason an episode the store cannot settle ends with (ask=False)
 
 
 @dataclass
@@ -464,6 +466,9 @@ class Engine:
                 if item is _END:
                     break
                 if await self._from_store(item):
+                    continue
+                if not self.options.ask:
+                    self._finish(item, "failed", reason=self.options.unasked_reason)
                     continue
                 est = self._estimated_cost(item.estimated_prompt_tokens)
                 if self._over_budget(est):

@@ -57,6 +57,11 @@ class AnnotateArgs:
     progress: str = "auto"  # auto | rich | plain | none
     license: str | None = None  # dataset-card license; needed where the source's is not known
     processes: int = 1  # engine processes on this machine, each with a contiguous part of the selection
+    batch: bool = False  # ask through the provider's Batch API (half price, answers within 24 h)
+    reask: str = "batch"  # batch mode: re-ask invalid answers in the next batch, or "live" at the end
+    poll_interval: float = 30.0  # batch mode: seconds between looks at the batches in flight
+    max_resubmits: int = 3  # batch mode: times a request whose line failed (expired, 5xx) is sent again
+    batch_requests: int | None = None  # batch mode: requests per batch file (default: the provider's limit)
     argv: list[str] = field(default_factory=list)  # for the resume command
 
 

@@ -18,10 +18,24 @@ from .errors import RefineError
 PRICES_ENV = "REFINEVLA_PRICES"
 
 
+BATCH_DISCOUNT = 0.5  # OpenAI's and Gemini's Batch APIs both charge half; used where a table gives no batch price
+
+
 @dataclass(frozen=True)
 class ModelPrice:
     input: float  # USD per million prompt tokens
     output: float  # USD per million completion tokens
+    batch_input: float | None = None  # through the provider's Batch API (None: input * BATCH_DISCOUNT)
+    batch_output: float | None = None
+
+    def rates(self, batch: bool) -> tuple[float, float]:
+        """(input, output) USD per million tokens, live or batch."""
+        if not batch:
+            return self.input, self.output
+        return (
+            self.input * BATCH_DISCOUNT if self.batch_input is None else self.batch_input,
+            self.output * BATCH_DISCOUNT if self.batch_output is None else self.batch_output,
+        )
 
 
 class PriceTable:
@@ -50,12 +64,13 @@ class PriceTable:
         short = model.rsplit("/", 1)[-1]
         return self.prices.get(short)
 
-    def cost(self, model: str, prompt_tokens: int, completion_tokens: int) -> float:
-        """USD for one answer; 0.0 for a model with no price (see `get` to tell the two apart)."""
+    def cost(self, model: str, prompt_tokens: int, completion_tokens: int, batch: bool = False) -> float:
+        """USD for one answer (at batch prices with `batch`); 0.0 for a model with no price (see `get`)."""
         price = self.get(model)
         if price is None:
             return 0.0
-        return (prompt_tokens * price.input + completion_tokens * price.output) / 1e6
+        rate_in, rate_out = price.rates(batch)
+        return (prompt_tokens * rate_in + completion_tokens * rate_out) / 1e6
 
 
 def _parse(data: object, where: str) -> dict[str, ModelPrice]:
@@ -66,9 +81,16 @@ def _parse(data: object, where: str) -> dict[str, ModelPrice]:
         if model.startswith("_"):
             continue
         try:
-            out[model] = ModelPrice(float(entry["input"]), float(entry["output"]))
-        except (TypeError, KeyError, ValueError):
+            batch_in, batch_out = entry.get("batch_input"), entry.get("batch_output")
+            out[model] = ModelPrice(
+                float(entry["input"]),
+                float(entry["output"]),
+                None if batch_in is None else float(batch_in),
+                None if batch_out is None else float(batch_out),
+            )
+        except (TypeError, KeyError, ValueError, AttributeError):
             raise RefineError(
-                f"{where}: model {model!r} needs numeric 'input' and 'output' (USD per 1M tokens)"
+                f"{where}: model {model!r} needs numeric 'input' and 'output' (USD per 1M tokens; "
+                "optionally 'batch_input' and 'batch_output')"
             ) from None
     return out

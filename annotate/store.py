@@ -10,7 +10,10 @@ Tables:
   spent is accounted even for rejected answers, and an interrupted re-ask sequence resumes
   from the answers already received instead of starting over;
 * `answers` — the validated teacher answer per request key;
-* `rejects` — keys given up on, with the reason and the last raw answer.
+* `rejects` — keys given up on, with the reason and the last raw answer;
+* `batches`, `batch_items` — batch mode: each batch input file, the keys it holds (recorded
+  before it is uploaded), its provider file and batch ids (committed the moment they are
+  known) and its state; an item's outcome once its batch's results are ingested.
 """
 
 from __future__ import annotations
@@ -55,6 +58,33 @@ CREATE TABLE IF NOT EXISTS rejects (
     created REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    local_id INTEGER PRIMARY KEY,
+    tag TEXT NOT NULL UNIQUE,
+    provider TEXT NOT NULL,
+    model TEXT NOT NULL,
+    base_url TEXT,
+    state TEXT NOT NULL,
+    file_path TEXT NOT NULL,
+    file_id TEXT,
+    batch_id TEXT,
+    requests INTEGER NOT NULL,
+    estimate REAL NOT NULL,
+    provider_status TEXT,
+    counts TEXT NOT NULL DEFAULT '{}',
+    created REAL NOT NULL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batch_items (
+    key TEXT NOT NULL,
+    local_id INTEGER NOT NULL,
+    episode_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    context TEXT NOT NULL,
+    outcome TEXT,
+    PRIMARY KEY (key, local_id)
+);
+CREATE INDEX IF NOT EXISTS batch_items_by_batch ON batch_items (local_id);
 """
 
 
@@ -96,6 +126,41 @@ class Lookup:
     answer: StoredAnswer | None
     reject: Reject | None
     attempts: list[Attempt]
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """One batch of batch mode, as the store knows it."""
+
+    local_id: int
+    tag: str  # refinevla-<run id>-<local id>: the name/metadata it carries at the provider
+    provider: str
+    model: str
+    base_url: str | None
+    state: str  # written | submitted | <provider state: pending, running, ...> | ingested
+    file_path: str
+    file_id: str | None
+    batch_id: str | None
+    requests: int
+    estimate: float  # USD at batch prices, counted against --max-cost until answers are ingested
+    provider_status: str | None
+    counts: dict[str, int]
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    key: str
+    local_id: int
+    episode_id: str
+    attempt: int  # which answer of the key this line asks for (1 = first ask, 2.. = re-asks)
+    context: dict[str, Any]  # the SemanticContext the answer is checked against
+    outcome: str | None  # None until ingested; "answered", "invalid", or "error: <why>"
+
+
+_BATCH_COLUMNS = (
+    "local_id, tag, provider, model, base_url, state, file_path, file_id, batch_id, requests, estimate, "
+    "provider_status, counts"
+)
 
 
 @dataclass(frozen=True)
@@ -251,3 +316,98 @@ class ResultStore:
             "rejects": self._db.execute("SELECT COUNT(*) FROM rejects").fetchone()[0],
             "attempts": self._db.execute("SELECT COUNT(*) FROM attempts").fetchone()[0],
         }
+
+    # ----------------------------------------------------------------- batch mode
+    def meta(self, name: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def run_id(self) -> str:
+        """This store's batch-run id (made once, kept forever): the tag prefix of its remote objects."""
+        found = self.meta("batch_run_id")
+        if found is not None:
+            return found
+        import secrets
+
+        self._write("INSERT OR IGNORE INTO meta VALUES (?, ?)", ("batch_run_id", secrets.token_hex(6)))
+        return str(self.meta("batch_run_id"))
+
+    def add_batch(
+        self,
+        provider: str,
+        model: str,
+        base_url: str | None,
+        file_path: str,
+        items: list[tuple[str, str, int, dict[str, Any]]],
+        estimate: float,
+    ) -> BatchRow:
+        """Record a batch and the (key, episode_id, attempt, context) lines it holds, in one transaction,
+        before anything is uploaded: a crash after this finds the batch again and submits it once."""
+        run_id = self.run_id()
+        now = time.time()
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            local_id = int(self._db.execute("SELECT COALESCE(MAX(local_id), 0) + 1 FROM batches").fetchone()[0])
+            tag = f"refinevla-{run_id}-{local_id:05d}"
+            self._db.execute(
+                "INSERT INTO batches (local_id, tag, provider, model, base_url, state, file_path, requests, estimate, "
+                "created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (local_id, tag, provider, model, base_url, "written", file_path, len(items), estimate, now, now),
+            )
+            self._db.executemany(
+                "INSERT INTO batch_items (key, local_id, episode_id, attempt, context) VALUES (?,?,?,?,?)",
+                [(k, local_id, e, a, json.dumps(c)) for k, e, a, c in items],
+            )
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+        return self.batch(local_id)
+
+    def update_batch(self, local_id: int, **fields: Any) -> None:
+        """Set columns of a batch (file_id, batch_id, state, provider_status, counts) durably."""
+        if "counts" in fields:
+            fields["counts"] = json.dumps(fields["counts"])
+        names = ", ".join(f"{name} = ?" for name in fields)
+        self._write(
+            f"UPDATE batches SET {names}, updated = ? WHERE local_id = ?", (*fields.values(), time.time(), local_id)
+        )
+
+    def batch(self, local_id: int) -> BatchRow:
+        row = self._db.execute(f"SELECT {_BATCH_COLUMNS} FROM batches WHERE local_id = ?", (local_id,)).fetchone()
+        return _batch_row(row)
+
+    def batches(self) -> list[BatchRow]:
+        rows = self._db.execute(f"SELECT {_BATCH_COLUMNS} FROM batches ORDER BY local_id").fetchall()
+        return [_batch_row(r) for r in rows]
+
+    def batch_items(self, local_id: int) -> list[BatchItem]:
+        rows = self._db.execute(
+            "SELECT key, local_id, episode_id, attempt, context, outcome FROM batch_items WHERE local_id = ? "
+            "ORDER BY rowid",
+            (local_id,),
+        ).fetchall()
+        return [BatchItem(k, i, e, a, json.loads(c), o) for k, i, e, a, c, o in rows]
+
+    def set_item_outcome(self, key: str, local_id: int, outcome: str) -> None:
+        self._write("UPDATE batch_items SET outcome = ? WHERE key = ? AND local_id = ?", (outcome, key, local_id))
+
+    def keys_in_flight(self) -> set[str]:
+        """Keys in a batch whose results are not ingested yet (never submitted again meanwhile)."""
+        rows = self._db.execute(
+            "SELECT i.key FROM batch_items i JOIN batches b ON b.local_id = i.local_id WHERE b.state != 'ingested'"
+        ).fetchall()
+        return {r[0] for r in rows}
+
+    def line_errors(self) -> dict[str, int]:
+        """Per key, how many of its batch lines failed at the provider (expired, 5xx, ...)."""
+        rows = self._db.execute(
+            "SELECT key, COUNT(*) FROM batch_items WHERE outcome LIKE 'error:%' GROUP BY key"
+        ).fetchall()
+        return {k: int(n) for k, n in rows}
+
+
+def _batch_row(row: Any) -> BatchRow:
+    values = list(row)
+    values[-1] = json.loads(values[-1] or "{}")
+    return BatchRow(*values)

@@ -345,6 +345,14 @@ def card_context(out_dir: Path, manifest: dict[str, Any], license_id: str, licen
         provenance.append(("note", _cell(teacher["note"])))
     if manifest.get("import"):
         provenance.append(("import report", _cell(json.dumps(manifest["import"], sort_keys=True))))
+    batch = manifest.get("batch")
+    if isinstance(batch, dict):
+        provenance.append(
+            (
+                "pricing",
+                f"`{batch.get('provider', '?')}` Batch API at batch prices (re-asks: {batch.get('reask', 'batch')})",
+            )
+        )
 
     cost = manifest.get("cost_usd")
     statistics_rows = [
@@ -355,7 +363,12 @@ def card_context(out_dir: Path, manifest: dict[str, Any], license_id: str, licen
         ("teacher requests", f"{tokens.get('requests', 0):,}"),
         ("prompt tokens", f"{tokens.get('prompt', 0):,}"),
         ("completion tokens", f"{tokens.get('completion', 0):,}"),
-        ("cost (USD)", f"{cost:.4f}" if isinstance(cost, int | float) else "not tracked"),
+        (
+            "cost (USD)",
+            (f"{cost:.4f}" + (" (batch prices)" if isinstance(batch, dict) else ""))
+            if isinstance(cost, int | float)
+            else "not tracked",
+        ),
         ("rejected episodes", f"{counts.get('rejected', 0):,}"),
     ]
     reasons = sorted((counts.get("reject_reasons") or {}).items(), key=lambda kv: -kv[1])
