@@ -220,6 +220,34 @@ def check_answer(
     return (answer, []) if not errors else (None, errors)
 
 
+def commit_response(
+    store: ResultStore,
+    key: str,
+    episode_id: str,
+    model: str,
+    attempt: int,
+    response: TeacherResponse,
+    answer: dict[str, Any] | None,
+    errors: list[str],
+    cost: float,
+) -> Attempt:
+    """Persist one raw answer before anything uses it: with its validated answer (one transaction)
+    when it passed the checks, as an attempt with its errors when not. Live and batch mode alike."""
+    stored = Attempt(
+        attempt, response.text, response.finish_reason, errors, response.prompt_tokens, response.completion_tokens, cost
+    )
+    if answer is not None:
+        store.record_answer(key, episode_id, model, stored, answer)
+    else:
+        store.record_attempt(key, episode_id, model, stored)
+    return stored
+
+
+def invalid_reason(attempts: int, errors: list[str]) -> str:
+    """The reject reason of an episode whose every answer failed the checks."""
+    return redact(f"invalid after {attempts} attempt(s): " + "; ".join(errors[:5]))
+
+
 def assemble_record(prepared: PreparedRequest, answer: dict[str, Any], schema_id: str) -> dict[str, Any]:
     """The full rationale record: the teacher's answer plus the step-level view aligned to time."""
     facts: EpisodeFacts = prepared.bundle.facts
@@ -576,21 +604,18 @@ class Engine:
                 answer, errors = check_answer(response, request.context, opts.schema_id)
                 cost = self.prices.cost(self.teacher.model, response.prompt_tokens, response.completion_tokens)
                 # Committed before anything else looks at it: a crash from here on never pays again.
-                stored = Attempt(
+                await self._db(
+                    commit_response,
+                    self.store,
+                    item.key,
+                    item.episode_id,
+                    self.teacher.model,
                     attempt,
-                    response.text,
-                    response.finish_reason,
+                    response,
+                    answer,
                     errors,
-                    response.prompt_tokens,
-                    response.completion_tokens,
                     cost,
                 )
-                if answer is not None:
-                    await self._db(
-                        self.store.record_answer, item.key, item.episode_id, self.teacher.model, stored, answer
-                    )
-                else:
-                    await self._db(self.store.record_attempt, item.key, item.episode_id, self.teacher.model, stored)
                 c = self.counters
                 c.requests += 1
                 c.prompt_tokens += response.prompt_tokens
@@ -603,9 +628,9 @@ class Engine:
                 if attempt < opts.max_attempts:
                     c.reasks += 1
                     messages = messages + reask_messages(self.template, response.text, errors)
-            reason = f"invalid after {attempt} attempt(s): " + "; ".join(last_errors[:5])
-            await self._db(self.store.commit_reject, item.key, item.episode_id, redact(reason), last_raw, attempt)
-            self._finish(item, "rejected", reason=redact(reason), attempts=attempt)
+            reason = invalid_reason(attempt, last_errors)
+            await self._db(self.store.commit_reject, item.key, item.episode_id, reason, last_raw, attempt)
+            self._finish(item, "rejected", reason=reason, attempts=attempt)
         except PermanentTeacherError as exc:
             reason = redact(f"the teacher refused the request: {exc}")
             await self._db(self.store.commit_reject, item.key, item.episode_id, reason, "", 0)

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ...schemas import SemanticContext
-from ..engine import Engine, PreparedRequest, check_answer
+from ..engine import Engine, PreparedRequest, check_answer, commit_response, invalid_reason
 from ..episode import Episode
 from ..errors import RefineError
 from ..prompts import reask_messages
@@ -282,21 +282,13 @@ class BatchRunner:
             )
             answer, errors = check_answer(response, context, self.schema_id)
             cost = self.engine.prices.cost(self.model, response.prompt_tokens, response.completion_tokens, batch=True)
-            stored = Attempt(
-                it.attempt,
-                response.text,
-                response.finish_reason,
-                errors,
-                response.prompt_tokens,
-                response.completion_tokens,
-                cost,
+            stored = commit_response(
+                self.store, it.key, it.episode_id, self.model, it.attempt, response, answer, errors, cost
             )
             if answer is not None:
-                self.store.record_answer(it.key, it.episode_id, self.model, stored, answer)
                 self.store.set_item_outcome(it.key, row.local_id, "answered")
                 self.summary.answered += 1
                 continue
-            self.store.record_attempt(it.key, it.episode_id, self.model, stored)
             self.store.set_item_outcome(it.key, row.local_id, "invalid")
             self.summary.invalid += 1
             if it.attempt >= self.max_attempts:
@@ -319,8 +311,7 @@ class BatchRunner:
             self.summary.rejected += 1
 
     def _reject(self, key: str, episode_id: str, last: Attempt, attempts: int) -> None:
-        reason = redact(f"invalid after {attempts} attempt(s): " + "; ".join(last.errors[:5]))
-        self.store.commit_reject(key, episode_id, reason, last.raw, attempts)
+        self.store.commit_reject(key, episode_id, invalid_reason(attempts, last.errors), last.raw, attempts)
         self.summary.rejected += 1
 
     # ----------------------------------------------------------------- cancelling
