@@ -8,7 +8,8 @@ written by the project's RLDS writer, with 6 keyframes each as live mode sends t
    write the JSONL input files (--batch-requests per file), record their keys, upload and create;
 2. ingest — poll, download every output file, validate every answer and commit it to the store.
 
-For each phase: CPU seconds of this process (user + system) and its peak RSS, and the input bytes.
+For each phase: CPU seconds of this process (user + system) and its peak RSS (the episodes are written
+by a child process beforehand, so the peak is batch mode's alone), and the input bytes.
 Then the cost of the same requests at live and at batch prices from the packaged price table,
 with the tokens the fake reports per answer (1,000 prompt + 200 completion, about what a keyframe
 request costs), for a few models.
@@ -20,6 +21,7 @@ request costs), for a few models.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import os
 import resource
 import sys
@@ -73,7 +75,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         t0 = time.monotonic()
-        uri = write_source(work, opts.requests, opts.image_size)
+        # written in a child process, so this process's peak RSS is batch mode's alone
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            uri = pool.apply(write_source, (work, opts.requests, opts.image_size))
         print(f"wrote {opts.requests} episodes in {time.monotonic() - t0:.0f} s", file=sys.stderr)
         answer = "tests.annotate.fake_openai_batch:rationale_answer"
         with FakeOpenAIBatchProcess(work / "api", api_key=SECRET, answer=answer) as server:
