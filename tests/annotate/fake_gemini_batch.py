@@ -39,32 +39,20 @@ controls are changed by writing D/controls.json (`write_controls`).
 
 from __future__ import annotations
 
-import argparse
 import base64
 import binascii
-import contextlib
 import datetime
 import hashlib
 import json
-import os
 import re
 import secrets
 import string
-import subprocess
-import sys
-import threading
-import time
-import traceback
 import urllib.parse
-from collections.abc import Callable
-from dataclasses import asdict
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from tests.annotate.fake_openai_batch import Fault, RecordedRequest, resolve_answer
+from tests.annotate.fake_batch_common import NOT_JSON, Answer, FakeBatchAPI, FakeBatchProcess, Reply, jsonl_lines, serve
 
-ROOT = Path(__file__).resolve().parents[2]
 API = "v1beta"
 MAX_BYTES = 2_000_000_000  # the Batch API's documented limit per input file
 BATCH_TYPE = "type.googleapis.com/google.ai.generativelanguage.v1main.GenerateContentBatch"
@@ -80,8 +68,6 @@ CONTROLS = (
     "page_size",
     "faults",
 )
-
-Answer = Callable[[str, dict[str, Any]], "dict[str, Any] | tuple[int, str]"]
 
 # HTTP status -> (google.rpc.Code, its name)
 STATUS = {
@@ -264,8 +250,12 @@ def request_problem(request: Any) -> str | None:
     return None
 
 
-class FakeGeminiBatch:
+class FakeGeminiBatch(FakeBatchAPI):
     """The fake API's state and behaviour; `start()` (or `with`) serves it on 127.0.0.1 from a thread."""
+
+    CONTROLS = CONTROLS
+    KEY_HEADER = ("x-goog-api-key", "{}")
+    JSON_TYPE = "application/json; charset=UTF-8"
 
     def __init__(
         self,
@@ -281,101 +271,12 @@ class FakeGeminiBatch:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self.api_key = api_key
-        self.answer: Answer | str = answer
         self.pending_polls = pending_polls
         self.running_polls = running_polls
         self.fail_batch = fail_batch
         self.expire_batch = expire_batch
-        self.page_size = page_size
-        self.faults: list[Fault] = []
-        self.files: dict[str, dict[str, Any]] = {}  # "files/.." -> File, in creation order
-        self.batches: dict[str, dict[str, Any]] = {}  # "batches/.." -> GenerateContentBatch, in creation order
-        self.submitted: list[str] = []  # key of every line of every batch created
-        self.answered: list[str] = []  # key of every line answered with a response (billed)
-        self.requests: list[RecordedRequest] = []
-        self._contents: dict[str, bytes] = {}
-        self._runs: dict[str, dict[str, Any]] = {}  # batch name -> the fake's own bookkeeping
         self._sessions: dict[str, dict[str, Any]] = {}  # upload id -> file metadata, declared size, bytes so far
-        self._lock = threading.RLock()
-        self._state_dir = Path(state_dir) if state_dir is not None else None
-        self._controls_mtime: float | None = None
-        self._host, self._port = host, port
-        self._server: ThreadingHTTPServer | None = None
-        self.base_url = ""
-        if self._state_dir is not None:
-            (self._state_dir / "files").mkdir(parents=True, exist_ok=True)
-            (self._state_dir / "requests").mkdir(exist_ok=True)
-            self._load()
-
-    # ------------------------------------------------------------------ serving
-    def start(self) -> FakeGeminiBatch:
-        server = ThreadingHTTPServer((self._host, self._port), _handler(self))
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        self._server = server
-        self.base_url = f"http://{self._host}:{server.server_address[1]}"
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeGeminiBatch:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # ------------------------------------------------------------ test helpers
-    @classmethod
-    def load(cls, state_dir: Path | str) -> FakeGeminiBatch:
-        """The state another process's server saved in `state_dir` (not served)."""
-        return cls(state_dir=state_dir)
-
-    def fail_next(
-        self, method: str, path: str, status: int = 500, *, times: int = 1, message: str | None = None
-    ) -> None:
-        """Fail the next `times` requests to `method` `path...` with `status` (0: do the work, then drop
-        the response). `path` is matched as a prefix, e.g. "/v1beta/batches/" or "/upload/"."""
-        fault = Fault(method.upper(), path, status, times=times)
-        fault.message = message or STATUS.get(status, (2, "the fake's fault"))[1].lower().replace("_", " ")
-        with self._lock:
-            self.faults.append(fault)
-
-    def content(self, name: str) -> bytes:
-        """The bytes of a file ("files/...")."""
-        with self._lock:
-            if name in self._contents:
-                return self._contents[name]
-        path = self._state_dir / "files" / name.removeprefix("files/") if self._state_dir is not None else None
-        if path is not None and path.exists():
-            return path.read_bytes()
-        raise KeyError(name)
-
-    def leaks(self, secret: str) -> list[str]:
-        """Where the client put `secret` other than in the `x-goog-api-key` header (requests and uploaded
-        files): [] when nowhere."""
-        found = []
-        needle = secret.encode()
-        for i, r in enumerate(self.requests):
-            if secret in r.path:
-                found.append(f"request {i} path")
-            for name, value in r.headers.items():
-                if secret in value and not (name == "x-goog-api-key" and value == secret):
-                    found.append(f"request {i} header {name}")
-            if needle in r.body:
-                found.append(f"request {i} body")
-        uploaded = [name for name, file in self.files.items() if file.get("source") == "UPLOADED"]
-        found += [f"file {name}" for name in uploaded if needle in self.content(name)]
-        return found
-
-    def batch_lines(self, batch: str) -> list[dict[str, Any]]:
-        """The parsed lines of a batch's input file."""
-        data = self.content(self.batches[batch]["inputConfig"]["fileName"])
-        return [json.loads(line) for line in data.split(b"\n") if line.strip()]
+        super().__init__(api_key=api_key, answer=answer, page_size=page_size, state_dir=state_dir, host=host, port=port)
 
     def operation(self, batch: str) -> dict[str, Any]:
         """The Operation `GET /v1beta/{batch}` would answer (without moving the batch on)."""
@@ -383,31 +284,30 @@ class FakeGeminiBatch:
             return self._operation(batch)
 
     # ------------------------------------------------------------- the API
-    def handle(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int, Any, bool, dict[str, str]]:
-        """One request -> (status, JSON payload or bytes, drop the response, extra headers)."""
-        with self._lock:
-            self._record(RecordedRequest(method, path, headers, body))
-            self._reload_controls()
-            url = urllib.parse.urlsplit(path)
-            query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
-            chunk = url.path.startswith("/upload/") and "upload_id" in query
-            extra = {"X-Goog-Upload-Status": "final"} if chunk else {}  # so the SDK does not retry a chunk
-            fault = next((f for f in self.faults if f.method == method and path.startswith(f.path)), None)
-            if fault is not None:
-                fault.times -= 1
-                if fault.times <= 0:
-                    self.faults.remove(fault)
-                if fault.status:
-                    return fault.status, _error(fault.status, fault.message), False, extra
-            try:
-                if not chunk:  # an upload URL is its own credential (the SDK sends no key with chunks)
-                    self._authenticate(headers, query)
-                status, payload, more = self._route(method, url.path, query, headers, body)
-            except ApiError as exc:
-                status, payload, more = exc.status, _error(exc.status, exc.message, exc.details), {}
-            return status, payload, fault is not None, {**extra, **more}
+    def _respond(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        url = urllib.parse.urlsplit(path)
+        query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
+        try:
+            if not _is_chunk(path):  # an upload URL is its own credential (the SDK sends no key with chunks)
+                self._authenticate(headers, query)
+            return self._route(method, url.path, query, headers, body)
+        except ApiError as exc:
+            return Reply(exc.status, _error(exc.status, exc.message, exc.details))
+
+    def _error_body(self, status: int, message: str) -> dict[str, Any]:
+        return _error(status, message)
+
+    def _headers(self, path: str) -> dict[str, str]:
+        return {"X-Goog-Upload-Status": "final"} if _is_chunk(path) else {}  # so the SDK does not retry a chunk
+
+    def _fault_message(self, status: int) -> str:
+        return STATUS.get(status, (2, "the fake's fault"))[1].lower().replace("_", " ")
+
+    def _input_file(self, batch: dict[str, Any]) -> str:
+        return str(batch["inputConfig"]["fileName"])
+
+    def _is_upload(self, file: dict[str, Any]) -> bool:
+        return file.get("source") == "UPLOADED"
 
     def _authenticate(self, headers: dict[str, str], query: dict[str, str]) -> None:
         given = headers.get("x-goog-api-key") or query.get("key")
@@ -426,9 +326,7 @@ class FakeGeminiBatch:
             }
             raise ApiError(400, "API key not valid. Please pass a valid API key.", [info])
 
-    def _route(
-        self, method: str, path: str, query: dict[str, str], headers: dict[str, str], body: bytes
-    ) -> tuple[int, Any, dict[str, str]]:
+    def _route(self, method: str, path: str, query: dict[str, str], headers: dict[str, str], body: bytes) -> Reply:
         parts = path.strip("/").split("/")
         if parts[:3] == ["upload", API, "files"] and len(parts) == 3 and method == "POST":
             if "upload_id" in query:
@@ -439,7 +337,7 @@ class FakeGeminiBatch:
         route, rest = parts[1], parts[2:]
         if route == "files" and not rest and method == "GET":
             items = list(reversed(self.files.values()))
-            return 200, self._page(items, "files", query, default=10), {}
+            return Reply(200, self._page(items, "files", query, default=10))
         if route == "files" and len(rest) == 1:
             name, _, verb = rest[0].partition(":")
             file = self._file(f"files/{name}")
@@ -448,32 +346,30 @@ class FakeGeminiBatch:
                     raise ApiError(400, "download needs alt=media")
                 if file.get("source") != "GENERATED":
                     raise ApiError(400, "Only generated files can be downloaded.")
-                return 200, self.content(file["name"]), {}
+                return Reply(200, self.content(file["name"]))
             if not verb and method == "GET":
-                return 200, file, {}
+                return Reply(200, file)
             if not verb and method == "DELETE":
-                del self.files[file["name"]]
-                self._contents.pop(file["name"], None)
-                self._save()
-                return 200, {}, {}
+                self._delete_file(file["name"])
+                return Reply(200, {})
         if route == "models" and len(rest) == 1 and rest[0].endswith(":batchGenerateContent") and method == "POST":
-            return 200, self._create_batch(rest[0].removesuffix(":batchGenerateContent"), body), {}
+            return Reply(200, self._create_batch(rest[0].removesuffix(":batchGenerateContent"), body))
         if route == "batches" and not rest and method == "GET":
             items = [self._operation(name) for name in reversed(self.batches)]  # newest first
-            return 200, self._page(items, "operations", query, default=50), {}
+            return Reply(200, self._page(items, "operations", query, default=50))
         if route == "batches" and len(rest) == 1:
             name, _, verb = rest[0].partition(":")
             batch = f"batches/{name}"
             if batch not in self.batches:
                 raise ApiError(404, f"Batch {batch} not found.")
             if not verb and method == "GET":
-                return 200, self._get(batch), {}
+                return Reply(200, self._get(batch))
             if verb == "cancel" and method == "POST":
-                return 200, self._cancel(batch), {}
+                return Reply(200, self._cancel(batch))
             if not verb and method == "DELETE":
                 del self.batches[batch]
                 self._save()
-                return 200, {}, {}
+                return Reply(200, {})
         raise ApiError(404, f"The requested URL {path} was not found on this server ({method}).")
 
     def _page(self, items: list[dict[str, Any]], field: str, query: dict[str, str], default: int) -> dict[str, Any]:
@@ -507,16 +403,10 @@ class FakeGeminiBatch:
         if source == "GENERATED":
             file["downloadUri"] = f"{self.base_url}/download/{API}/{name}:download?alt=media"
         self.files[name] = file
-        if self._state_dir is not None:
-            target = self._state_dir / "files" / name.removeprefix("files/")
-            tmp = target.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
-        else:
-            self._contents[name] = data
+        self._store_file(name, data)
         return file
 
-    def _upload_start(self, headers: dict[str, str], body: bytes) -> tuple[int, Any, dict[str, str]]:
+    def _upload_start(self, headers: dict[str, str], body: bytes) -> Reply:
         if headers.get("x-goog-upload-protocol") != "resumable" or headers.get("x-goog-upload-command") != "start":
             raise ApiError(400, "Only the resumable upload protocol is supported by this fake.")
         try:
@@ -536,9 +426,9 @@ class FakeGeminiBatch:
             "data": bytearray(),
         }
         url = f"{self.base_url}/upload/{API}/files?upload_id={upload_id}&upload_protocol=resumable"
-        return 200, b"", {"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active"}
+        return Reply(200, b"", {"X-Goog-Upload-URL": url, "X-Goog-Upload-Status": "active"})
 
-    def _upload_chunk(self, upload_id: str, headers: dict[str, str], body: bytes) -> tuple[int, Any, dict[str, str]]:
+    def _upload_chunk(self, upload_id: str, headers: dict[str, str], body: bytes) -> Reply:
         session = self._sessions.get(upload_id)
         if session is None:
             raise ApiError(404, "No such upload session.")
@@ -548,7 +438,7 @@ class FakeGeminiBatch:
         if "upload" in command:
             session["data"] += body
         if "finalize" not in command:
-            return 200, b"", {"X-Goog-Upload-Status": "active"}
+            return Reply(200, b"", {"X-Goog-Upload-Status": "active"})
         del self._sessions[upload_id]
         data = bytes(session["data"])
         if len(data) != session["size"]:
@@ -556,7 +446,7 @@ class FakeGeminiBatch:
         name = session["name"] or f"files/{_id(12)}"
         file = self._new_file(name, session["display_name"], session["mime"], data, "UPLOADED")
         self._save()
-        return 200, {"file": file}, {"X-Goog-Upload-Status": "final"}
+        return Reply(200, {"file": file}, {"X-Goog-Upload-Status": "final"})
 
     def _create_batch(self, model: str, body: bytes) -> dict[str, Any]:
         try:
@@ -604,12 +494,8 @@ class FakeGeminiBatch:
         """The input file's lines, and what makes the whole file unreadable (empty if nothing)."""
         lines: list[dict[str, Any]] = []
         problems: list[str] = []
-        for number, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = json.loads(raw)
-            except ValueError:
+        for number, line in jsonl_lines(data):
+            if line is NOT_JSON:
                 problems.append(f"line {number}: not valid JSON")
                 continue
             if not isinstance(line, dict) or not isinstance(line.get("key"), str) or "request" not in line:
@@ -657,13 +543,12 @@ class FakeGeminiBatch:
 
     def _finish(self, name: str) -> None:
         """Answer every line and write the result file."""
-        answer = resolve_answer(self.answer)
         out: list[dict[str, Any]] = []
         ok = failed = 0
         for line in self.batch_lines(name):
             key, request = line["key"], line["request"]
             problem = request_problem(request)
-            result: dict[str, Any] | tuple[int, str] = (400, problem) if problem else answer(key, request)
+            result: dict[str, Any] | tuple[int, str] = (400, problem) if problem else self._answer(key, request)
             if isinstance(result, tuple):
                 out.append({"key": key, "error": _rpc_status(*result)})
                 failed += 1
@@ -694,214 +579,32 @@ class FakeGeminiBatch:
         self._save()
         return {}
 
-    # ------------------------------------------------------------ persistence
-    def _record(self, request: RecordedRequest) -> None:
-        self.requests.append(request)
-        if self._state_dir is None:
-            return
-        number = len(self.requests)
-        (self._state_dir / "requests" / f"{number:06d}.body").write_bytes(request.body)
-        entry = {"method": request.method, "path": request.path, "headers": request.headers, "n": number}
-        with open(self._state_dir / "requests.jsonl", "a") as fh:
-            fh.write(json.dumps(entry) + "\n")
 
-    def _save(self) -> None:
-        if self._state_dir is None:
-            return
-        state = {
-            "files": self.files,
-            "batches": self.batches,
-            "runs": self._runs,
-            "submitted": self.submitted,
-            "answered": self.answered,
-        }
-        tmp = self._state_dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self._state_dir / "state.json")
-
-    def _load(self) -> None:
-        assert self._state_dir is not None
-        path = self._state_dir / "state.json"
-        if path.exists():
-            state = json.loads(path.read_text())
-            self.files, self.batches, self._runs = state["files"], state["batches"], state["runs"]
-            self.submitted, self.answered = state["submitted"], state["answered"]
-        log = self._state_dir / "requests.jsonl"
-        if log.exists():
-            for text in log.read_text().split("\n"):
-                try:  # the last line may be half written by a running server
-                    entry = json.loads(text)
-                except ValueError:
-                    continue
-                body = (self._state_dir / "requests" / f"{entry['n']:06d}.body").read_bytes()
-                self.requests.append(RecordedRequest(entry["method"], entry["path"], entry["headers"], body))
-        self._reload_controls()
-
-    def _reload_controls(self) -> None:
-        """Apply `state_dir/controls.json` when it changed (how a test steers a server in another process)."""
-        if self._state_dir is None:
-            return
-        path = self._state_dir / "controls.json"
-        try:
-            mtime = path.stat().st_mtime
-        except FileNotFoundError:
-            return
-        if mtime == self._controls_mtime:
-            return
-        self._controls_mtime = mtime
-        for name, value in json.loads(path.read_text()).items():
-            if name not in CONTROLS:
-                raise ValueError(f"unknown control {name!r} in {path}")
-            setattr(self, name, [Fault(**f) for f in value] if name == "faults" else value)
+def _is_chunk(path: str) -> bool:
+    """Whether `path` is an upload URL (a chunk of a resumable upload)."""
+    url = urllib.parse.urlsplit(path)
+    return url.path.startswith("/upload/") and "upload_id" in urllib.parse.parse_qs(url.query)
 
 
-def write_controls(state_dir: Path | str, **controls: Any) -> None:
-    """Steer a server running in another process on `state_dir` (names as FakeGeminiBatch's arguments;
-    `answer` as "module:function"; `faults` as a list of `Fault` or dicts)."""
-    path = Path(state_dir) / "controls.json"
-    current = json.loads(path.read_text()) if path.exists() else {}
-    for name, value in controls.items():
-        if name not in CONTROLS:
-            raise ValueError(f"unknown control {name!r}")
-        if name == "faults":
-            value = [asdict(f) if isinstance(f, Fault) else f for f in value]
-        current[name] = value
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current))
-    os.replace(tmp, path)
-    # the server notices a new mtime; make sure two writes within the clock's resolution differ
-    os.utime(path, ns=(time.time_ns(), time.time_ns() + len(current)))
+write_controls = FakeGeminiBatch.write_controls
 
 
-def _handler(fake: FakeGeminiBatch) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+class FakeGeminiBatchProcess(FakeBatchProcess[FakeGeminiBatch]):
+    """FakeGeminiBatch served by another process on `state_dir` (see `FakeBatchProcess`), e.g. `FakeGeminiBatchProcess(
+    tmp_path / "api", api_key=KEY, answer="tests.annotate.fake_gemini_batch:rationale_answer")`."""
 
-        def log_message(self, *args: Any) -> None:  # quiet
-            pass
-
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks = []
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass
-                        return b"".join(chunks)
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-
-        def _serve(self) -> None:
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            try:
-                status, payload, drop, extra = fake.handle(self.command, self.path, headers, self._body())
-            except Exception as exc:  # a bug in the fake or a test's answer(): say so loudly
-                traceback.print_exc()
-                status, payload, drop, extra = 500, _error(500, f"fake server error: {exc!r}"), False, {}
-            if drop:
-                self.close_connection = True
-                return
-            if isinstance(payload, bytes):
-                data, kind = payload, "application/octet-stream"
-            else:
-                data, kind = json.dumps(payload).encode(), "application/json; charset=UTF-8"
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(data)))
-            for name, value in extra.items():
-                self.send_header(name, value)
-            self.end_headers()
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                self.wfile.write(data)
-
-        do_GET = do_POST = do_DELETE = _serve
-
-    return Handler
-
-
-class FakeGeminiBatchProcess:
-    """The fake served by another process on `state_dir`: it outlives a kill -9 of the client under test.
-
-    `with FakeGeminiBatchProcess(tmp_path / "api", api_key=KEY, answer="tests.annotate.fake_gemini_batch:
-    rationale_answer") as server:` then `server.base_url`, `server.records()`, `server.set(...)`.
-    Options are FakeGeminiBatch's arguments (`answer` as "module:function"); `kill()` then `start()`
-    restarts the server on the same state (on a new port: read `base_url` again).
-    """
-
-    def __init__(self, state_dir: Path | str, **options: Any) -> None:
-        self.state_dir = Path(state_dir)
-        self.options = options
-        self.process: subprocess.Popen[bytes] | None = None
-        self.base_url = ""
-
-    def start(self, timeout: float = 30.0) -> FakeGeminiBatchProcess:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        ready = self.state_dir / "server.json"
-        ready.unlink(missing_ok=True)
-        args = [sys.executable, "-m", "tests.annotate.fake_gemini_batch", "--state-dir", str(self.state_dir)]
-        for name, value in self.options.items():
-            flag = f"--{name.replace('_', '-')}"
-            if value is True:
-                args.append(flag)
-            elif value is not None and value is not False:
-                args += [flag, str(value)]
-        self.process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the fake Gemini Batch API did not start (exit code {self.process.poll()})")
-            time.sleep(0.02)
-        self.base_url = json.loads(ready.read_text())["base_url"]
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.process = None
-
-    def kill(self) -> None:
-        """kill -9 the server (its state stays in `state_dir`)."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-        self.process = None
-
-    def records(self) -> FakeGeminiBatch:
-        """What the server has recorded so far (files, batches, submitted, answered, requests)."""
-        return FakeGeminiBatch.load(self.state_dir)
-
-    def set(self, **controls: Any) -> None:
-        write_controls(self.state_dir, **controls)
-
-    def __enter__(self) -> FakeGeminiBatchProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    FAKE = FakeGeminiBatch
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A fake Gemini Files + Batch API (for tests).")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--state-dir", type=Path, required=True)
-    parser.add_argument("--api-key")
-    parser.add_argument("--answer", default="tests.annotate.fake_gemini_batch:echo_answer")
-    for name in ("pending_polls", "running_polls", "page_size"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int)
-    parser.add_argument("--fail-batch")
-    parser.add_argument("--expire-batch", action="store_true", default=None)
-    args = parser.parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if v is not None and k not in ("port", "state_dir")}
-    fake = FakeGeminiBatch(state_dir=args.state_dir, port=args.port, **options).start()
-    tmp = args.state_dir / "server.json.tmp"
-    tmp.write_text(json.dumps({"base_url": fake.base_url, "pid": os.getpid()}))
-    os.replace(tmp, args.state_dir / "server.json")
-    print(f"ready {fake.base_url}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        threading.Event().wait()
+    numbers = ("pending_polls", "running_polls")
+    serve(
+        FakeGeminiBatch,
+        argv,
+        "A fake Gemini Files + Batch API (for tests).",
+        numbers=numbers,
+        switches=("expire_batch",),
+    )
 
 
 if __name__ == "__main__":

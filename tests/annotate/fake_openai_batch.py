@@ -31,28 +31,16 @@ controls are changed by writing D/controls.json (`write_controls`), re-read when
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import email.message
-import importlib
 import json
-import os
 import secrets
-import subprocess
-import sys
-import threading
 import time
-import traceback
 import urllib.parse
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-
-Answer = Callable[[str, dict[str, Any]], "dict[str, Any] | tuple[int, str]"]
+from tests.annotate.fake_batch_common import NOT_JSON, Answer, FakeBatchAPI, FakeBatchProcess, Reply, jsonl_lines, serve
+from tests.annotate.fake_batch_common import Fault as Fault  # re-exported: what tests arm `faults` with
 
 ENDPOINTS = (
     "/v1/responses",
@@ -125,36 +113,6 @@ def rationale_answer(custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
     return chat_completion(json.dumps(valid_answer(text)), model=str(body.get("model") or "gpt-4.1-mini"))
 
 
-def resolve_answer(answer: Answer | str) -> Answer:
-    """`answer` itself, or the function a "module:function" string names."""
-    if callable(answer):
-        return answer
-    module, _, name = answer.partition(":")
-    fn: Answer = getattr(importlib.import_module(module), name)
-    return fn
-
-
-@dataclass
-class RecordedRequest:
-    method: str
-    path: str  # with the query string
-    headers: dict[str, str]  # names lower-cased
-    body: bytes
-
-
-@dataclass
-class Fault:
-    """Answer the next `times` requests matching method and path prefix with an HTTP error; or (status 0)
-    do the work and then drop the connection without a response: a response lost on the way back; or
-    (status -1) do the work and send only the first half of the response body: a download cut short."""
-
-    method: str
-    path: str
-    status: int = 500
-    message: str = "The server had an error while processing your request."
-    times: int = 1
-
-
 def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
     start = 0
     if after:
@@ -208,8 +166,12 @@ def parse_multipart(body: bytes, content_type: str) -> dict[str, tuple[str | Non
     return fields
 
 
-class FakeOpenAIBatch:
+class FakeOpenAIBatch(FakeBatchAPI):
     """The fake API's state and behaviour; `start()` (or `with`) serves it on 127.0.0.1 from a thread."""
+
+    CONTROLS = CONTROLS
+    BASE_PATH = "/v1"
+    KEY_HEADER = ("authorization", "Bearer {}")
 
     def __init__(
         self,
@@ -226,126 +188,38 @@ class FakeOpenAIBatch:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
-        self.api_key = api_key
-        self.answer: Answer | str = answer
         self.validating_polls = validating_polls
         self.in_progress_polls = in_progress_polls
         self.finalizing_polls = finalizing_polls
         self.expire_after_lines = expire_after_lines
         self.fail_batch = fail_batch
-        self.page_size = page_size
-        self.faults: list[Fault] = []
-        self.files: dict[str, dict[str, Any]] = {}  # id -> file object, in creation order
-        self.batches: dict[str, dict[str, Any]] = {}  # id -> batch object, in creation order
-        self.submitted: list[str] = []  # custom_id of every line of every batch created
-        self.answered: list[str] = []  # custom_id of every line answered with HTTP 200 (billed)
-        self.requests: list[RecordedRequest] = []
-        self._contents: dict[str, bytes] = {}
-        self._runs: dict[str, dict[str, Any]] = {}  # batch id -> the fake's own bookkeeping
-        self._lock = threading.RLock()
-        self._state_dir = Path(state_dir) if state_dir is not None else None
-        self._controls_text: str | None = None  # controls.json as last applied
-        self._host, self._port = host, port
-        self._server: ThreadingHTTPServer | None = None
-        self.base_url = ""
-        if self._state_dir is not None:
-            (self._state_dir / "files").mkdir(parents=True, exist_ok=True)
-            (self._state_dir / "requests").mkdir(exist_ok=True)
-            self._load()
-
-    # ------------------------------------------------------------------ serving
-    def start(self) -> FakeOpenAIBatch:
-        server = ThreadingHTTPServer((self._host, self._port), _handler(self))
-        server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        self._server = server
-        self.base_url = f"http://{self._host}:{server.server_address[1]}/v1"
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def __enter__(self) -> FakeOpenAIBatch:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # ------------------------------------------------------------ test helpers
-    @classmethod
-    def load(cls, state_dir: Path | str) -> FakeOpenAIBatch:
-        """The state another process's server saved in `state_dir` (not served)."""
-        return cls(state_dir=state_dir)
-
-    def fail_next(
-        self, method: str, path: str, status: int = 500, *, times: int = 1, message: str | None = None
-    ) -> None:
-        """Fail the next `times` requests to `method` `path...` with `status` (0: drop the response, -1: cut it)."""
-        fault = Fault(method.upper(), path, status, times=times)
-        if message is not None:
-            fault.message = message
-        with self._lock:
-            self.faults.append(fault)
-
-    def content(self, file_id: str) -> bytes:
-        with self._lock:
-            if file_id in self._contents:
-                return self._contents[file_id]
-        if self._state_dir is not None and (self._state_dir / "files" / file_id).exists():
-            return (self._state_dir / "files" / file_id).read_bytes()
-        raise KeyError(file_id)
-
-    def leaks(self, secret: str) -> list[str]:
-        """Where the client sent `secret` other than as `Authorization: Bearer <secret>` (paths, other
-        headers, bodies, uploaded files): [] when nowhere."""
-        found = []
-        needle = secret.encode()
-        for i, r in enumerate(self.requests):
-            if secret in r.path:
-                found.append(f"request {i} path")
-            for name, value in r.headers.items():
-                if secret in value and not (name == "authorization" and value == f"Bearer {secret}"):
-                    found.append(f"request {i} header {name}")
-            if needle in r.body:
-                found.append(f"request {i} body")
-        uploaded = [fid for fid, f in self.files.items() if f["purpose"] != "batch_output"]
-        found += [f"file {fid}" for fid in uploaded if needle in self.content(fid)]
-        return found
-
-    def batch_lines(self, batch_id: str) -> list[dict[str, Any]]:
-        """The parsed lines of a batch's input file."""
-        data = self.content(self.batches[batch_id]["input_file_id"])
-        return [json.loads(line) for line in data.split(b"\n") if line.strip()]
+        super().__init__(api_key=api_key, answer=answer, page_size=page_size, state_dir=state_dir, host=host, port=port)
 
     # ------------------------------------------------------------- the API
-    def handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, Any, int | None]:
-        """One request -> (status, JSON payload or bytes, the fault's status if the response is dropped or cut)."""
-        with self._lock:
-            self._record(RecordedRequest(method, path, headers, body))
-            self._reload_controls()
-            fault = next((f for f in self.faults if f.method == method and path.startswith(f.path)), None)
-            if fault is not None:
-                fault.times -= 1
-                if fault.times <= 0:
-                    self.faults.remove(fault)
-                if fault.status > 0:
-                    kind = "server_error" if fault.status >= 500 else "invalid_request_error"
-                    return fault.status, _error(fault.message, kind), None
-            auth = headers.get("authorization", "")
-            given = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
-            if not given:
-                return 401, _error("You didn't provide an API key.", code="invalid_api_key"), None
-            if self.api_key is not None and given != self.api_key:
-                # Echoes the whole key (OpenAI shows part of it): proves the client redacts server text.
-                return 401, _error(f"Incorrect API key provided: {given}.", code="invalid_api_key"), None
-            try:
-                status, payload = self._route(method, path, headers, body)
-            except ApiError as exc:
-                status, payload = exc.status, _error(exc.message, exc.kind)
-            return status, payload, fault.status if fault is not None else None
+    def _respond(self, method: str, path: str, headers: dict[str, str], body: bytes) -> Reply:
+        auth = headers.get("authorization", "")
+        given = auth.removeprefix("Bearer ").strip() if auth.startswith("Bearer ") else ""
+        if not given:
+            return Reply(401, _error("You didn't provide an API key.", code="invalid_api_key"))
+        if self.api_key is not None and given != self.api_key:
+            # Echoes the whole key (OpenAI shows part of it): proves the client redacts server text.
+            return Reply(401, _error(f"Incorrect API key provided: {given}.", code="invalid_api_key"))
+        try:
+            return Reply(*self._route(method, path, headers, body))
+        except ApiError as exc:
+            return Reply(exc.status, _error(exc.message, exc.kind))
+
+    def _error_body(self, status: int, message: str) -> dict[str, Any]:
+        return _error(message, "server_error" if status >= 500 else "invalid_request_error")
+
+    def _headers(self, path: str) -> dict[str, str]:
+        return {"x-request-id": f"req_{secrets.token_hex(8)}"}
+
+    def _input_file(self, batch: dict[str, Any]) -> str:
+        return str(batch["input_file_id"])
+
+    def _is_upload(self, file: dict[str, Any]) -> bool:
+        return bool(file["purpose"] != "batch_output")
 
     def _route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         url = urllib.parse.urlsplit(path)
@@ -362,11 +236,7 @@ class FakeOpenAIBatch:
             return 200, self._file(parts[2])
         if route[:2] == ("DELETE", "files") and len(parts) == 3:
             self._file(parts[2])
-            del self.files[parts[2]]
-            self._contents.pop(parts[2], None)
-            if self._state_dir is not None:
-                (self._state_dir / "files" / parts[2]).unlink(missing_ok=True)
-            self._save()
+            self._delete_file(parts[2])
             return 200, {"id": parts[2], "object": "file", "deleted": True}
         if route[:2] == ("GET", "files") and len(parts) == 4 and parts[3] == "content":
             self._file(parts[2])
@@ -402,12 +272,7 @@ class FakeOpenAIBatch:
             "expires_at": int(time.time()) + 30 * 86400 if purpose.startswith("batch") else None,
         }
         self.files[file_id] = obj
-        if self._state_dir is not None:
-            tmp = self._state_dir / "files" / f"{file_id}.tmp"
-            tmp.write_bytes(data)
-            os.replace(tmp, self._state_dir / "files" / file_id)
-        else:
-            self._contents[file_id] = data
+        self._store_file(file_id, data)
         return obj
 
     def _upload(self, headers: dict[str, str], body: bytes) -> dict[str, Any]:
@@ -500,12 +365,8 @@ class FakeOpenAIBatch:
 
         if len(data) > MAX_BYTES:
             problem("file_too_large", f"The input file is larger than {MAX_BYTES} bytes", None)
-        for number, raw in enumerate(data.split(b"\n"), start=1):
-            if not raw.strip():
-                continue
-            try:
-                line = json.loads(raw)
-            except ValueError:
+        for number, line in jsonl_lines(data):
+            if line is NOT_JSON:
                 problem("invalid_json_line", "This line is not parseable as valid JSON.", number)
                 continue
             if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str) or not line["custom_id"]:
@@ -567,7 +428,6 @@ class FakeOpenAIBatch:
     def _finish(self, batch_id: str, status: str, now: int) -> None:
         """Answer the batch's lines (those it reaches) and write its output and error files."""
         batch, run = self.batches[batch_id], self._runs[batch_id]
-        answer = resolve_answer(self.answer)
         reached = {"completed": run["lines"], "expired": run["expire_after_lines"], "cancelled": 0}[status]
         unreached = {
             "expired": ("batch_expired", "This request could not be executed before the completion window expired."),
@@ -583,7 +443,7 @@ class FakeOpenAIBatch:
                 errors.append(out)
                 counts["failed"] += 1
                 continue
-            result = answer(line["custom_id"], line["body"])
+            result = self._answer(line["custom_id"], line["body"])
             request_id = f"req_{secrets.token_hex(8)}"
             if isinstance(result, tuple):
                 code, message = result
@@ -620,218 +480,20 @@ class FakeOpenAIBatch:
             self._save()
         return batch
 
-    # ------------------------------------------------------------ persistence
-    def _record(self, request: RecordedRequest) -> None:
-        self.requests.append(request)
-        if self._state_dir is None:
-            return
-        number = len(self.requests)
-        (self._state_dir / "requests" / f"{number:06d}.body").write_bytes(request.body)
-        entry = {"method": request.method, "path": request.path, "headers": request.headers, "n": number}
-        with open(self._state_dir / "requests.jsonl", "a") as fh:
-            fh.write(json.dumps(entry) + "\n")
 
-    def _save(self) -> None:
-        if self._state_dir is None:
-            return
-        state = {
-            "files": self.files,
-            "batches": self.batches,
-            "runs": self._runs,
-            "submitted": self.submitted,
-            "answered": self.answered,
-        }
-        tmp = self._state_dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        os.replace(tmp, self._state_dir / "state.json")
-
-    def _load(self) -> None:
-        assert self._state_dir is not None
-        path = self._state_dir / "state.json"
-        if path.exists():
-            state = json.loads(path.read_text())
-            self.files, self.batches, self._runs = state["files"], state["batches"], state["runs"]
-            self.submitted, self.answered = state["submitted"], state["answered"]
-        log = self._state_dir / "requests.jsonl"
-        if log.exists():
-            for text in log.read_text().split("\n"):
-                try:  # the last line may be half written by a running server
-                    entry = json.loads(text)
-                except ValueError:
-                    continue
-                body = (self._state_dir / "requests" / f"{entry['n']:06d}.body").read_bytes()
-                self.requests.append(RecordedRequest(entry["method"], entry["path"], entry["headers"], body))
-        self._reload_controls()
-
-    def _reload_controls(self) -> None:
-        """Apply `state_dir/controls.json` when it changed (how a test steers a server in another process).
-
-        Its `faults` are armed each time the file changes, and again by a server started on the state dir.
-        """
-        if self._state_dir is None:
-            return
-        try:
-            text = (self._state_dir / "controls.json").read_text()
-        except FileNotFoundError:
-            return
-        if text == self._controls_text:
-            return
-        self._controls_text = text
-        for name, value in json.loads(text).items():
-            if name == "written":
-                continue
-            if name not in CONTROLS:
-                raise ValueError(f"unknown control {name!r} in {self._state_dir / 'controls.json'}")
-            setattr(self, name, [Fault(**f) for f in value] if name == "faults" else value)
+write_controls = FakeOpenAIBatch.write_controls
 
 
-def write_controls(state_dir: Path | str, **controls: Any) -> None:
-    """Steer a server running in another process on `state_dir` (names as FakeOpenAIBatch's arguments;
-    `answer` as "module:function"). Controls stay until written again, except `faults` (a list of `Fault`
-    or dicts): armed by the write that gives them (and again by a server started before the next write)."""
-    path = Path(state_dir) / "controls.json"
-    current = json.loads(path.read_text()) if path.exists() else {}
-    current.pop("faults", None)
-    for name, value in controls.items():
-        if name not in CONTROLS:
-            raise ValueError(f"unknown control {name!r}")
-        if name == "faults":
-            value = [asdict(f) if isinstance(f, Fault) else f for f in value]
-        current[name] = value
-    current["written"] = time.time_ns()  # a new text each time, so equal controls written again re-arm faults
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(current))
-    os.replace(tmp, path)
+class FakeOpenAIBatchProcess(FakeBatchProcess[FakeOpenAIBatch]):
+    """FakeOpenAIBatch served by another process on `state_dir` (see `FakeBatchProcess`), e.g. `FakeOpenAIBatchProcess(
+    tmp_path / "api", api_key=KEY, answer="tests.annotate.fake_openai_batch:rationale_answer")`."""
 
-
-def _handler(fake: FakeOpenAIBatch) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
-
-        def log_message(self, *args: Any) -> None:  # quiet
-            pass
-
-        def _body(self) -> bytes:
-            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks: list[bytes] = []
-                while True:
-                    size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                    if size == 0:
-                        while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                            pass
-                        return b"".join(chunks)
-                    chunks.append(self.rfile.read(size))
-                    self.rfile.readline()
-            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-
-        def _serve(self) -> None:
-            headers = {k.lower(): v for k, v in self.headers.items()}
-            try:
-                status, payload, cut = fake.handle(self.command, self.path, headers, self._body())
-            except Exception as exc:  # a bug in the fake or a test's answer(): say so loudly
-                traceback.print_exc()
-                status, payload, cut = 500, _error(f"fake server error: {exc!r}", "server_error"), None
-            if cut == 0:  # the response is lost
-                self.close_connection = True
-                return
-            if isinstance(payload, bytes):
-                data, kind = payload, "application/octet-stream"
-            else:
-                data, kind = json.dumps(payload).encode(), "application/json"
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(data)))
-            self.send_header("x-request-id", f"req_{secrets.token_hex(8)}")
-            self.end_headers()
-            if cut == -1:  # the body is cut short: half of it, then the connection closes
-                data = data[: len(data) // 2]
-                self.close_connection = True
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                self.wfile.write(data)
-
-        do_GET = do_POST = do_DELETE = _serve
-
-    return Handler
-
-
-class FakeOpenAIBatchProcess:
-    """The fake served by another process on `state_dir`: it outlives a kill -9 of the client under test.
-
-    `with FakeOpenAIBatchProcess(tmp_path / "api", api_key=KEY, answer="tests.annotate.fake_openai_batch:
-    rationale_answer") as server:` then `server.base_url`, `server.records()`, `server.set(...)`.
-    Options are FakeOpenAIBatch's arguments (`answer` as "module:function"); `kill()` then `start()`
-    restarts the server on the same state (on a new port: read `base_url` again).
-    """
-
-    def __init__(self, state_dir: Path | str, **options: Any) -> None:
-        self.state_dir = Path(state_dir)
-        self.options = options
-        self.process: subprocess.Popen[bytes] | None = None
-        self.base_url = ""
-
-    def start(self, timeout: float = 30.0) -> FakeOpenAIBatchProcess:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        ready = self.state_dir / "server.json"
-        ready.unlink(missing_ok=True)
-        args = [sys.executable, "-m", "tests.annotate.fake_openai_batch", "--state-dir", str(self.state_dir)]
-        for name, value in self.options.items():
-            if value is not None:
-                args += [f"--{name.replace('_', '-')}", str(value)]
-        self.process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the fake Batch API did not start (exit code {self.process.poll()})")
-            time.sleep(0.02)
-        self.base_url = json.loads(ready.read_text())["base_url"]
-        return self
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
-        self.process = None
-
-    def kill(self) -> None:
-        """kill -9 the server (its state stays in `state_dir`)."""
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(10)
-        self.process = None
-
-    def records(self) -> FakeOpenAIBatch:
-        """What the server has recorded so far (files, batches, submitted, answered, requests)."""
-        return FakeOpenAIBatch.load(self.state_dir)
-
-    def set(self, **controls: Any) -> None:
-        write_controls(self.state_dir, **controls)
-
-    def __enter__(self) -> FakeOpenAIBatchProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    FAKE = FakeOpenAIBatch
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="A fake OpenAI Files + Batch API (for tests).")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--state-dir", type=Path, required=True)
-    parser.add_argument("--api-key")
-    parser.add_argument("--answer", default="tests.annotate.fake_openai_batch:echo_answer")
-    for name in ("validating_polls", "in_progress_polls", "finalizing_polls", "expire_after_lines", "page_size"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int)
-    parser.add_argument("--fail-batch")
-    args = parser.parse_args(argv)
-    options = {k: v for k, v in vars(args).items() if v is not None and k not in ("port", "state_dir")}
-    fake = FakeOpenAIBatch(state_dir=args.state_dir, port=args.port, **options).start()
-    tmp = args.state_dir / "server.json.tmp"
-    tmp.write_text(json.dumps({"base_url": fake.base_url, "pid": os.getpid()}))
-    os.replace(tmp, args.state_dir / "server.json")
-    print(f"ready {fake.base_url}", flush=True)
-    with contextlib.suppress(KeyboardInterrupt):
-        threading.Event().wait()
+    numbers = ("validating_polls", "in_progress_polls", "finalizing_polls", "expire_after_lines")
+    serve(FakeOpenAIBatch, argv, "A fake OpenAI Files + Batch API (for tests).", numbers=numbers)
 
 
 if __name__ == "__main__":
