@@ -217,6 +217,14 @@ def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult, batch: dict
             err=True,
         )
         return 0
+    if c.failed and batch is not None:
+        typer.secho(
+            f"{c.failed} episodes have no batch answer (--max-cost, or lines that failed more than --max-resubmits "
+            f"times); rerun to submit them again: {resume}",
+            fg="yellow",
+            err=True,
+        )
+        return 1
     if c.failed:
         typer.secho(
             f"{c.failed} episodes failed on transient errors (rate limits, timeouts); rerun to retry them: {resume}",

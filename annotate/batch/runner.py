@@ -240,6 +240,9 @@ class BatchRunner:
                 )
                 states.append(state)
                 if state.final:
+                    if state.state != "completed":
+                        why = "; ".join(state.errors[:3]) or "no reason given"
+                        self.progress(f"batch {row.tag} ended {state.provider_status}: {why}")
                     self.ingest(row, state)
             self.progress(self.status_line(states))
             if len(states) < len(pending) or any(not s.final for s in states):
