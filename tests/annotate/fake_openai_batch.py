@@ -39,7 +39,16 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from tests.annotate.fake_batch_common import NOT_JSON, Answer, FakeBatchAPI, FakeBatchProcess, Reply, jsonl_lines, serve
+from tests.annotate.fake_batch_common import (
+    NOT_JSON,
+    Answer,
+    FakeBatchAPI,
+    FakeBatchProcess,
+    Reply,
+    jsonl_lines,
+    resolve_answer,
+    serve,
+)
 from tests.annotate.fake_batch_common import Fault as Fault  # re-exported: what tests arm `faults` with
 
 ENDPOINTS = (
@@ -65,6 +74,7 @@ CONTROLS = (
     "fail_batch",
     "page_size",
     "faults",
+    "create_delay_ms",
 )
 
 
@@ -184,10 +194,13 @@ class FakeOpenAIBatch(FakeBatchAPI):
         expire_after_lines: int | None = None,  # expire with only the first N lines answered
         fail_batch: str | None = None,  # fail after validating, with this reason
         page_size: int | None = None,  # the most items a list page holds (forces pagination)
+        create_delay_ms: int = 0,  # a created batch's answer is held back this long (a window to kill the client)
         state_dir: Path | str | None = None,  # where the state is saved (and loaded from, if there)
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
+        self.create_delay_ms = create_delay_ms
+        self.live: list[str] = []  # bodies answered on /v1/chat/completions (live mode), in order (not persisted)
         self.validating_polls = validating_polls
         self.in_progress_polls = in_progress_polls
         self.finalizing_polls = finalizing_polls
@@ -242,7 +255,17 @@ class FakeOpenAIBatch(FakeBatchAPI):
             self._file(parts[2])
             return 200, self.content(parts[2])
         if route == ("POST", "batches", 2):
-            return 200, self._create_batch(body)
+            batch = self._create_batch(body)
+            if self.create_delay_ms:  # the batch exists (and is saved); its id is not told yet
+                time.sleep(self.create_delay_ms / 1000)
+            return 200, batch
+        if route == ("POST", "chat", 3) and parts[2] == "completions":
+            # live mode's endpoint (for --reask live): answered at once by the same `answer`
+            answer = resolve_answer(self.answer)("live", json.loads(body))
+            if isinstance(answer, tuple):
+                raise ApiError(answer[0], answer[1])
+            self.live.append(json.dumps(json.loads(body)))
+            return 200, answer
         if route == ("GET", "batches", 2):
             items = list(reversed(self.batches.values()))  # newest first
             limit = min(max(int(query.get("limit", 20)), 1), 100, self.page_size or 100)
@@ -492,7 +515,7 @@ class FakeOpenAIBatchProcess(FakeBatchProcess[FakeOpenAIBatch]):
 
 
 def main(argv: list[str] | None = None) -> None:
-    numbers = ("validating_polls", "in_progress_polls", "finalizing_polls", "expire_after_lines")
+    numbers = ("validating_polls", "in_progress_polls", "finalizing_polls", "expire_after_lines", "create_delay_ms")
     serve(FakeOpenAIBatch, argv, "A fake OpenAI Files + Batch API (for tests).", numbers=numbers)
 
 

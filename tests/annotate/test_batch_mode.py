@@ -310,3 +310,49 @@ def test_polling_carries_on_through_a_provider_hiccup(tiny_rlds, tmp_path):
     assert result.exit_code == 0, result.output
     assert "polling again" in result.output and len(retrieves) >= 5
     assert manifest(out)["counts"]["episodes"] == 2
+
+
+def test_kill_9_right_after_a_batch_is_created_then_the_rerun_finds_it_by_its_tag(tiny_rlds, tmp_path):
+    """The provider has created the batch but the client is killed before it learns (and stores) the id."""
+    uri = tiny_rlds(3)
+    out = tmp_path / "out"
+    flags = ["--batch", "--poll-interval", "0.2"]
+    answer = "tests.annotate.fake_openai_batch:rationale_answer"
+    with FakeOpenAIBatchProcess(tmp_path / "api", api_key=SECRET, answer=answer, create_delay_ms=4000) as server:
+        proc = start(uri, out, server.base_url, *flags)
+        wait_for(proc, lambda: len(server.records().batches) == 1)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        (state,) = store_batches(out)
+        assert state == ("written", None)  # recorded with its keys, id never stored
+        server.set(create_delay_ms=0)
+        rerun = start(uri, out, server.base_url, *flags)
+        _, err = rerun.communicate(timeout=120)
+        assert rerun.returncode == 0, err
+        fake = server.records()
+    assert len(fake.batches) == 1  # found again by its tag, not created twice
+    assert sorted(Counter(fake.submitted).values()) == [1] * 3
+    assert sorted(Counter(fake.answered).values()) == [1] * 3
+    assert manifest(out)["counts"]["episodes"] == 3
+
+
+def test_reask_live_sends_the_reasks_to_the_live_endpoint_with_their_errors(tiny_rlds, tmp_path):
+    def answer(seed: int, n: int, body: dict[str, Any]) -> Any:
+        if seed == 1 and n == 1:
+            return chat_completion("{not json", model=MODEL)
+        return rationale_answer("", body)
+
+    uri = tiny_rlds(3)
+    out = tmp_path / "out"
+    with FakeOpenAIBatch(api_key=SECRET, answer=counting(answer)) as fake:
+        result = annotate(uri, out, fake.base_url, *batch_flags("--reask", "live"))
+        assert result.exit_code == 0, result.output
+        assert len(fake.batches) == 1 and len(fake.live) == 1  # one batch round, the re-ask asked live
+        reask = json.loads(fake.live[0])
+    assert seed_of(reask) == 1
+    assert reask["messages"][-2] == {"role": "assistant", "content": "{not json"}
+    assert "not valid JSON" in json.dumps(reask["messages"][-1])
+    m = manifest(out)
+    assert m["counts"]["episodes"] == 3 and m["batch"]["reask"] == "live"
+    live, batch = (1000 * 0.40 + 200 * 1.60) / 1e6, (1000 * 0.20 + 200 * 0.80) / 1e6
+    assert m["cost_usd"] == pytest.approx(3 * batch + live)  # the live re-ask at live prices
