@@ -22,7 +22,16 @@ import numpy as np
 from .backends.base import Simulator
 from .errors import EvalError
 from .policy import RefinePolicy
-from .results import RESULTS_FORMAT, RUN_FILE, EpisodeLog, EpisodeResult, episode_key, read_run, write_run
+from .results import (
+    RESULTS_FORMAT,
+    RUN_FILE,
+    EpisodeLog,
+    EpisodeResult,
+    episode_key,
+    read_episodes,
+    read_run,
+    write_run,
+)
 from .robots import flat_env_action
 from .suites import Task, suite_tasks
 
@@ -191,8 +200,6 @@ def run_eval(args: RunArgs, progress: Callable[[str], None] = print) -> RunSumma
                     )
         finally:
             sim.close()
-    from .results import read_episodes
-
     for rec in read_episodes(args.out):
         s, n = summary.per_task.get(rec["task"], (0, 0))
         summary.per_task[rec["task"]] = (s + int(rec["success"]), n + 1)

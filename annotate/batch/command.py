@@ -103,9 +103,12 @@ def list_batches(out: Path, cancel: bool = False) -> list[dict[str, Any]]:
     from .provider import FINAL_STATES
 
     rows: list[dict[str, Any]] = []
-    for path in store_paths(out):
-        with ResultStore(path) as store:
-            for b in store.batches():
+    providers: dict[tuple[str, str, str | None], BatchProvider] = {}  # one client per provider, model and URL
+    try:
+        for path in store_paths(out):
+            with ResultStore(path) as store:
+                batches = store.batches()
+            for b in batches:
                 row = {
                     "store": path.name,
                     "tag": b.tag,
@@ -119,14 +122,16 @@ def list_batches(out: Path, cancel: bool = False) -> list[dict[str, Any]]:
                     "estimate_usd": round(b.estimate, 6),
                 }
                 if cancel and b.batch_id and b.state not in (*FINAL_STATES, "ingested"):
-                    teacher = make_teacher(b.provider, model=b.model, base_url=b.base_url)
-                    provider = make_batch_provider(teacher)
-                    try:
-                        provider.cancel(b.batch_id)
-                    finally:
-                        provider.close()
+                    which = (b.provider, b.model, b.base_url)
+                    if which not in providers:
+                        teacher = make_teacher(b.provider, model=b.model, base_url=b.base_url)
+                        providers[which] = make_batch_provider(teacher)
+                    providers[which].cancel(b.batch_id)
                     row["cancelled"] = True
                 rows.append(row)
+    finally:
+        for provider in providers.values():
+            provider.close()
     return rows
 
 
