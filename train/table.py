@@ -105,12 +105,14 @@ def open_published(dataset: str, revision: str | None = None) -> PublishedDatase
     if not root.exists():
         if dataset.count("/") != 1 or dataset.startswith((".", "/")):
             raise TrainError(f"--dataset {dataset}: no such folder (and not an ORG/NAME Hub id)")
-        from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError
 
+        from ..annotate.publish.push import _hf_api, resolve_token
+
+        # The client `refine-data push` and `validate` use: HF_ENDPOINT read now, HF_TOKEN or the saved login.
         try:
             root = Path(
-                snapshot_download(
+                _hf_api(resolve_token()).snapshot_download(
                     dataset,
                     repo_type="dataset",
                     revision=revision,
@@ -118,7 +120,10 @@ def open_published(dataset: str, revision: str | None = None) -> PublishedDatase
                 )
             )
         except (HfHubHTTPError, OSError, ValueError) as exc:
-            raise TrainError(f"--dataset {dataset}: cannot download from the Hub ({exc})") from None
+            first = (str(exc).strip().splitlines() or [""])[0]  # the client's messages run over several lines
+            raise TrainError(
+                f"--dataset {dataset}: cannot download from the Hub ({type(exc).__name__}: {first})"
+            ) from None
     manifest_path = root / "refinevla.json"
     if not manifest_path.is_file():
         raise TrainError(f"{manifest_path}: missing (not a refine-data dataset; run refine-data annotate first)")
