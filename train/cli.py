@@ -38,6 +38,9 @@ SourceOpt = Annotated[
 ]
 DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="TFDS data dir for bridge/fractal presets.")]
 SplitOpt = Annotated[str | None, typer.Option("--split", help="Source split; default: the manifest's.")]
+RevisionOpt = Annotated[
+    str | None, typer.Option("--revision", help="--dataset ORG/NAME: Hub branch, tag or commit (default main).")
+]
 CameraOpt = Annotated[str | None, typer.Option("--camera", help="Camera feature, e.g. image_1; default: primary.")]
 TransformOpt = Annotated[str, typer.Option("--transform", help="bridge_orig | fractal | none | auto.")]
 StatsOpt = Annotated[
@@ -80,6 +83,7 @@ def train_command(
     ] = None,
     source: SourceOpt = None,
     data_dir: DataDirOpt = None,
+    revision: RevisionOpt = None,
     split: SplitOpt = None,
     camera: CameraOpt = None,
     transform: TransformOpt = "auto",
@@ -158,6 +162,7 @@ def preview(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
     source: SourceOpt = None,
     data_dir: DataDirOpt = None,
+    revision: RevisionOpt = None,
     split: SplitOpt = None,
     camera: CameraOpt = None,
     transform: TransformOpt = "auto",
@@ -178,6 +183,7 @@ def preview(
         output=Path("."),
         source=source,
         data_dir=data_dir,
+        revision=revision,
         split=split,
         camera=camera,
         transform=transform,

@@ -20,6 +20,7 @@ class TrainConfig:
     output: Path  # checkpoint folder: the final policy, checkpoints/step-N, logs/
     source: str | None = None  # frames come from here; default: the source in the dataset's manifest
     data_dir: str | None = None  # as refine-data's --data-dir (TFDS data dir for presets)
+    revision: str | None = None  # --dataset ORG/NAME: the Hub branch, tag or commit to train on (default main)
     split: str | None = None  # source split; default: the manifest's
     camera: str | None = None  # camera feature (e.g. image_1); default: the source's primary camera
     transform: str = "auto"  # bridge_orig | fractal | none | auto (as refine-data stats)

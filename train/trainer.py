@@ -178,7 +178,7 @@ def prepare(cfg: TrainConfig, accelerator: Any = None, checkpoint_statistics: bo
     """Open (building if needed) the table; split; statistics (--stats, a checkpoint's, or the training split's)."""
     from .checkpoint import STATS_FILE, is_policy
 
-    ds = open_published(cfg.dataset)
+    ds = open_published(cfg.dataset, cfg.revision)
     ctx = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
     with ctx:  # rank 0 builds the table; the others then map it
         table = build_table(

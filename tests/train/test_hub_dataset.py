@@ -53,3 +53,24 @@ def test_a_hub_dataset_that_does_not_exist_is_one_line(paligemma_dir, tmp_path, 
     assert r.exit_code == 1
     (line,) = r.output.strip().splitlines()
     assert "lab/nothing-here" in line and "cannot download from the Hub" in line and TOKEN not in line
+
+
+def test_revision_pins_the_hub_commit_trained_on(published, paligemma_dir, tmp_path, fake_hub):  # noqa: F811
+    local = tmp_path / "local-copy"
+    shutil.copytree(published, local)
+    assert CliRunner().invoke(data_app, ["push", str(local), "--repo-id", REPO], env={"HF_TOKEN": TOKEN}).exit_code == 0
+    first = fake_hub.repos[REPO]["heads"]["main"]
+    manifest = json.loads((local / "refinevla.json").read_text())
+    (local / "refinevla.json").write_text(json.dumps({**manifest, "comment": "a second commit"}))
+    assert CliRunner().invoke(data_app, ["push", str(local), "--repo-id", REPO], env={"HF_TOKEN": TOKEN}).exit_code == 0
+    assert fake_hub.repos[REPO]["heads"]["main"] != first
+    fake_hub.requests.clear()
+    args = ["--dataset", REPO, "--revision", first, "--model", str(paligemma_dir), "--output", str(tmp_path / "o")]
+    args += ["--cache-dir", str(tmp_path / "c"), "--max-steps", "1", "--batch-size", "2", "--num-workers", "0"]
+    r = CliRunner().invoke(train_app, [*args, "--val-fraction", "0"], env={"HF_TOKEN": TOKEN})
+    assert r.exit_code == 0, r.output
+    # a commit needs no resolving: the tree and every file are fetched at that commit, nothing at main
+    assert fake_hub.calls("GET", f"/api/datasets/{REPO}/tree/{first}")
+    fetched = fake_hub.calls("GET", f"/datasets/{REPO}/resolve/")
+    assert fetched and all(f"/resolve/{first}/" in r.path for r in fetched)
+    assert not any("main" in r.path for r in fake_hub.requests)
