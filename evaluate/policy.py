@@ -22,13 +22,15 @@ from .robots import ROBOTS, GripperState, env_actions, raw_action_dict
 
 
 def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3), Lanczos as in `refinevla.train.data.decode_resize`."""
+    """(H, W, 3) uint8 -> (h, w, 3) through training's own `resize_frame` (Lanczos)."""
     from PIL import Image
 
-    h, w = size
-    if image.shape[:2] == (h, w):
+    from ..train.data import resize_frame
+
+    if image.shape[:2] == size:
         return np.ascontiguousarray(image, dtype=np.uint8)
-    return np.asarray(Image.fromarray(np.asarray(image, dtype=np.uint8)).resize((w, h), Image.Resampling.LANCZOS))
+    frame: np.ndarray = resize_frame(Image.fromarray(np.asarray(image, dtype=np.uint8)), size)
+    return frame
 
 
 class RefinePolicy:

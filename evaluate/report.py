@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .baselines import Baseline, baseline_suite, load_baselines
 from .errors import EvalError
 from .results import EPISODES_FILE, RESULTS_FORMAT, RUN_FILE, read_episodes, read_run
+from .suites import WIDOWX_TASKS as SUITE_WIDOWX_TASKS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -30,7 +31,7 @@ CHART_FILE = "report.png"
 DASH = "–"  # a cell with no number (not reported, or not run)
 
 GOOGLE_SUITES = ("google-vm", "google-va")
-WIDOWX_TASKS = ("spoon_on_towel", "carrot_on_plate", "stack_green_on_yellow", "eggplant_in_basket")
+WIDOWX_TASKS = tuple(SUITE_WIDOWX_TASKS)  # the published table's order
 GOOGLE_TASKS = (
     "pick_coke_can",
     "move_near",

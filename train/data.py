@@ -45,15 +45,22 @@ def epoch_order(indices: Sequence[int], seed: int, epoch: int, rank: int = 0, wo
     return perm[rank : per_rank * world : world]
 
 
+def resize_frame(img: Any, size: tuple[int, int]) -> np.ndarray:
+    """An RGB PIL image at `size` (h, w), Lanczos. Training and evaluation (`refine-eval`'s policy) both
+    resize through this one function, so a policy sees frames prepared exactly as it was trained on."""
+    from PIL import Image
+
+    h, w = size
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.Resampling.LANCZOS)
+    return np.asarray(img)
+
+
 def decode_resize(data: bytes, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as opened:
-        img = opened.convert("RGB")
-        h, w = size
-        if img.size != (w, h):
-            img = img.resize((w, h), Image.Resampling.LANCZOS)
-        return np.asarray(img)
+        return resize_frame(opened.convert("RGB"), size)
 
 
 class StepSamples(torch.utils.data.Dataset[dict[str, Any]]):

@@ -28,17 +28,17 @@ def make_batch_provider(teacher: Any) -> BatchProvider:
         native = base[: -len(GEMINI_OPENAI_SUFFIX)] + "/" if base.endswith(GEMINI_OPENAI_SUFFIX) else base
         default = "https://generativelanguage.googleapis.com/"
         return GeminiBatch(teacher, base_url=None if native == default else native)
-    raise RefineError(
-        f"--batch works with --teacher {' or '.join(BATCH_TEACHERS)} (their Batch APIs), not {teacher.name!r}"
-    )
+    raise _not_batchable(teacher.name)
+
+
+def _not_batchable(name: str) -> RefineError:
+    return RefineError(f"--batch works with --teacher {' or '.join(BATCH_TEACHERS)} (their Batch APIs), not {name!r}")
 
 
 def check_batch_args(args: Any, teacher: Any) -> None:
     """Refuse flag combinations batch mode cannot honour, before anything is sent."""
     if teacher.name not in BATCH_TEACHERS:
-        raise RefineError(
-            f"--batch works with --teacher {' or '.join(BATCH_TEACHERS)} (their Batch APIs), not {teacher.name!r}"
-        )
+        raise _not_batchable(teacher.name)
     if args.processes > 1:
         raise RefineError("--batch runs in one process (the provider answers in parallel); drop --processes")
     if args.reask not in REASK_MODES:
