@@ -30,12 +30,19 @@ ROBOTS = {"bridge_orig": "widowx", "fractal": "google_robot"}  # by transform
 
 @dataclass
 class TrainerState:
-    """Where training stands: optimizer steps taken and the next micro-batch of the data order."""
+    """Where training stands: optimizer steps taken and the next sample of the data order.
+
+    `position` counts samples of the epoch's global order (`data.epoch_order`) consumed by all
+    ranks together, so a run resumed with another process count or batch size continues at the
+    same sample. `processes` and `batch_size` say how the checkpoint's run was laid out.
+    """
 
     global_step: int = 0
     epoch: int = 0
-    batch: int = 0  # micro-batches of this epoch already consumed (on every rank)
-    samples_seen: int = 0  # over all ranks
+    position: int = 0  # samples of this epoch's order consumed, all ranks together
+    samples_seen: int = 0  # over all ranks and epochs
+    processes: int = 1
+    batch_size: int = 0
 
 
 def save_policy(
@@ -52,10 +59,25 @@ def save_policy(
     holds a shard only, and `save_pretrained` of the unwrapped model would write that shard.
     """
     directory.mkdir(parents=True, exist_ok=True)
+    if state_dict is not None:
+        state_dict = without_tied_copies(model, state_dict)
     model.save_pretrained(directory, state_dict=state_dict)
     processor.save_pretrained(directory)
     (directory / STATS_FILE).write_text(json.dumps(statistics, indent=2))
     (directory / POLICY_FILE).write_text(json.dumps(policy, indent=2))
+
+
+def without_tied_copies(model: Any, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """`state_dict` less the second name of each tied parameter (e.g. an LM head tied to the
+    embeddings). `save_pretrained` drops those by shared storage, but weights gathered from FSDP
+    shards are separate copies and would be written twice."""
+    first: dict[int, str] = {}
+    drop = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first and first[id(param)] in state_dict:
+            drop.add(name)
+        first.setdefault(id(param), name)
+    return {k: v for k, v in state_dict.items() if k not in drop}
 
 
 def write_trainer_state(directory: Path, state: TrainerState) -> None:
@@ -70,8 +92,14 @@ def latest_checkpoint(output: Path) -> Path | None:
     return max(done, key=lambda d: int(d.name.split("-")[1])) if done else None
 
 
-def read_trainer_state(directory: Path) -> TrainerState:
-    return TrainerState(**json.loads((directory / STATE_FILE).read_text()))
+def read_trainer_state(directory: Path, batch_size: int, processes: int) -> TrainerState:
+    """The checkpoint's state. One written before `position` existed recorded `batch` (micro-batches
+    per rank) and is read as having run with this run's `batch_size` and `processes`, as it had to."""
+    data = json.loads((directory / STATE_FILE).read_text())
+    if "position" not in data:
+        data["position"] = int(data.pop("batch", 0)) * batch_size * processes
+        data.update(processes=processes, batch_size=batch_size)
+    return TrainerState(**data)
 
 
 def is_policy(path: str | Path) -> bool:

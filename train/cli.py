@@ -115,7 +115,12 @@ def train_command(
     train_vision: Annotated[bool, typer.Option("--train-vision", help="Also train the vision tower.")] = False,
     lora_rank: Annotated[int | None, typer.Option("--lora-rank", help="LoRA rank instead of full tuning.")] = None,
     bf16: Annotated[
-        bool | None, typer.Option("--bf16/--no-bf16", help="bf16 mixed precision; default: where the GPU has it.")
+        bool | None,
+        typer.Option(
+            "--bf16/--no-bf16",
+            help="bf16 mixed precision; default: the accelerate config's mixed_precision under accelerate "
+            "launch, else bf16 where the GPU has it.",
+        ),
     ] = None,
     gradient_checkpointing: Annotated[
         bool, typer.Option("--gradient-checkpointing", help="Recompute activations (less memory).")

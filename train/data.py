@@ -3,8 +3,10 @@
 `StepSamples` maps the table and decodes + resizes one frame per item; `Collator` (also run in
 the DataLoader workers) applies reasoning dropout, tokenises targets and actions, calls the
 model's processor and pads. `epoch_order` is the whole data order: a permutation seeded by
-(seed, epoch), dealt round-robin to the ranks — so each rank sees different samples, and a
-resumed run, given (epoch, batch), starts on exactly the next batch without replaying any.
+(seed, epoch), dealt round-robin to the ranks from a global position — so each rank sees
+different samples, and a resumed run, given (epoch, position), starts on exactly the next sample
+without replaying or skipping any, whatever its process count (the round-robin deal makes rank
+r's micro-batch b the global positions b*B*W + r + k*W, so consumed samples are always a prefix).
 """
 
 from __future__ import annotations
@@ -38,9 +40,12 @@ def split_episodes(episode_ids: Sequence[str], val_fraction: float, seed: int) -
     return set(ids) - val, val
 
 
-def epoch_order(indices: Sequence[int], seed: int, epoch: int, rank: int = 0, world: int = 1) -> np.ndarray:
-    """This rank's sample order for an epoch; every rank gets the same count (the tail is dropped)."""
-    perm = np.asarray(indices)[np.random.default_rng([seed, epoch]).permutation(len(indices))]
+def epoch_order(
+    indices: Sequence[int], seed: int, epoch: int, rank: int = 0, world: int = 1, start: int = 0
+) -> np.ndarray:
+    """This rank's sample order for an epoch from global position `start`; every rank gets the same
+    count (the tail is dropped)."""
+    perm = np.asarray(indices)[np.random.default_rng([seed, epoch]).permutation(len(indices))][start:]
     per_rank = len(perm) // world
     return perm[rank : per_rank * world : world]
 

@@ -2,11 +2,13 @@
 
 One `Accelerator` carries the run — under `torchrun` or `accelerate launch` each process is one
 rank; on a CPU-only machine it uses gloo. The data order is ours (`epoch_order`), not a prepared
-DataLoader's: it is a pure function of (seed, epoch, rank), so `--resume` restarts on exactly
-the next micro-batch, and ranks never see the same sample. Gradient accumulation is explicit
-(`no_sync` on all but the last micro-batch) so the optimizer steps a fixed count per epoch.
-The scheduler is stepped once per optimizer step (not wrapped: accelerate's wrapper would step
-it once per process) and registered so `save_state` keeps it.
+DataLoader's: it is a pure function of (seed, epoch, global position, rank, processes), so
+`--resume` restarts on exactly the next sample — with the same process count, or another one —
+and ranks never see the same sample. Gradient accumulation is explicit (`no_sync` on all but the
+last micro-batch) so the optimizer steps a fixed count per epoch. The scheduler is stepped once
+per optimizer step (not wrapped: accelerate's wrapper would step it once per process) and
+registered so `save_state` keeps it. Under FSDP, `prepare` replaces the parameters with sharded
+ones, so everything after it (clipping) asks the prepared model for its parameters.
 """
 
 from __future__ import annotations
@@ -243,8 +245,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from transformers import get_cosine_schedule_with_warmup
 
     cuda = torch.cuda.is_available()
-    bf16 = cfg.bf16 if cfg.bf16 is not None else (cuda and torch.cuda.is_bf16_supported())
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision(cfg.bf16, cuda))
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)
     p = prepare(cfg, accelerator)
@@ -256,37 +257,50 @@ def train(cfg: TrainConfig) -> TrainResult:
     model = p.adapter.load_model(cfg.model, torch.float32)
     model = configure_trainable(model, p.adapter, cfg)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     n_train, n_total = count_parameters(model)
     log(f"trainable parameters: {n_train:,} of {n_total:,} ({100 * n_train / max(n_total, 1):.2f}%)", accelerator)
 
     per_rank = len(epoch_order(p.train_indices, cfg.seed, 0, rank, world))
-    batches_per_epoch = per_rank // cfg.batch_size
-    usable = batches_per_epoch - batches_per_epoch % cfg.grad_accum  # an optimizer step never spans epochs
-    steps_per_epoch = usable // cfg.grad_accum
+    steps_per_epoch = usable_batches(per_rank, cfg) // cfg.grad_accum
     if steps_per_epoch == 0:
         raise TrainError(
             f"{cfg.dataset}: {per_rank} samples per process make no optimizer step of "
             f"--batch-size {cfg.batch_size} x --grad-accum {cfg.grad_accum}"
         )
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
-    params = [q for q in model.parameters() if q.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(
+        [q for q in model.parameters() if q.requires_grad], lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
     scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
-    state = TrainerState()
+    state = TrainerState(processes=world, batch_size=cfg.batch_size)
     output = cfg.output
     if cfg.resume:
         ckpt = latest_checkpoint(output)
         if ckpt is None:
             raise TrainError(f"--resume: no complete checkpoint under {output / 'checkpoints'}")
         accelerator.load_state(str(ckpt / "state"))
-        state = read_trainer_state(ckpt)
-        log(f"resumed from {ckpt} (step {state.global_step}, epoch {state.epoch}, batch {state.batch})", accelerator)
+        state = read_trainer_state(ckpt, cfg.batch_size, world)
+        log(
+            f"resumed from {ckpt} (step {state.global_step}, epoch {state.epoch}, sample {state.position})",
+            accelerator,
+        )
+        if (state.processes, state.batch_size) != (world, cfg.batch_size):
+            log(
+                f"the checkpoint ran {state.processes} process(es) x --batch-size {state.batch_size}, this run "
+                f"{world} x {cfg.batch_size}: the data order continues at the same sample; the optimizer steps see "
+                "the same samples only if --batch-size x --grad-accum x processes is unchanged",
+                accelerator,
+            )
+        state.processes, state.batch_size = world, cfg.batch_size
     writer = _summary_writer(output, accelerator)
     log_path = output / "train_log.jsonl"
     if accelerator.is_main_process:
@@ -335,16 +349,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     model.train()
     window_start, window_samples = time.perf_counter(), 0
     while state.global_step < total_steps:
-        if state.batch >= usable:
-            state.epoch, state.batch = state.epoch + 1, 0
-        order = epoch_order(p.train_indices, cfg.seed, state.epoch, rank, world)
-        loader = make_loader(
-            p, order[state.batch * cfg.batch_size : usable * cfg.batch_size], cfg, epoch=state.epoch, train=True
-        )
+        order = epoch_order(p.train_indices, cfg.seed, state.epoch, rank, world, start=state.position)
+        usable = usable_batches(len(order), cfg)
+        if usable == 0:  # the epoch is done (checkpoints sit on optimizer-step boundaries)
+            state.epoch, state.position = state.epoch + 1, 0
+            continue
+        loader = make_loader(p, order[: usable * cfg.batch_size], cfg, epoch=state.epoch, train=True)
         step_losses: list[torch.Tensor] = []
         parts = torch.zeros(2)
-        for batch in loader:
-            sync = (state.batch + 1) % cfg.grad_accum == 0
+        for micro, batch in enumerate(loader):
+            sync = (micro + 1) % cfg.grad_accum == 0
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 out = model(**to_device(batch["model_inputs"], accelerator.device))
                 jl = joint_loss(
@@ -358,12 +372,12 @@ def train(cfg: TrainConfig) -> TrainResult:
             if cfg.trace_samples:
                 _trace(output, rank, state, batch["index"].tolist())
             parts += torch.tensor([float(jl.action), float(jl.rationale)])
-            state.batch += 1
+            state.position += cfg.batch_size * world
             window_samples += len(batch["index"]) * world
             if not sync:
                 continue
-            if cfg.max_grad_norm:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            if cfg.max_grad_norm:  # all of the prepared model's parameters: FSDP clips only when given those
+                accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -422,6 +436,26 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(
         output, state.global_step, n_train, n_total, metrics, losses, final, p.processor, p.actions, p.train_indices
     )
+
+
+def usable_batches(samples_per_rank: int, cfg: TrainConfig) -> int:
+    """Micro-batches a rank runs from `samples_per_rank`: whole optimizer steps only, so a step
+    never spans epochs."""
+    n = samples_per_rank // cfg.batch_size
+    return n - n % cfg.grad_accum
+
+
+def mixed_precision(bf16: bool | None, cuda: bool) -> str | None:
+    """accelerate's mixed precision: `--bf16/--no-bf16` when given; else the launcher's choice
+    (`accelerate launch --config_file …` exports ACCELERATE_MIXED_PRECISION); else bf16 where the
+    GPU has it."""
+    import os
+
+    if bf16 is not None:
+        return "bf16" if bf16 else "no"
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None  # accelerate reads it
+    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
 
 
 def _trace(output: Path, rank: int, state: TrainerState, indices: list[int]) -> None:
