@@ -100,17 +100,19 @@ def generate(
     reasoning: bool = True,
     max_rationale_tokens: int = 256,
 ) -> list[Generated]:
-    """One `Generated` per (image, instruction); one `generate` call per prompt length."""
+    """One `Generated` per (image, instruction); one `generate` call per prompt length (per row for a
+    family that generates one row at a time)."""
     tok = policy.adapter.tokenizer(policy.processor)
     tag = tok(ACTION_TAG, add_special_tokens=False)["input_ids"]
     ids, extra = policy.adapter.encode_prompts(policy.processor, [prompt_text(t) for t in instructions], list(images))
     if not reasoning:
         ids = [row + tag for row in ids]
     results: list[Generated | None] = [None] * len(ids)
-    groups: dict[int, list[int]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}  # (prompt length, row if the family generates one at a time)
+    one_at_a_time = not getattr(policy.adapter, "batched_generation", True)
     for i, row in enumerate(ids):
-        groups.setdefault(len(row), []).append(i)
-    for length, rows in groups.items():
+        groups.setdefault((len(row), i if one_at_a_time else -1), []).append(i)
+    for (length, _), rows in groups.items():
         sub_extra = {k: v[rows] if hasattr(v, "shape") and v.shape[:1] == (len(ids),) else v for k, v in extra.items()}
         for i, gen in zip(
             rows,

@@ -116,17 +116,23 @@ def to_device(inputs: dict[str, Any], device: Any) -> dict[str, Any]:
 
 @torch.no_grad()
 def evaluate(
-    model: Any, loader: Any, actions: ActionTokenizer, reasoning_weight: float, device: Any, accelerator: Any = None
+    model: Any,
+    loader: Any,
+    actions: ActionTokenizer,
+    reasoning_weight: float,
+    device: Any,
+    accelerator: Any = None,
+    adapter: ModelAdapter | None = None,
 ) -> dict[str, float]:
     """Validation loss, action-token accuracy (teacher-forced argmax) and L1 of the decoded actions."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # loss*n, n batches, correct, action tokens, |err| sum
     for batch in loader:
-        out = model(**to_device(batch["model_inputs"], device))
-        jl = joint_loss(out.logits, batch["labels"].to(device), batch["kinds"].to(device), reasoning_weight)
+        logits = model_logits(model, to_device(batch["model_inputs"], device), adapter)
+        jl = joint_loss(logits, batch["labels"].to(device), batch["kinds"].to(device), reasoning_weight)
         pos = batch["action_positions"].to(device)
-        pred = out.logits.gather(1, (pos - 1)[..., None].expand(-1, -1, out.logits.shape[-1])).argmax(-1).cpu()
+        pred = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1).cpu()
         truth = batch["action_ids"]
         decoded = torch.from_numpy(actions.decode(pred.numpy()))
         sums += torch.tensor(
@@ -150,10 +156,17 @@ def evaluate(
     }
 
 
-def predict_action_ids(model: Any, batch: dict[str, Any]) -> torch.Tensor:
+def model_logits(model: Any, inputs: dict[str, Any], adapter: ModelAdapter | None = None) -> torch.Tensor:
+    """Logits aligned with `input_ids` (through the family's adapter where it has one)."""
+    if adapter is not None:
+        return adapter.logits(model, inputs)  # type: ignore[no-any-return]
+    return model(**inputs).logits  # type: ignore[no-any-return]
+
+
+def predict_action_ids(model: Any, batch: dict[str, Any], adapter: ModelAdapter | None = None) -> torch.Tensor:
     """Teacher-forced argmax at the action positions (what the model would write there)."""
     with torch.no_grad():
-        logits = model(**batch["model_inputs"]).logits
+        logits = model_logits(model, batch["model_inputs"], adapter)
     pos = batch["action_positions"] - 1
     ids: torch.Tensor = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1)
     return ids
@@ -360,9 +373,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         for micro, batch in enumerate(loader):
             sync = (micro + 1) % cfg.grad_accum == 0
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                out = model(**to_device(batch["model_inputs"], accelerator.device))
+                logits = p.adapter.logits(model, to_device(batch["model_inputs"], accelerator.device))
                 jl = joint_loss(
-                    out.logits,
+                    logits,
                     batch["labels"].to(accelerator.device),
                     batch["kinds"].to(accelerator.device),
                     cfg.reasoning_weight,
@@ -410,7 +423,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 progress.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{record['samples_per_s']:.1f}")
             progress.update(1)
             if val_loader is not None and cfg.eval_every and state.global_step % cfg.eval_every == 0:
-                metrics = evaluate(model, val_loader, p.actions, cfg.reasoning_weight, accelerator.device, accelerator)
+                metrics = evaluate(
+                    model, val_loader, p.actions, cfg.reasoning_weight, accelerator.device, accelerator, p.adapter
+                )
                 _log_metrics(metrics, state.global_step, writer, log_path, accelerator)
             if cfg.save_every and state.global_step % cfg.save_every == 0:
                 save(output / "checkpoints" / f"step-{state.global_step:06d}", with_state=True)
@@ -418,7 +433,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 break
     progress.close()
     if val_loader is not None:
-        metrics = evaluate(model, val_loader, p.actions, cfg.reasoning_weight, accelerator.device, accelerator)
+        metrics = evaluate(
+            model, val_loader, p.actions, cfg.reasoning_weight, accelerator.device, accelerator, p.adapter
+        )
         _log_metrics(metrics, state.global_step, writer, log_path, accelerator)
     final = accelerator.unwrap_model(model)
     if cfg.lora_rank:

@@ -56,6 +56,20 @@ def tiny_tokenizer(specials: dict[str, str]):  # type: ignore[no-untyped-def]
     return fast
 
 
+def tiny_llama(vocab_size: int, **ids: int) -> dict[str, object]:
+    """A 2-layer, hidden-64 Llama text config (Idefics3's and OpenVLA's decoder)."""
+    return {
+        "model_type": "llama",
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        **ids,
+    }
+
+
 def build_paligemma(path: Path) -> Path:
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
@@ -111,16 +125,7 @@ def build_idefics3(path: Path) -> Path:
         }
     )
     cfg = Idefics3Config(
-        text_config={
-            "model_type": "llama",
-            "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "pad_token_id": tok.pad_token_id,
-        },
+        text_config=tiny_llama(VOCAB, pad_token_id=tok.pad_token_id),
         vision_config={
             "hidden_size": 64,
             "intermediate_size": 128,
@@ -177,3 +182,63 @@ def published(tmp_path_factory: pytest.TempPathFactory, rlds_uri: str) -> Path:
 @pytest.fixture
 def cache_dir(tmp_path: Path) -> Path:
     return tmp_path / "cache"
+
+
+def build_openvla(path: Path) -> Path:
+    """A tiny checkpoint in openvla/openvla-7b's layout: remote code (`openvla_standin/`, which keeps the
+    published code's contract), `auto_map` entries for AutoConfig / AutoModelForVision2Seq / AutoProcessor,
+    a <BOS>-prefixing tokenizer and a Llama text config padded by `pad_to_multiple_of`, as OpenVLA's is."""
+    import json
+    import shutil
+
+    import torch
+    from tokenizers import processors
+
+    from refinevla.train.adapters.openvla import transformers5_compat
+    from tests.train.openvla_standin import configuration_prismatic, modeling_prismatic, processing_prismatic
+
+    path.mkdir(parents=True, exist_ok=True)
+    for f in (Path(__file__).parent / "openvla_standin").glob("*_prismatic.py"):
+        shutil.copy(f, path / f.name)
+    tok = tiny_tokenizer({})
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
+    cfg = configuration_prismatic.OpenVLAConfig(
+        use_fused_vision_backbone=True,
+        image_sizes=[IMAGE, IMAGE],
+        patch_size=8,
+        vision_dim=16,
+        pad_to_multiple_of=64,
+        text_config=tiny_llama(
+            VOCAB + 64, pad_token_id=tok.pad_token_id, bos_token_id=bos, eos_token_id=tok.eos_token_id
+        ),
+        pad_token_id=tok.pad_token_id,
+        norm_stats={},
+    )
+    torch.manual_seed(0)
+    transformers5_compat(modeling_prismatic.OpenVLAForActionPrediction)(cfg).save_pretrained(path)
+    ip = processing_prismatic.PrismaticImageProcessor(input_sizes=[(3, IMAGE, IMAGE), (3, IMAGE, IMAGE)])
+    ip.save_pretrained(path)
+    tok.save_pretrained(path)
+    auto_map = {
+        "config.json": {
+            "AutoConfig": "configuration_prismatic.OpenVLAConfig",
+            "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction",
+        },
+        "preprocessor_config.json": {
+            "AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor",
+            "AutoProcessor": "processing_prismatic.PrismaticProcessor",
+        },
+        "tokenizer_config.json": {"AutoProcessor": "processing_prismatic.PrismaticProcessor"},
+    }
+    for name, entries in auto_map.items():
+        data = json.loads((path / name).read_text())
+        data["auto_map"] = entries
+        data.pop("_attn_implementation_internal", None)
+        (path / name).write_text(json.dumps(data, indent=2))
+    return path
+
+
+@pytest.fixture(scope="session")
+def openvla_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_openvla(tmp_path_factory.mktemp("openvla"))

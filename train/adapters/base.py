@@ -25,6 +25,7 @@ class ModelAdapter(ABC):
     family: ClassVar[str]  # name used in refinevla_policy.json and error messages
     model_types: ClassVar[tuple[str, ...]]  # `config.model_type` values this adapter serves
     trust_remote_code: ClassVar[bool] = False  # remote-code models (OpenVLA) need it
+    batched_generation: ClassVar[bool] = True  # False: `generate` takes one row at a time (OpenVLA)
 
     # ---- loading
     def load_model(self, path: str, dtype: Any) -> Any:
@@ -68,6 +69,15 @@ class ModelAdapter(ABC):
 
     def processor_images(self, images: list[Any]) -> Any:
         return images
+
+    def text_logits(self, logits: Any, n_text: int) -> Any:
+        """Logits aligned with the `n_text` input ids. A family whose forward splices image features
+        into the sequence (OpenVLA) returns longer logits and drops those positions here."""
+        return logits
+
+    def logits(self, model: Any, inputs: dict[str, Any]) -> Any:
+        """The model's logits for `inputs`, one per input id."""
+        return self.text_logits(model(**inputs).logits, inputs["input_ids"].shape[1])
 
     def text_inputs(self, prompt_lens: Sequence[int], seq_len: int) -> dict[str, Any]:
         """Extra per-token inputs beside input_ids / attention_mask (none by default)."""
