@@ -300,6 +300,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         ckpt = latest_checkpoint(output)
         if ckpt is None:
             raise TrainError(f"--resume: no complete checkpoint under {output / 'checkpoints'}")
+        check_resumable(ckpt, accelerator)
         accelerator.load_state(str(ckpt / "state"))
         state = read_trainer_state(ckpt, cfg.batch_size, world)
         log(
@@ -453,6 +454,21 @@ def train(cfg: TrainConfig) -> TrainResult:
     return TrainResult(
         output, state.global_step, n_train, n_total, metrics, losses, final, p.processor, p.actions, p.train_indices
     )
+
+
+def check_resumable(ckpt: Path, accelerator: Any) -> None:
+    """One line, not accelerate's traceback, when the checkpoint's state was written by the other kind
+    of run: FSDP saves sharded folders (`pytorch_model_fsdp_0/`), everything else whole files."""
+    from accelerate.utils import DistributedType
+
+    sharded = (ckpt / "state" / "pytorch_model_fsdp_0").is_dir()
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if sharded != fsdp:
+        written, now = ("under FSDP", "without it") if sharded else ("without FSDP", "under FSDP")
+        raise TrainError(
+            f"--resume: {ckpt / 'state'} was written {written} and this run is {now}; resume with the same kind "
+            f"of accelerate config (the process count may change), or start anew from its weights: --model {ckpt}"
+        )
 
 
 def usable_batches(samples_per_rank: int, cfg: TrainConfig) -> int:

@@ -21,6 +21,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from refinevla.train.checkpoint import latest_checkpoint  # noqa: E402
 from refinevla.train.config import TrainConfig  # noqa: E402
+from refinevla.train.errors import TrainError  # noqa: E402
 from refinevla.train.trainer import train  # noqa: E402
 from tests.train.fsdp_cpu import fsdp_env  # noqa: E402
 
@@ -129,6 +130,13 @@ def test_fsdp_with_the_shipped_config_trains_like_ddp_and_resumes_from_sharded_s
     launch(fsdp + train_args(published, paligemma_dir, resumed, cache, "--resume"), env)
     assert losses(resumed) == pytest.approx(losses(out)[2:], rel=1e-5)
     assert_same_weights(resumed, out, atol=1e-6)
+
+    # sharded state resumed without FSDP: one line naming both ways out, not accelerate's traceback
+    refused = tmp_path / "refused"
+    shutil.copytree(step2, refused / "checkpoints" / "step-000002")
+    kw = {"batch_size": BATCH, "num_workers": 0, "val_fraction": 0.2, "max_steps": STEPS, "resume": True}
+    with pytest.raises(TrainError, match=r"written under FSDP and this run is without it.*--model .*step-000002"):
+        train(TrainConfig(dataset=str(published), model=str(paligemma_dir), output=refused, cache_dir=cache, **kw))
 
 
 def test_fsdp_in_bf16_as_shipped(published: Path, paligemma_dir: Path, cache: Path, tmp_path: Path, ddp: Path) -> None:
