@@ -109,7 +109,7 @@ def generate(
         ids = [row + tag for row in ids]
     results: list[Generated | None] = [None] * len(ids)
     groups: dict[tuple[int, int], list[int]] = {}  # (prompt length, row if the family generates one at a time)
-    one_at_a_time = not getattr(policy.adapter, "batched_generation", True)
+    one_at_a_time = not policy.adapter.batched_generation
     for i, row in enumerate(ids):
         groups.setdefault((len(row), i if one_at_a_time else -1), []).append(i)
     for (length, _), rows in groups.items():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -117,19 +118,19 @@ def to_device(inputs: dict[str, Any], device: Any) -> dict[str, Any]:
 @torch.no_grad()
 def evaluate(
     model: Any,
+    adapter: ModelAdapter,
     loader: Any,
     actions: ActionTokenizer,
     reasoning_weight: float,
     device: Any,
     accelerator: Any = None,
-    adapter: ModelAdapter | None = None,
 ) -> dict[str, float]:
     """Validation loss, action-token accuracy (teacher-forced argmax) and L1 of the decoded actions."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64)  # loss*n, n batches, correct, action tokens, |err| sum
     for batch in loader:
-        logits = model_logits(model, to_device(batch["model_inputs"], device), adapter)
+        logits = adapter.logits(model, to_device(batch["model_inputs"], device))
         jl = joint_loss(logits, batch["labels"].to(device), batch["kinds"].to(device), reasoning_weight)
         pos = batch["action_positions"].to(device)
         pred = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1).cpu()
@@ -156,17 +157,10 @@ def evaluate(
     }
 
 
-def model_logits(model: Any, inputs: dict[str, Any], adapter: ModelAdapter | None = None) -> torch.Tensor:
-    """Logits aligned with `input_ids` (through the family's adapter where it has one)."""
-    if adapter is not None:
-        return adapter.logits(model, inputs)  # type: ignore[no-any-return]
-    return model(**inputs).logits  # type: ignore[no-any-return]
-
-
-def predict_action_ids(model: Any, batch: dict[str, Any], adapter: ModelAdapter | None = None) -> torch.Tensor:
+def predict_action_ids(model: Any, adapter: ModelAdapter, batch: dict[str, Any]) -> torch.Tensor:
     """Teacher-forced argmax at the action positions (what the model would write there)."""
     with torch.no_grad():
-        logits = model_logits(model, batch["model_inputs"], adapter)
+        logits = adapter.logits(model, batch["model_inputs"])
     pos = batch["action_positions"] - 1
     ids: torch.Tensor = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1)
     return ids
@@ -425,7 +419,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             progress.update(1)
             if val_loader is not None and cfg.eval_every and state.global_step % cfg.eval_every == 0:
                 metrics = evaluate(
-                    model, val_loader, p.actions, cfg.reasoning_weight, accelerator.device, accelerator, p.adapter
+                    model, p.adapter, val_loader, p.actions, cfg.reasoning_weight, accelerator.device, accelerator
                 )
                 _log_metrics(metrics, state.global_step, writer, log_path, accelerator)
             if cfg.save_every and state.global_step % cfg.save_every == 0:
@@ -435,7 +429,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     progress.close()
     if val_loader is not None:
         metrics = evaluate(
-            model, val_loader, p.actions, cfg.reasoning_weight, accelerator.device, accelerator, p.adapter
+            model, p.adapter, val_loader, p.actions, cfg.reasoning_weight, accelerator.device, accelerator
         )
         _log_metrics(metrics, state.global_step, writer, log_path, accelerator)
     final = accelerator.unwrap_model(model)
@@ -460,8 +454,9 @@ def check_resumable(ckpt: Path, accelerator: Any) -> None:
     """One line, not accelerate's traceback, when the checkpoint's state was written by the other kind
     of run: FSDP saves sharded folders (`pytorch_model_fsdp_0/`), everything else whole files."""
     from accelerate.utils import DistributedType
+    from accelerate.utils.constants import FSDP_MODEL_NAME
 
-    sharded = (ckpt / "state" / "pytorch_model_fsdp_0").is_dir()
+    sharded = (ckpt / "state" / f"{FSDP_MODEL_NAME}_0").is_dir()
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     if sharded != fsdp:
         written, now = ("under FSDP", "without it") if sharded else ("without FSDP", "under FSDP")
@@ -482,8 +477,6 @@ def mixed_precision(bf16: bool | None, cuda: bool) -> str | None:
     """accelerate's mixed precision: `--bf16/--no-bf16` when given; else the launcher's choice
     (`accelerate launch --config_file …` exports ACCELERATE_MIXED_PRECISION); else bf16 where the
     GPU has it."""
-    import os
-
     if bf16 is not None:
         return "bf16" if bf16 else "no"
     if os.environ.get("ACCELERATE_MIXED_PRECISION"):

@@ -63,7 +63,7 @@ def test_openvla_learns_its_actions_and_its_checkpoint_generates_from_the_image(
     result = train(cfg)
     p = prepare(cfg)
     loader = make_loader(p, result.train_indices, cfg, epoch=0, train=False, batch_size=4)
-    metrics = evaluate(result.model, loader, p.actions, 1.0, "cpu", adapter=p.adapter)
+    metrics = evaluate(result.model, p.adapter, loader, p.actions, 1.0, "cpu")
     assert metrics["action_token_accuracy"] == 1.0, metrics
     assert result.losses[-1] < result.losses[0] / 10
 
@@ -79,8 +79,8 @@ def test_openvla_learns_its_actions_and_its_checkpoint_generates_from_the_image(
     )
     policy = Policy(out)
     batch = next(iter(loader))
-    ours = predict_action_ids(result.model.eval(), batch, p.adapter)
-    assert torch.equal(ours, predict_action_ids(policy.model, batch, policy.adapter))
+    ours = predict_action_ids(result.model.eval(), p.adapter, batch)
+    assert torch.equal(ours, predict_action_ids(policy.model, policy.adapter, batch))
     assert torch.equal(ours, batch["action_ids"])
 
     # refine-eval's decoding: one row at a time, the image seen once per row, the cache reused

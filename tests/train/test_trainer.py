@@ -56,7 +56,7 @@ def test_overfitting_4_samples_reaches_full_action_token_accuracy_and_the_checkp
     result = train(cfg)
     p = prepare(cfg)
     loader = make_loader(p, result.train_indices, cfg, epoch=0, train=False, batch_size=4)
-    metrics = evaluate(result.model, loader, p.actions, 1.0, "cpu")
+    metrics = evaluate(result.model, p.adapter, loader, p.actions, 1.0, "cpu")
     assert metrics["action_token_accuracy"] == 1.0, metrics
     assert result.losses[-1] < result.losses[0] / 10
 
@@ -69,8 +69,8 @@ def test_overfitting_4_samples_reaches_full_action_token_accuracy_and_the_checkp
     assert json.loads((out / STATS_FILE).read_text()) == p.statistics
     reloaded = Policy(out)
     batch = next(iter(loader))
-    ours = predict_action_ids(result.model.eval(), batch)
-    theirs = predict_action_ids(reloaded.model, batch)
+    ours = predict_action_ids(result.model.eval(), p.adapter, batch)
+    theirs = predict_action_ids(reloaded.model, reloaded.adapter, batch)
     assert torch.equal(ours, theirs) and torch.equal(ours, batch["action_ids"])
     assert np.allclose(reloaded.actions.decode(theirs.numpy()), p.actions.decode(batch["action_ids"].numpy()))
 
@@ -122,7 +122,8 @@ def test_lora_trains_a_small_share_and_the_merged_checkpoint_reloads(published, 
     p = prepare(cfg)
     batch = next(iter(make_loader(p, result.train_indices, cfg, epoch=0, train=False)))
     assert torch.equal(
-        predict_action_ids(result.model.eval(), batch), predict_action_ids(Policy(cfg.output).model, batch)
+        predict_action_ids(result.model.eval(), p.adapter, batch),
+        predict_action_ids(Policy(cfg.output).model, p.adapter, batch),
     )
     # An intermediate checkpoint holds the adapter only; the policy rebuilds base + adapter, merged.
     mid = cfg.output / "checkpoints" / "step-000004"
