@@ -21,12 +21,32 @@ pytest.importorskip("transformers")
 
 from refinevla.annotate.sources import specs
 from refinevla.annotate.sources.rlds_writer import write_rlds
+from refinevla.train.config import TrainConfig
 from tests.conftest import tiny_episode
 
 VOCAB = 512
 IMAGE = 32
 EPISODES = 6
 STEPS = (10, 11, 12, 10, 11, 12)
+
+
+# 4 samples, 120 steps: enough to drive the action-token accuracy on them to 100%
+OVERFIT = {"max_steps": 120, "batch_size": 4, "limit_samples": 4, "learning_rate": 5e-3, "warmup_steps": 5}
+
+
+def config(published: Path, model: Path, output: Path, cache_dir: Path, **kw: object) -> TrainConfig:
+    """A TrainConfig for the tiny models: batch 2, no workers, no validation unless `kw` says otherwise."""
+    base = {
+        "dataset": str(published),
+        "model": str(model),
+        "output": output,
+        "cache_dir": cache_dir,
+        "batch_size": 2,
+        "num_workers": 0,
+        "val_fraction": 0.0,
+        "learning_rate": 1e-3,
+    }
+    return TrainConfig(**{**base, **kw})
 
 
 def tiny_tokenizer(specials: dict[str, str]):  # type: ignore[no-untyped-def]

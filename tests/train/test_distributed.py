@@ -20,24 +20,35 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import load_file  # noqa: E402
 
 from refinevla.train.checkpoint import latest_checkpoint  # noqa: E402
-from refinevla.train.config import TrainConfig  # noqa: E402
 from refinevla.train.errors import TrainError  # noqa: E402
 from refinevla.train.trainer import train  # noqa: E402
+from tests.train.conftest import config  # noqa: E402
 from tests.train.fsdp_cpu import fsdp_env  # noqa: E402
 
 HERE = Path(__file__).parent
 REPO = HERE.parents[1]
 TORCHRUN = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
 STEPS, BATCH, CLIP = 4, 2, 0.05  # a clip this small is active on every step
+# every run's settings, as flags for torchrun and as TrainConfig fields in-process
+RUN: dict[str, Any] = {
+    "max_steps": STEPS,
+    "batch_size": BATCH,
+    "num_workers": 0,
+    "val_fraction": 0.2,
+    "trace_samples": True,
+    "save_every": 2,
+    "learning_rate": 1e-3,
+    "warmup_steps": 1,
+    "max_grad_norm": CLIP,
+}
 
 
 def train_args(published: Path, model: Path, out: Path, cache: Path, *extra: str) -> list[str]:
-    return [
-        "--dataset", str(published), "--model", str(model), "--output", str(out), "--cache-dir", str(cache),
-        "--max-steps", str(STEPS), "--batch-size", str(BATCH), "--num-workers", "0", "--val-fraction", "0.2",
-        "--trace-samples", "--save-every", "2", "--learning-rate", "1e-3", "--warmup-steps", "1",
-        "--max-grad-norm", str(CLIP), *extra,
-    ]  # fmt: skip
+    args = ["--dataset", str(published), "--model", str(model), "--output", str(out), "--cache-dir", str(cache)]
+    for key, value in RUN.items():
+        flag = "--" + key.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return [*args, *extra]
 
 
 def launch(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -134,9 +145,8 @@ def test_fsdp_with_the_shipped_config_trains_like_ddp_and_resumes_from_sharded_s
     # sharded state resumed without FSDP: one line naming both ways out, not accelerate's traceback
     refused = tmp_path / "refused"
     shutil.copytree(step2, refused / "checkpoints" / "step-000002")
-    kw = {"batch_size": BATCH, "num_workers": 0, "val_fraction": 0.2, "max_steps": STEPS, "resume": True}
     with pytest.raises(TrainError, match=r"written under FSDP and this run is without it.*--model .*step-000002"):
-        train(TrainConfig(dataset=str(published), model=str(paligemma_dir), output=refused, cache_dir=cache, **kw))
+        train(config(published, paligemma_dir, refused, cache, **RUN, resume=True))
 
 
 def test_fsdp_in_bf16_as_shipped(published: Path, paligemma_dir: Path, cache: Path, tmp_path: Path, ddp: Path) -> None:
@@ -190,24 +200,7 @@ def test_resume_with_another_process_count_continues_at_the_same_sample(
     out = tmp_path / "one"
     shutil.copytree(ddp / "checkpoints" / "step-000002", out / "checkpoints" / "step-000002")
     assert latest_checkpoint(out) is not None
-    kw: dict[str, Any] = {
-        "dataset": str(published),
-        "model": str(paligemma_dir),
-        "output": out,
-        "cache_dir": cache,
-        "max_steps": STEPS,
-        "batch_size": BATCH,
-        "grad_accum": 2,
-        "num_workers": 0,
-        "val_fraction": 0.2,
-        "learning_rate": 1e-3,
-        "warmup_steps": 1,
-        "max_grad_norm": CLIP,
-        "save_every": 2,
-        "trace_samples": True,
-        "resume": True,
-    }
-    result = train(TrainConfig(**kw))
+    result = train(config(published, paligemma_dir, out, cache, **RUN, grad_accum=2, resume=True))
     assert result.global_step == STEPS and len(result.losses) == STEPS - 2
     theirs = step_samples(ddp, 2)
     mine = step_samples(out, 1)

@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 from refinevla.train.adapters import adapter_for  # noqa: E402
 from refinevla.train.checkpoint import POLICY_FILE, Policy  # noqa: E402
 from refinevla.train.trainer import evaluate, make_loader, predict_action_ids, prepare, train  # noqa: E402
-from tests.train.test_trainer import OVERFIT, config  # noqa: E402
+from tests.train.conftest import OVERFIT, config  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

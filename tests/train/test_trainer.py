@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,26 +11,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from refinevla.train.checkpoint import POLICY_FILE, STATS_FILE, Policy, latest_checkpoint  # noqa: E402
-from refinevla.train.config import TrainConfig  # noqa: E402
 from refinevla.train.data import StepSamples  # noqa: E402
 from refinevla.train.trainer import evaluate, make_loader, predict_action_ids, prepare, train  # noqa: E402
-
-# 4 samples, 120 steps: enough to drive the action-token accuracy on them to 100%
-OVERFIT = {"max_steps": 120, "batch_size": 4, "limit_samples": 4, "learning_rate": 5e-3, "warmup_steps": 5}
-
-
-def config(published: Path, model: Path, output: Path, cache_dir: Path, **kw) -> TrainConfig:
-    base = {
-        "dataset": str(published),
-        "model": str(model),
-        "output": output,
-        "cache_dir": cache_dir,
-        "batch_size": 2,
-        "num_workers": 0,
-        "val_fraction": 0.0,
-        "learning_rate": 1e-3,
-    }
-    return TrainConfig(**{**base, **kw})
+from tests.train.conftest import OVERFIT, config  # noqa: E402
 
 
 def test_trainable_layers_1_changes_only_the_top_layer_norm_and_head(published, paligemma_dir, tmp_path, cache_dir):
