@@ -17,11 +17,11 @@ from typing import Annotated, Any
 import typer
 
 from .errors import RefineError
+from .exits import EXIT_INTERRUPTED
+from .outputs import hold_output
 from .part import AnnotateArgs, PartResult, RunSetup, run_part, setup_run
 
 __all__ = ["AnnotateArgs", "PartResult", "RunSetup", "register", "run_annotate", "run_part"]
-
-EXIT_INTERRUPTED = 130
 
 
 def _elide_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -60,7 +60,15 @@ def run_annotate(args: AnnotateArgs) -> int:
         episodes = setup.source.iter_episodes(ReadOptions(start=setup.start, stop=setup.stop))
         return _dry_run(args, teacher, setup.options, setup.prices, episodes, setup.total)
 
-    _check_card_license(setup.out, setup.source.name, args.license)
+    _check_card_license(setup.out, setup.source.name, args.license)  # before anything is written
+    command = "refine-data " + shlex.join(args.argv) if args.argv else "refine-data annotate"
+    with hold_output(setup.out, command, part=setup.suffix or None):
+        return _run_held(args, setup)
+
+
+def _run_held(args: AnnotateArgs, setup: RunSetup) -> int:
+    """The run proper, while this process holds OUT (or its shard of OUT)."""
+    teacher = setup.teacher
     batch: dict[str, Any] | None = None
     if args.batch:
         from dataclasses import replace
@@ -301,8 +309,8 @@ def register(app: typer.Typer) -> None:
         SourceArg,
         SplitOpt,
         StateKeyOpt,
-        user_errors,
     )
+    from .exits import user_errors
 
     @app.command()
     @user_errors
@@ -481,12 +489,13 @@ def register(app: typer.Typer) -> None:
         from .shards import gather, merge_manifests, shard_manifests
         from .writer import tool_version, utc_now, write_manifest
 
-        if sources:
-            gather(out, sources)
-        n, manifests = shard_manifests(out)
-        manifest = merge_manifests(manifests, utc_now(), tool_version())
-        write_manifest(out, manifest)
-        _write_card(out, license)
+        with hold_output(out, "refine-data " + shlex.join(sys.argv[1:]), flag="merge"):
+            if sources:
+                gather(out, sources)
+            n, manifests = shard_manifests(out)
+            manifest = merge_manifests(manifests, utc_now(), tool_version())
+            write_manifest(out, manifest)
+            _write_card(out, license)
         c = manifest["counts"]
         typer.echo(
             f"merged {n} shards into {out}: {c['episodes']} episodes, {c['steps']} steps, {c['rejected']} rejected, "

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
 from .errors import RefineError
+from .exits import user_errors
 
 app = typer.Typer(
     name="refine-data",
@@ -54,25 +53,6 @@ WorkersOpt = Annotated[int, typer.Option("--workers", help="Reader processes (0 
 SkipCorruptOpt = Annotated[
     bool, typer.Option("--skip-corrupt", help="Skip and count records that fail their CRC instead of stopping.")
 ]
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def user_errors(fn: F) -> F:
-    """Turn `RefineError` into one red line + exit 1, and Ctrl-C into exit 130."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RefineError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def split_keys(value: str | None) -> tuple[str, ...]:

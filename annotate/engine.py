@@ -337,7 +337,7 @@ class Engine:
         self.stop_reason: str | None = None  # "interrupted", "max-cost", or None for a full pass
         self._stop = asyncio.Event()
         self._hard_stop = False
-        self._fatal: RefineError | None = None  # e.g. the key was refused: every request would fail alike
+        self._fatal: Exception | None = None  # e.g. the key was refused: every request would fail alike
         self._pause_until = 0.0  # a 429's Retry-After pauses every new request, not just the one
         self._rpm = RateLimiter(options.rpm) if options.rpm else None
         self._tpm = RateLimiter(options.tpm) if options.tpm else None
@@ -646,6 +646,13 @@ class Engine:
             self._finish(item, "stopped", reason=str(exc))
         except asyncio.CancelledError:
             self._finish(item, "stopped", reason="cancelled")
+        except Exception as exc:  # the store cannot write (a full disk) or a bug: stop asking at once
+            # (an answer that cannot be committed must not be paid for again and again), and let
+            # `run` raise it once the requests in flight are settled
+            self._fatal = self._fatal or exc
+            if not self._stop.is_set():
+                self.request_stop("error")
+            self._finish(item, "stopped", reason=f"{type(exc).__name__}: {exc}")
         finally:
             self._reserved -= reserved
             slot.give_back()

@@ -26,3 +26,15 @@ class CorruptRecordError(SourceError):
             f"{path}: corrupt record at byte offset {offset}: {reason} "
             "(re-download the shard, or pass --skip-corrupt to skip and count such records)"
         )
+
+
+class Interrupted(Exception):
+    """A run stopped on a signal (Ctrl-C, SIGTERM) after saving what it had.
+
+    Not a `RefineError`: nothing was wrong. The message says what was saved and the command that
+    continues; the CLI prints it and exits 128 + the signal number (130 for Ctrl-C), as shells do.
+    """
+
+    def __init__(self, message: str, signum: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum

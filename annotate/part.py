@@ -250,8 +250,13 @@ def run_part(
 
     try:
         asyncio.run(main())
-    finally:
+    except BaseException:  # a failure (a full disk), not a clean stop: keep the files of earlier runs whole
+        writer.abort()
+        store.close()
+        raise
+    try:
         counts = writer.close()
+    finally:
         store.close()
     counters = asdict(engine.counters)
     seconds = time.monotonic() - counters.pop("started")

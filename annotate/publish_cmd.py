@@ -7,12 +7,16 @@ Thin: parse, call `refinevla.annotate.publish` / `refinevla.datacards`, report. 
 # No `from __future__ import annotations`: Typer evaluates the annotations of the commands defined
 # inside `register`, whose shared option types are imported there (locals, not module globals).
 
+import shlex
+import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from .errors import RefineError
+from .outputs import hold_output
 
 LicenseOpt = Annotated[
     str | None,
@@ -30,9 +34,22 @@ def write_card_or_fail(out: Path, license: str | None) -> Path:
         raise RefineError(str(exc)) from None
 
 
+def hold_existing(out: Path) -> AbstractContextManager[Path]:
+    """Hold a dataset folder that must already exist (card, push): refused while a run writes it."""
+    if not out.is_dir():
+        raise RefineError(f"{out}: no such dataset folder")
+    return hold_output(out, "refine-data " + shlex.join(sys.argv[1:]), flag="dataset")
+
+
+def hold_new(out: Path, flag: str = "--out") -> AbstractContextManager[Path]:
+    """Hold the folder a command writes (created if needed)."""
+    return hold_output(out, "refine-data " + shlex.join(sys.argv[1:]), flag=flag)
+
+
 def register(app: typer.Typer) -> None:
     """Add the publishing commands to a Typer app (the `refine-data` app in `cli.py`)."""
-    from .cli import DataDirOpt, SplitOpt, user_errors
+    from .cli import DataDirOpt, SplitOpt
+    from .exits import user_errors
 
     @app.command()
     @user_errors
@@ -41,7 +58,8 @@ def register(app: typer.Typer) -> None:
         license: LicenseOpt = None,
     ) -> None:
         """Write OUT/README.md: the dataset card (YAML front matter, fields, provenance, statistics)."""
-        path = write_card_or_fail(out, license)
+        with hold_existing(out):
+            path = write_card_or_fail(out, license)
         typer.echo(f"wrote {path}")
 
     @app.command()
@@ -58,7 +76,8 @@ def register(app: typer.Typer) -> None:
         """Upload OUT (all but .refine/) to a Hub dataset repo, merge its card, tag the schema version."""
         from .publish.push import push_dataset
 
-        result = push_dataset(out, repo_id, private=private, revision=revision, dry_run=dry_run)
+        with hold_existing(out):  # never upload a folder a run is writing
+            result = push_dataset(out, repo_id, private=private, revision=revision, dry_run=dry_run)
         if dry_run:
             for line in result.operations:
                 typer.echo(line)
@@ -114,8 +133,9 @@ def register(app: typer.Typer) -> None:
                 "the license of Embodied-CoT's reasoning is not known to refinevla; pass --license ID "
                 "(check the license of the file you downloaded)"
             )
-        report = run_import(path, out, dataset=dataset, limit=limit)
-        card_path = write_card_or_fail(out, license)
+        with hold_new(out):
+            report = run_import(path, out, dataset=dataset, limit=limit)
+            card_path = write_card_or_fail(out, license)
         typer.echo(
             f"wrote {out}: {report.episodes} episodes, {report.steps} steps; {len(report.malformed)} malformed "
             f"entries skipped; card {card_path.name}"
@@ -146,7 +166,7 @@ def register(app: typer.Typer) -> None:
             raise RefineError(f"--to {to!r}: only 'lerobot' is supported")
         from .publish.lerobot_export import export_lerobot
 
-        result = export_lerobot(
+        result = export_lerobot(  # refuses a non-empty --out; a half-written export is removed
             out, source, dest, data_dir=data_dir, split=split, fps=fps, camera_storage=camera_storage
         )
         typer.echo(f"wrote {result.root}: LeRobot v3.0, {result.episodes} episodes, {result.frames} frames")

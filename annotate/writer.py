@@ -9,6 +9,7 @@ the durable record; every run rewrites them from the store and the source.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -167,19 +168,40 @@ class _PartWriter:
         self.columns = {f.name: [] for f in self.schema}
 
     def close(self) -> None:
+        """Write what is buffered and put the file in place; on any failure (a full disk) the
+        hidden file is removed and the file from an earlier run, if any, stays as it was."""
         try:
-            self.flush()
+            try:
+                self.flush()
+                self._wait()
+            finally:
+                self._stop_pool()
+            if self._writer is None:  # no rows: still write a valid empty file, so the layout is complete
+                self.tmp.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(self.schema.empty_table(), self.tmp)
+            else:
+                writer, self._writer = self._writer, None
+                writer.close()
+            os.replace(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Drop this run's rows: nothing half-written is left, nothing finished is replaced."""
+        with contextlib.suppress(Exception):
             self._wait()
-        finally:
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-                self._pool = None
-        if self._writer is None:  # no rows: still write a valid empty file, so the layout is complete
-            self.tmp.parent.mkdir(parents=True, exist_ok=True)
-            pq.write_table(self.schema.empty_table(), self.tmp)
-        else:
-            self._writer.close()
-        os.replace(self.tmp, self.path)
+        self._stop_pool()
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            with contextlib.suppress(Exception):
+                writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def _stop_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
 
 class DatasetWriter:
@@ -234,9 +256,18 @@ class DatasetWriter:
         )
 
     def close(self) -> dict[str, int]:
-        self.steps.close()
-        self.episodes.close()
+        try:
+            self.steps.close()
+            self.episodes.close()
+        except BaseException:
+            self.abort()
+            raise
         return {"episodes": self.episodes.count, "steps": self.steps.count}
+
+    def abort(self) -> None:
+        """The run failed: leave the dataset's files as they were before it (see `_PartWriter.abort`)."""
+        self.steps.abort()
+        self.episodes.abort()
 
 
 def write_manifest(out: str | Path, manifest: dict[str, Any], name: str = "refinevla.json") -> Path:

@@ -16,7 +16,8 @@ from typing import Annotated
 
 import typer
 
-from ..annotate.cli import split_keys, user_errors
+from ..annotate.cli import split_keys
+from ..annotate.exits import user_errors
 
 app = typer.Typer(
     name="refine-eval",

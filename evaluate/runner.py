@@ -10,6 +10,8 @@ reasoning mode or asset digest is refused, so numbers made on different setups n
 
 from __future__ import annotations
 
+import shlex
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ..annotate.outputs import hold_output
 from .backends.base import Simulator
 from .errors import EvalError
 from .policy import RefinePolicy
@@ -160,6 +163,13 @@ def run_eval(args: RunArgs, progress: Callable[[str], None] = print) -> RunSumma
             raise EvalError(f"{name} {value}: must be at least 1")
     for task in tasks:
         preflight(task)  # a missing simulator or asset is reported before minutes of model loading
+    command = "refine-eval " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "refine-eval run"
+    with hold_output(Path(args.out), command):  # before minutes of model loading, too
+        return _run_held(args, tasks, progress)
+
+
+def _run_held(args: RunArgs, tasks: list[Task], progress: Callable[[str], None]) -> RunSummary:
+    """The run proper, while this process holds --out."""
     policy = RefinePolicy(args.policy, args.robot, args.reasoning, args.max_rationale_tokens, args.device)
     run = {
         "format": RESULTS_FORMAT,

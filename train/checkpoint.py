@@ -11,6 +11,8 @@ and the data position), written last: a checkpoint without it is incomplete and 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from .targets import ACTION_TAG, prompt_text
 POLICY_FILE = "refinevla_policy.json"
 STATS_FILE = "dataset_statistics.json"
 STATE_FILE = "trainer_state.json"
+STAGING_DIR = ".policy.partial"  # save_policy writes here first
 POLICY_FORMAT = "refinevla.policy/1"
 ROBOTS = {"bridge_orig": "widowx", "fractal": "google_robot"}  # by transform
 
@@ -61,10 +64,23 @@ def save_policy(
     directory.mkdir(parents=True, exist_ok=True)
     if state_dict is not None:
         state_dict = without_tied_copies(model, state_dict)
-    model.save_pretrained(directory, state_dict=state_dict)
-    processor.save_pretrained(directory)
-    (directory / STATS_FILE).write_text(json.dumps(statistics, indent=2))
-    (directory / POLICY_FILE).write_text(json.dumps(policy, indent=2))
+    # Written whole into a hidden folder, then moved in file by file (renames need no room), the
+    # policy file last: a full disk leaves the folder's previous policy as it was, never a torn one.
+    staging = directory / STAGING_DIR
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+        model.save_pretrained(staging, state_dict=state_dict)
+        processor.save_pretrained(staging)
+        (staging / STATS_FILE).write_text(json.dumps(statistics, indent=2))
+        (staging / POLICY_FILE).write_text(json.dumps(policy, indent=2))
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == POLICY_FILE):
+            target = directory / path.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(path, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def without_tied_copies(model: Any, state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
+from ..annotate.exits import user_errors
 from .errors import RefineError
 
 app = typer.Typer(
@@ -56,23 +57,8 @@ WeightOpt = Annotated[
 ]
 
 
-def user_errors(fn: Any) -> Any:
-    """One red line and exit 1 for a `RefineError`; anything else is a bug and keeps its traceback."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except RefineError as exc:
-            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
 @app.callback()
-@user_errors
+@user_errors  # type: ignore[untyped-decorator]  # mypy reads train/ as its own top level
 def train_command(
     ctx: typer.Context,
     dataset: DatasetOpt = None,
@@ -126,6 +112,10 @@ def train_command(
         bool, typer.Option("--gradient-checkpointing", help="Recompute activations (less memory).")
     ] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint in --output.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the policy, checkpoints and logs an earlier run left in --output."),
+    ] = False,
     push_to_hub: Annotated[
         str | None, typer.Option("--push-to-hub", help="Upload the final policy to this Hub model repo.")
     ] = None,
@@ -159,7 +149,7 @@ def train_command(
 
 
 @app.command()
-@user_errors
+@user_errors  # type: ignore[untyped-decorator]  # mypy reads train/ as its own top level
 def preview(
     dataset: Annotated[str, typer.Option("--dataset", help="refine-data output folder or ORG/NAME.")],
     model: Annotated[str, typer.Option("--model", help="Model (its processor and tokenizer) or a checkpoint.")],

@@ -48,6 +48,7 @@ class TrainConfig:
     bf16: bool | None = None  # bf16 mixed precision; default: where the GPU supports it
     gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
     resume: bool = False  # continue from the latest checkpoint in --output
+    overwrite: bool = False  # replace the policy, checkpoints and logs an earlier run left in --output
     push_to_hub: str | None = None  # upload the final checkpoint to this Hub model repo
     num_workers: int = 2  # DataLoader worker processes (decode + resize + tokenise)
     limit_samples: int | None = None  # train on the first N training samples only (debugging, overfit checks)

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..annotate.publish.push import _hf_api, resolve_token
 from .errors import TrainError
 
-IGNORE = ["checkpoints/*", "checkpoints/**", "train_log.jsonl.partial"]
+IGNORE = ["checkpoints/*", "checkpoints/**", "train_log.jsonl.partial", ".refine/*", ".refine/**", ".policy.partial/**"]
 
 
 def push_policy(output: Path, repo_id: str, private: bool = False) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from .config import TrainConfig
 from .data import Collator, StepSamples, epoch_order, split_episodes
 from .errors import TrainError
 from .loss import joint_loss
+from .run_guard import StopRequest, hold_training_output, ignore_interrupts, interrupted
 from .table import TrainingTable, build_table, open_published
 
 
@@ -236,6 +238,7 @@ def make_loader(
     workers = cfg.num_workers if len(samples) > (batch_size or cfg.batch_size) else 0
     return DataLoader(
         samples,
+        worker_init_fn=ignore_interrupts if workers else None,
         batch_size=batch_size or cfg.batch_size,
         shuffle=False,
         collate_fn=collate,
@@ -248,11 +251,18 @@ def make_loader(
 def train(cfg: TrainConfig) -> TrainResult:
     """Run training as configured; returns the final state (and the model, for callers in-process)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
 
     cuda = torch.cuda.is_available()
     accelerator = Accelerator(cpu=not cuda, mixed_precision=mixed_precision(cfg.bf16, cuda))
+    with hold_training_output(cfg, accelerator), StopRequest() as stop:
+        return _train_held(cfg, accelerator, stop)
+
+
+def _train_held(cfg: TrainConfig, accelerator: Any, stop: StopRequest) -> TrainResult:
+    """The run proper, while rank 0 holds --output and a signal asks for a checkpoint, not a traceback."""
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_schedule_with_warmup
+
     rank, world = accelerator.process_index, accelerator.num_processes
     set_seed(cfg.seed)
     p = prepare(cfg, accelerator)
@@ -330,6 +340,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         )
 
     def save(directory: Path, with_state: bool) -> None:
+        try:
+            save_now(directory, with_state)
+        except BaseException:  # a full disk: no incomplete checkpoint is left to mistake for one
+            if with_state and accelerator.is_main_process:
+                shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    def save_now(directory: Path, with_state: bool) -> None:
         accelerator.wait_for_everyone()
         full = accelerator.get_state_dict(model)  # a collective under FSDP: every rank takes part
         if accelerator.is_main_process:
@@ -422,8 +440,18 @@ def train(cfg: TrainConfig) -> TrainResult:
                     model, p.adapter, val_loader, p.actions, cfg.reasoning_weight, accelerator.device, accelerator
                 )
                 _log_metrics(metrics, state.global_step, writer, log_path, accelerator)
-            if cfg.save_every and state.global_step % cfg.save_every == 0:
+            saved = bool(cfg.save_every) and state.global_step % cfg.save_every == 0
+            if saved:
                 save(output / "checkpoints" / f"step-{state.global_step:06d}", with_state=True)
+            signum = stop.agreed(accelerator)  # every rank, every step: they stop at the same one
+            if signum is not None:
+                ckpt = output / "checkpoints" / f"step-{state.global_step:06d}"
+                if not saved:
+                    save(ckpt, with_state=True)
+                progress.close()
+                if writer is not None:
+                    writer.close()
+                raise interrupted(ckpt, state.global_step, signum, world, accelerator.is_main_process)
             if state.global_step >= total_steps:
                 break
     progress.close()

@@ -3,61 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import sqlite3
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import polars as pl
 
-SECRET = "sk-test-crash-SECRET-99"
-
-
-def start(uri: str, url: str, out: Path, *extra: str) -> subprocess.Popen[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "refinevla.annotate.cli",
-        "annotate",
-        uri,
-        "--teacher",
-        "openai-compatible",
-        "--base-url",
-        url,
-        "--model",
-        "fake-model",
-        "--out",
-        str(out),
-        "--concurrency",
-        "2",
-        "--progress",
-        "plain",
-        *extra,
-    ]
-    env = {**os.environ, "OPENAI_API_KEY": SECRET}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def answered(out: Path) -> set[str]:
-    db = out / ".refine" / "store.sqlite"
-    if not db.exists():
-        return set()
-    try:
-        with sqlite3.connect(db) as conn:
-            return {row[0] for row in conn.execute("SELECT episode_id FROM answers")}
-    except sqlite3.OperationalError:  # tables not created yet
-        return set()
-
-
-def wait_for_answers(proc: subprocess.Popen[str], out: Path, n: int, deadline: float = 60.0) -> None:
-    t0 = time.monotonic()
-    while len(answered(out)) < n:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() - t0 < deadline, "the run made no progress"
-        time.sleep(0.05)
+from tests.annotate.conftest import SECRET, answered, wait_for_answers
+from tests.annotate.conftest import start_annotate as start
 
 
 def seed(episode_id: str) -> int:

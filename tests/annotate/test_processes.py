@@ -56,7 +56,7 @@ def test_processes_write_what_one_process_writes_and_a_rerun_with_other_p_pays_n
         a = pl.read_parquet(many / sub / "train-00000-of-00001.parquet").sort(order)
         b = pl.read_parquet(one / sub / "train-00000-of-00001.parquet").sort(order)
         assert a.height > 0 and a.equals(b), sub
-    assert sorted(p.name for p in (many / ".refine").iterdir()) == ["rejects.jsonl", "store.sqlite"]
+    assert sorted(p.name for p in (many / ".refine").iterdir()) == ["lock", "rejects.jsonl", "store.sqlite"]
     manifest = json.loads((many / "refinevla.json").read_text())
     assert manifest["counts"]["episodes"] == 9 and manifest["this_run"]["requests"] == 9
     assert manifest["this_run"]["processes"] == 3

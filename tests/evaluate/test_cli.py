@@ -108,3 +108,35 @@ def test_attention_command_writes_the_overlay(tmp_path: Path, paligemma_policy: 
     assert "layers 1" in result.output  # -1 of the tiny model's 2 decoder layers
     with Image.open(out) as png:
         assert png.format == "PNG" and png.size[0] > png.size[1]  # frame and maps side by side
+
+
+def test_a_second_run_on_the_same_out_is_refused_before_the_policy_loads(tmp_path: Path) -> None:
+    """Another live process holds --out: one line naming it; the folder is left as it was."""
+    pytest.importorskip("mani_skill")
+    out = tmp_path / "results"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from refinevla.annotate.outputs import hold_output\n"
+            f"with hold_output(Path({str(out)!r}), 'refine-eval run (the first)'):\n"
+            "    print('held', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        before = sorted(p.name for p in out.rglob("*"))
+        cmd = [sys.executable, "-m", "refinevla.evaluate", "run", "--policy", str(tmp_path / "no-such-ckpt")]
+        cmd += ["--suite", "maniskill:PickCube-v1", "--instruction", "pick the cube", "--out", str(out)]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1
+        error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert error == [line for line in result.stderr.splitlines() if "error" in line.lower()], result.stderr
+        assert error[0].startswith(f"error: --out {out} is in use by pid {holder.pid} on ")
+        assert "refine-eval run (the first)" in error[0] and "Traceback" not in result.stderr
+        assert sorted(p.name for p in out.rglob("*")) == before
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)

@@ -220,3 +220,49 @@ def test_mixed_precision_flag_then_launcher_config_then_hardware(monkeypatch: py
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # accelerate launch --config_file with fp16
     assert mixed_precision(None, cuda=True) is None  # accelerate reads the launcher's choice
     assert mixed_precision(False, cuda=True) == "no"  # the flag wins
+
+
+def test_ctrl_c_under_torchrun_saves_one_checkpoint_on_every_rank_and_resume_continues(
+    published: Path, paligemma_dir: Path, cache: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C in the terminal: SIGINT to the whole process group (torchrun's agent forwards it again)."""
+    import signal
+    import time
+
+    out = tmp_path / "ckpt"
+    args = ["--dataset", str(published), "--model", str(paligemma_dir), "--output", str(out), "--cache-dir", str(cache)]
+    args += ["--batch-size", str(BATCH), "--num-workers", "0", "--val-fraction", "0", "--max-steps", "100000"]
+    proc = subprocess.Popen(
+        [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "refinevla.train", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,
+    )
+    try:
+        t0 = time.monotonic()
+        while not (out / "train_log.jsonl").is_file() or len(losses(out)) < 2:
+            assert proc.poll() is None, proc.communicate()[1][-4000:]
+            assert time.monotonic() - t0 < 240, "no progress"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None, err[-4000:]
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    saved = state["global_step"]
+    assert saved >= 2 and state["processes"] == 2
+    assert sorted(p.name for p in (ckpt / "state").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]  # every rank saved its part of the same step
+    assert "Continue with the same launcher" in err and "--resume" in err
+
+    resume = [*args[:-1], str(saved + 1), "--resume"]
+    launch([TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "refinevla.train", *resume])
+    assert json.loads((out / "refinevla_policy.json").read_text())["training"]["step"] == saved + 1
+    assert [rec["step"] for rec in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())][-1] == saved + 1
