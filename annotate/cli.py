@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .cli_options import ACTION_KEY, CAMERA, DATA_DIR, INSTRUCTION_KEY, SOURCE, SPLIT, STATE_KEY
 from .errors import RefineError
 from .exits import user_errors
 
@@ -25,29 +26,15 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-# Options shared by every command that reads a source (Typer's Annotated reuse).
-SourceArg = Annotated[
-    str,
-    typer.Argument(
-        help="bridge | fractal | sample | rlds:PATH (TFDS builder dir) | lerobot:PATH_OR_REPO_ID",
-        show_default=False,
-    ),
-]
-DataDirOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--data-dir", help="Where the RLDS datasets live (default: $TFDS_DATA_DIR, ~/tensorflow_datasets); gs:// ok."
-    ),
-]
-SplitOpt = Annotated[str, typer.Option("--split", help="Dataset split.")]
-CameraOpt = Annotated[
-    list[str] | None, typer.Option("--camera", help="Camera feature(s) to read, primary first (e.g. image_1).")
-]
-InstructionKeyOpt = Annotated[str | None, typer.Option("--instruction-key", help="Feature holding the instruction.")]
-StateKeyOpt = Annotated[str | None, typer.Option("--state-key", help="Feature(s) forming the state, comma-separated.")]
-ActionKeyOpt = Annotated[
-    str | None, typer.Option("--action-key", help="Feature(s) forming the action, comma-separated.")
-]
+# Options shared by every command that reads a source (Typer's Annotated reuse); their help is declared
+# once in cli_options, where `AnnotateArgs` takes the same flags from.
+SourceArg = Annotated[str, SOURCE.parameter_info("source")]
+DataDirOpt = Annotated[str | None, DATA_DIR.parameter_info("data_dir")]
+SplitOpt = Annotated[str, SPLIT.parameter_info("split")]
+CameraOpt = Annotated[list[str] | None, CAMERA.parameter_info("camera")]
+InstructionKeyOpt = Annotated[str | None, INSTRUCTION_KEY.parameter_info("instruction_key")]
+StateKeyOpt = Annotated[str | None, STATE_KEY.parameter_info("state_key")]
+ActionKeyOpt = Annotated[str | None, ACTION_KEY.parameter_info("action_key")]
 EpisodesOpt = Annotated[str | None, typer.Option("--episodes", help="Episode index range START:STOP (split order).")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Reader processes (0 = read in this process).")]
 SkipCorruptOpt = Annotated[
@@ -116,8 +103,8 @@ def inspect(
     skip_corrupt: SkipCorruptOpt = False,
 ) -> None:
     """One line per episode (id, steps, instruction, cameras, action range), then a summary."""
-    from .inspect import episode_summary, run_summary
     from .sources import ReadOptions
+    from .summaries import episode_summary, run_summary
 
     src = open_cli_source(source, data_dir, split, camera, instruction_key, state_key, action_key)
     start, stop = parse_range(episodes, limit)
@@ -172,11 +159,11 @@ def stats(
 ) -> None:
     """Write OpenVLA-format action/proprio statistics (mean, std, min, max, q01, q99, mask)."""
     from .sources import ReadOptions
-    from .stats import TRANSFORMS, compute_statistics
+    from .stats import TRANSFORMS, auto_transform, compute_statistics
 
     src = open_cli_source(source, data_dir, split, camera, instruction_key, state_key, action_key)
     if transform == "auto":
-        transform = {"fractal20220817_data": "fractal"}.get(src.name, "bridge_orig" if _is_bridge_like(src) else "none")
+        transform = auto_transform(src)
     if transform not in TRANSFORMS:
         raise RefineError(f"--transform {transform!r}: choose from {', '.join(TRANSFORMS)}, auto")
     start, stop = parse_range(episodes)
@@ -196,16 +183,11 @@ def stats(
         typer.secho(f"skipped: {line}", fg=typer.colors.YELLOW, err=True)
 
 
-def _is_bridge_like(src: Any) -> bool:
-    mapping = getattr(src, "mapping", None)
-    return mapping is not None and mapping.state == ("observation/state",) and mapping.action == ("action",)
-
-
 def _register_optional_commands() -> None:
-    """Commands that live in their own modules (annotate, publish) add themselves here."""
+    """Commands that live in their own modules (`commands.annotate`, `commands.publish`) add themselves here."""
     from importlib import import_module
 
-    for module in ("annotate_cmd", "publish_cmd"):
+    for module in ("commands.annotate", "commands.publish"):
         try:
             mod = import_module(f"{__package__}.{module}")
         except ModuleNotFoundError as exc:

@@ -9,14 +9,15 @@ with the errors, up to `max_attempts`, and then rejected with its reason. `--max
 and Ctrl-C stop dispatching cleanly; what was in flight is finished and stored.
 
 Requests are prepared (read, hashed, keyframes encoded) in a producer thread so the
-event loop only does I/O and bookkeeping.
+event loop only does I/O and bookkeeping. This module is the dispatch only: how a request and
+its key are built lives in `preparation`, how an answer is checked, stored and turned into a
+record lives in `records` (batch mode shares both).
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import hashlib
 import json
 import random
 import sys
@@ -25,26 +26,17 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
-
-from ..schemas import (
-    DEFAULT_SCHEMA_ID,
-    SchemaDetail,
-    SemanticContext,
-    backend_for,
-    schema_digest,
-    semantic_errors,
-    teacher_response_format,
-    validate_teacher_answer,
-)
+from ..schemas import DEFAULT_SCHEMA_ID, SchemaDetail, backend_for, teacher_response_format
 from .episode import Episode
-from .errors import RefineError, SourceError
+from .errors import RefineError
+from .preparation import PreparedRequest, prepare_request, teacher_request
 from .pricing import PriceTable
-from .prompts import EpisodeFacts, FrameOptions, PromptBundle, build_prompt, load_template, reask_messages
+from .prompts import FrameOptions, load_template, reask_messages
 from .ratelimit import RateLimiter
-from .store import Attempt, Lookup, ResultStore
+from .records import AnnotationOutcome, Status, assemble_record, check_answer, commit_response, invalid_reason
+from .store import ResultStore
 from .teachers.base import (
     PermanentTeacherError,
     Teacher,
@@ -53,10 +45,6 @@ from .teachers.base import (
     TransientTeacherError,
     redact,
 )
-
-IMAGE_TOKENS = 258  # what Gemini bills per image up to 384 px (OpenAI: 255 for a 256 px high-detail tile)
-
-Status = Literal["annotated", "cached", "rejected", "failed", "stopped"]
 
 
 @dataclass
@@ -80,39 +68,6 @@ class EngineOptions:
     expected_completion_tokens: int = 1200  # estimate for TPM and budgets until real answers arrive
     ask: bool = True  # False: settle episodes from the store only (batch mode's final pass); the rest end "failed"
     unasked_reason: str = "not answered yet"  # the reason an episode the store cannot settle ends with (ask=False)
-
-
-@dataclass
-class PreparedRequest:
-    """An episode made ready to ask: the prompt, the key and the facts (frames dropped)."""
-
-    key: str
-    episode_id: str
-    dataset: str
-    instruction: str
-    actions: np.ndarray
-    states: np.ndarray
-    bundle: PromptBundle
-    estimated_prompt_tokens: int
-    context: SemanticContext  # the episode's facts the answer is checked against
-    response_format: dict[str, Any]  # the structured-output request (shared by all when `static`)
-    stored: Lookup | None = None  # read ahead by the producer (None: look it up when dispatching)
-
-
-@dataclass
-class EpisodeResult:
-    """What happened to one episode; `record` is the full rationale when annotated or cached."""
-
-    episode_id: str
-    dataset: str
-    instruction: str
-    actions: np.ndarray
-    states: np.ndarray
-    key: str
-    status: Status
-    record: dict[str, Any] | None = None
-    reason: str | None = None
-    attempts: int = 0
 
 
 @dataclass
@@ -149,139 +104,6 @@ class Counters:
         remaining = self.total - self.finished
         elapsed = time.monotonic() - self.started
         return max(0.0, remaining * elapsed / done_new)
-
-
-def request_key(
-    content_digest: str,
-    frame_key: dict[str, Any],
-    template_version: str,
-    template_digest: str,
-    schema_id: str,
-    teacher: str,
-    model: str,
-    sampling: dict[str, Any],
-    schema_detail: SchemaDetail = "static",
-) -> str:
-    """sha256 over everything that changes an answer (and nothing that does not).
-
-    `static` detail adds nothing to the payload, so stores written before the detail existed keep
-    their keys (their answers were validated against the same full schema); `episode` changes it.
-    """
-    payload: dict[str, Any] = {
-        "episode": content_digest,
-        "frames": frame_key,
-        "prompt": [template_version, template_digest],
-        "schema": [schema_id, schema_digest(schema_id)],
-        "teacher": teacher,
-        "model": model,
-        "sampling": sampling,
-    }
-    if schema_detail != "static":
-        payload["schema_detail"] = schema_detail
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
-    """Rough prompt size: 4 characters a token for text, IMAGE_TOKENS per image."""
-    chars, images = 0, 0
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, str):
-            chars += len(content)
-            continue
-        for part in content:
-            if part.get("type") == "image_url":
-                images += 1
-            else:
-                chars += len(part.get("text", ""))
-    return chars // 4 + images * IMAGE_TOKENS
-
-
-def check_answer(
-    response: TeacherResponse, context: SemanticContext, schema_id: str
-) -> tuple[dict[str, Any] | None, list[str]]:
-    """Parse and validate a raw answer: (answer, []) when usable, (None, errors) when not.
-
-    Truncation is detected from `finish_reason` *before* parsing: a cut-off answer can
-    still parse (or a lenient server can close the braces), and must not be used.
-    """
-    if response.finish_reason == "length":
-        return None, ["the answer was cut off at the token limit (finish_reason=length); answer more concisely"]
-    if response.finish_reason not in (None, "stop", "eos", "end_turn"):
-        return None, [f"the answer ended with finish_reason={response.finish_reason!r}, not a completed answer"]
-    try:
-        answer = json.loads(response.text)
-    except json.JSONDecodeError as exc:
-        return None, [f"the answer is not valid JSON ({exc.msg} at character {exc.pos}); answer with one JSON object"]
-    errors = validate_teacher_answer(answer, schema_id)
-    if errors:
-        return None, errors
-    errors = semantic_errors(answer, context)
-    return (answer, []) if not errors else (None, errors)
-
-
-def commit_response(
-    store: ResultStore,
-    key: str,
-    episode_id: str,
-    model: str,
-    attempt: int,
-    response: TeacherResponse,
-    answer: dict[str, Any] | None,
-    errors: list[str],
-    cost: float,
-) -> Attempt:
-    """Persist one raw answer before anything uses it: with its validated answer (one transaction)
-    when it passed the checks, as an attempt with its errors when not. Live and batch mode alike."""
-    stored = Attempt(
-        attempt, response.text, response.finish_reason, errors, response.prompt_tokens, response.completion_tokens, cost
-    )
-    if answer is not None:
-        store.record_answer(key, episode_id, model, stored, answer)
-    else:
-        store.record_attempt(key, episode_id, model, stored)
-    return stored
-
-
-def invalid_reason(attempts: int, errors: list[str]) -> str:
-    """The reject reason of an episode whose every answer failed the checks."""
-    return redact(f"invalid after {attempts} attempt(s): " + "; ".join(errors[:5]))
-
-
-def assemble_record(prepared: PreparedRequest, answer: dict[str, Any], schema_id: str) -> dict[str, Any]:
-    """The full rationale record: the teacher's answer plus the step-level view aligned to time."""
-    facts: EpisodeFacts = prepared.bundle.facts
-    step_subtask: list[tuple[str, str]] = []
-    for sub in answer["task_plan"]:
-        step_subtask.extend([(sub["subtask"], sub["reason"])] * (sub["end_step"] - sub["start_step"] + 1))
-    reasons = [r["reason"] for r in answer["move_reasons"]]
-    step_reason: list[str] = []
-    for i, seg in enumerate(facts.segments):
-        step_reason.extend([reasons[i]] * (seg.end - seg.start + 1))
-    steps = [
-        {
-            "step": t,
-            "subtask": step_subtask[t][0],
-            "subtask_reason": step_subtask[t][1],
-            "move": facts.moves[t],
-            "move_reason": step_reason[t],
-            "gripper": facts.gripper[t],
-        }
-        for t in range(facts.num_steps)
-    ]
-    return {
-        "schema_id": schema_id,
-        "episode_id": prepared.episode_id,
-        "instruction": prepared.instruction,
-        "num_steps": facts.num_steps,
-        "observation": answer["observation"],
-        "situation_analysis": answer["situation_analysis"],
-        "spatial_reasoning": answer["spatial_reasoning"],
-        "task_plan": answer["task_plan"],
-        "objects": answer.get("objects"),
-        "move_reasons": answer["move_reasons"],
-        "steps": steps,
-    }
 
 
 class _Slot:
@@ -322,7 +144,7 @@ class Engine:
         store: ResultStore,
         options: EngineOptions,
         prices: PriceTable | None = None,
-        sink: Callable[[EpisodeResult], None] | None = None,
+        sink: Callable[[AnnotationOutcome], None] | None = None,
     ) -> None:
         self.teacher = teacher
         self.store = store
@@ -353,55 +175,17 @@ class Engine:
 
     # ----------------------------------------------------------------- preparation
     def prepare(self, episode: Episode) -> PreparedRequest:
-        """Prompt, key and facts of an episode (CPU work; runs in the producer thread)."""
-        if episode.states.ndim != 2 or episode.states.shape[1] != 7:
-            raise SourceError(
-                f"episode {episode.episode_id}: the state has shape {tuple(episode.states.shape)}, but motion "
-                "primitives need a 7-d end-effector state [x, y, z, roll, pitch, yaw, gripper]; "
-                "map one with --state-key"
-            )
-        bundle = build_prompt(episode, self.options.frames, self.template)
-        shown = {bundle.frame_key["camera"]: bundle.frame_key["steps"]}
-        key = request_key(
-            episode.content_digest(shown),
-            bundle.frame_key,
-            self.template.version,
-            self.template.digest,
-            self.options.schema_id,
-            self.teacher.name,
-            self.teacher.model,
-            self.teacher.sampling(),
-            self.options.schema_detail,
-        )
-        facts = bundle.facts
-        context = SemanticContext(facts.num_steps, len(facts.segments), bundle.image_size)
-        response_format = self.response_format
-        if self.options.schema_detail == "episode":
-            response_format = teacher_response_format(self.options.schema_id, self.schema_backend, context)
-        return PreparedRequest(
-            key=key,
-            episode_id=episode.episode_id,
-            dataset=episode.dataset,
-            instruction=episode.instruction,
-            actions=episode.actions,
-            states=episode.states,
-            bundle=bundle,
-            estimated_prompt_tokens=estimate_prompt_tokens(bundle.messages),
-            context=context,
-            response_format=response_format,
-        )
-
-    def teacher_request(
-        self, prepared: PreparedRequest, messages: list[dict[str, Any]], attempt: int
-    ) -> TeacherRequest:
-        return TeacherRequest(
-            key=prepared.key,
-            episode_id=prepared.episode_id,
-            messages=messages,
-            response_format=prepared.response_format,
-            facts=prepared.bundle.facts,
-            context=prepared.context,
-            attempt=attempt,
+        """Prompt, key and facts of an episode as this engine asks it (CPU work; runs in the producer thread)."""
+        opts = self.options
+        return prepare_request(
+            episode,
+            teacher=self.teacher,
+            template=self.template,
+            frames=opts.frames,
+            schema_id=opts.schema_id,
+            schema_detail=opts.schema_detail,
+            schema_backend=self.schema_backend,
+            static_response_format=self.response_format,
         )
 
     # ----------------------------------------------------------------- control
@@ -555,7 +339,7 @@ class Engine:
         else:
             setattr(c, status, getattr(c, status) + 1)
         self.sink(
-            EpisodeResult(
+            AnnotationOutcome(
                 episode_id=item.episode_id,
                 dataset=item.dataset,
                 instruction=item.instruction,
@@ -595,7 +379,7 @@ class Engine:
             last_raw, last_errors = (previous[-1].raw, previous[-1].errors) if previous else ("", [])
             while attempt < opts.max_attempts:
                 attempt += 1
-                request = self.teacher_request(item, messages, attempt)
+                request = teacher_request(item, messages, attempt)
                 await slot.take()
                 try:
                     response = await self._ask(request, item.estimated_prompt_tokens)

@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ..schemas.dataset_layout import PRIVATE_DIR
 from .errors import RefineError
 
-LOCK_DIR = ".refine"  # never uploaded; the annotate store and rejects live here too
+LOCK_DIR = PRIVATE_DIR  # never uploaded; the annotate store and rejects live here too
 LOCK_NAME = "lock"
 NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "lustre", "gpfs", "beegfs", "ceph")
 

@@ -27,6 +27,7 @@ from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..schemas.dataset_layout import PRIVATE_DIR
 from .errors import RefineError
 
 if TYPE_CHECKING:
@@ -96,7 +97,7 @@ def run_processes(args: AnnotateArgs, setup: RunSetup) -> PartResult:
             prior = store.spend().cost
         budget = prior + max(0.0, budget - prior) / parts  # each worker's engine adds the prior spend it reads
     wargs = worker_args(args, parts, budget)
-    parts_root = setup.out / ".refine" / f"parts{setup.suffix}"
+    parts_root = setup.out / PRIVATE_DIR / f"parts{setup.suffix}"
     shutil.rmtree(parts_root, ignore_errors=True)  # rows of a crashed run: rebuilt from the store
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()

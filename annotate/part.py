@@ -1,6 +1,6 @@
 """One part of an `annotate` run: the parsed flags, the shared setup, and the engine over a range.
 
-Both the command (`annotate_cmd`, one process) and the worker runner (`parallel`, many) build on
+Both the command (`commands.annotate`, one process) and the worker runner (`parallel`, many) build on
 this module, so their dependencies point one way: command -> parallel -> part, command -> part.
 """
 
@@ -16,53 +16,67 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..schemas.dataset_layout import PRIVATE_DIR
+from .cli_options import ACTION_KEY, CAMERA, DATA_DIR, INSTRUCTION_KEY, SOURCE, SPLIT, STATE_KEY, option
 from .errors import RefineError
 
 
 @dataclass
 class AnnotateArgs:
-    """Everything `annotate` was asked to do (the CLI flags, one field each)."""
+    """Everything `annotate` was asked to do: one field per flag (its help is the field's documentation)."""
 
-    source: str
-    teacher: str = "rule-based"
-    model: str | None = None
-    base_url: str | None = None
-    out: Path | None = None
-    data_dir: str | None = None
-    split: str = "train"
-    camera: list[str] | None = None
-    instruction_key: str | None = None  # layout flags, as for inspect/stats
-    state_key: str | None = None
-    action_key: str | None = None
-    frames: int = 6
-    image_size: int = 256
-    prompt_template: str = "rationale-v1"
-    schema_id: str = "refinevla.rationale/1"
-    schema_detail: str | None = None  # static | episode; None: episode for vllm / openai-compatible, else static
-    concurrency: int = 16
-    rpm: float | None = None
-    tpm: float | None = None
-    timeout: float = 120.0
-    max_attempts: int = 3
-    max_retries: int = 6
-    retry_base: float = 1.0
-    max_cost: float | None = None
-    limit: int | None = None
-    shard: str = "0/1"
-    dry_run: bool = False
-    temperature: float = 0.2
-    max_tokens: int = 4096
-    prices: Path | None = None
-    tensor_parallel_size: int = 1
-    progress: str = "auto"  # auto | rich | plain | none
-    license: str | None = None  # dataset-card license; needed where the source's is not known
-    processes: int = 1  # engine processes on this machine, each with a contiguous part of the selection
-    batch: bool = False  # ask through the provider's Batch API (half price, answers within 24 h)
-    reask: str = "batch"  # batch mode: re-ask invalid answers in the next batch, or "live" at the end
-    poll_interval: float = 30.0  # batch mode: seconds between looks at the batches in flight
-    max_resubmits: int = 3  # batch mode: times a request whose line failed (expired, 5xx) is sent again
-    batch_requests: int | None = None  # batch mode: requests per batch file (default: the provider's limit)
-    argv: list[str] = field(default_factory=list)  # for the resume command
+    source: str = option(help=SOURCE)
+    teacher: str = option("rule-based", "rule-based | gemini | openai | openai-compatible | vllm.")
+    model: str | None = option(None, "Model id (default per teacher).")
+    base_url: str | None = option(None, "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
+    out: Path | None = option(None, "Output dir (default runs/<source>-<teacher>).")
+    data_dir: str | None = option(None, DATA_DIR)  # layout flags, as for inspect/stats
+    split: str = option("train", SPLIT)
+    camera: list[str] | None = option(None, CAMERA)
+    instruction_key: str | None = option(None, INSTRUCTION_KEY)
+    state_key: str | None = option(None, STATE_KEY)
+    action_key: str | None = option(None, ACTION_KEY)
+    frames: int = option(6, "K evenly spaced keyframes (+ gripper events).")
+    image_size: int = option(256, "Longest keyframe side in pixels.")
+    prompt_template: str = option("rationale-v1", "Prompt template version.")
+    schema_id: str = "refinevla.rationale/1"  # not a flag: the schema the teacher answers in
+    concurrency: int = option(16, "Requests in flight at most.")
+    rpm: float | None = option(None, "Requests per minute limit.")
+    tpm: float | None = option(None, "Tokens per minute limit.")
+    timeout: float = option(120.0, "Seconds per request.")
+    max_attempts: int = option(3, "Answers per episode (ask + re-asks with the errors).")
+    max_retries: int = option(6, "Retries per ask on 429/5xx/timeouts (never on a 400).")
+    retry_base: float = option(1.0, "First backoff in seconds (doubles).")
+    max_cost: float | None = option(None, "Stop cleanly at this spend (USD).")
+    limit: int | None = option(None, "At most N episodes (of this shard).")
+    shard: str = option("0/1", "i/n: this machine's contiguous part.")
+    dry_run: bool = option(False, "Print the first request and a token/cost estimate; ask nothing.")
+    temperature: float = option(0.2, "Sampling temperature.")
+    max_tokens: int = option(4096, "Completion token limit.")
+    prices: Path | None = option(None, "JSON price table overriding the packaged one.")
+    tensor_parallel_size: int = option(1, "GPUs for --teacher vllm.")
+    progress: str = option("auto", "auto | rich | plain | none.")
+    license: str | None = option(None, "Card license (Hub id); required where the source's is not known.")
+    processes: int = option(1, "Engine processes on this machine (for fast local servers; limits are shared).")
+    schema_detail: str | None = option(
+        None,
+        "static | episode. What the structured-output schema says: static = every constraint of the "
+        "schema file the backend can express (lengths, bounds); episode = also this episode's facts (step "
+        "range, one move reason per motion segment, box within the keyframe), so a constrained decoder "
+        "cannot write an answer the checks reject. Default: episode for vllm and openai-compatible (they "
+        "compile and cache a grammar per schema), static for openai and gemini (a new schema on every "
+        "request costs those providers schema-processing latency).",
+    )
+    batch: bool = option(
+        False,
+        "Ask through the provider's Batch API (openai, gemini): half price, answers within 24 h. "
+        "Same requests, validation and output; Ctrl-C leaves the batches running, the same command resumes.",
+    )
+    reask: str = option("batch", "--batch: re-ask invalid answers in the next batch, or live at the end.")
+    poll_interval: float = option(30.0, "--batch: seconds between looks at the batches in flight.")
+    max_resubmits: int = option(3, "--batch: times a request whose line expired or failed is resent.")
+    batch_requests: int | None = option(None, "--batch: requests per batch file (default: the provider's limit).")
+    argv: list[str] = field(default_factory=list)  # not a flag: the command line, for the resume command
 
 
 def parse_shard(value: str) -> tuple[int, int]:
@@ -107,7 +121,7 @@ class RunSetup:
 
     @property
     def store_path(self) -> Path:
-        return self.out / ".refine" / f"store{self.suffix}.sqlite"
+        return self.out / PRIVATE_DIR / f"store{self.suffix}.sqlite"
 
 
 @dataclass

@@ -16,6 +16,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..schemas.dataset_layout import (
+    EPISODE_FILES,
+    EPISODES_DIR,
+    PRIVATE_DIR,
+    SHARD_MANIFESTS,
+    STEP_FILES,
+    STEPS_DIR,
+    part_name,
+)
 from .errors import RefineError
 
 _MANIFEST = re.compile(r"manifest-(\d{5})-of-(\d{5})\.json")
@@ -39,14 +48,14 @@ _SUMMED = ("episodes", "steps", "selected", "annotated_this_run", "cached", "rej
 def gather(out: Path, sources: list[Path]) -> None:
     """Copy other machines' shard outputs (Parquet parts, manifests, rejects, stores) into `out`."""
     for src in sources:
-        if not (src / ".refine").is_dir():
-            raise RefineError(f"{src}: not an annotate output (no .refine/ directory)")
+        if not (src / PRIVATE_DIR).is_dir():
+            raise RefineError(f"{src}: not an annotate output (no {PRIVATE_DIR}/ directory)")
         for pattern in (
-            "data/train-*-of-*.parquet",
-            "episodes/train-*-of-*.parquet",
-            ".refine/manifest-*-of-*.json",
-            ".refine/rejects-*-of-*.jsonl",
-            ".refine/store-*-of-*.sqlite",
+            STEP_FILES,
+            EPISODE_FILES,
+            SHARD_MANIFESTS,
+            f"{PRIVATE_DIR}/rejects-*-of-*.jsonl",
+            f"{PRIVATE_DIR}/store-*-of-*.sqlite",
         ):
             for f in src.glob(pattern):
                 target = out / f.relative_to(src)
@@ -57,12 +66,14 @@ def gather(out: Path, sources: list[Path]) -> None:
 def shard_manifests(out: Path) -> tuple[int, list[dict[str, Any]]]:
     """The shard manifests in `out`, ordered; every shard 0..n-1 must be there."""
     found: dict[int, tuple[int, Path]] = {}
-    for f in sorted((out / ".refine").glob("manifest-*-of-*.json")):
+    for f in sorted(out.glob(SHARD_MANIFESTS)):
         m = _MANIFEST.fullmatch(f.name)
         if m:
             found[int(m.group(1))] = (int(m.group(2)), f)
     if not found:
-        raise RefineError(f"{out}: no shard manifests (.refine/manifest-i-of-n.json); was it run with --shard i/n?")
+        raise RefineError(
+            f"{out}: no shard manifests ({PRIVATE_DIR}/manifest-i-of-n.json); was it run with --shard i/n?"
+        )
     totals = {n for n, _ in found.values()}
     if len(totals) != 1:
         splits = ", ".join(f"of {n}" for n in sorted(totals))
@@ -76,9 +87,9 @@ def shard_manifests(out: Path) -> tuple[int, list[dict[str, Any]]]:
         )
     manifests = [json.loads(found[i][1].read_text(encoding="utf-8")) for i in range(n)]
     for i, m in enumerate(manifests):
-        for part in ("data", "episodes"):
-            if not (out / part / f"train-{i:05d}-of-{n:05d}.parquet").is_file():
-                raise RefineError(f"{out}: {part}/train-{i:05d}-of-{n:05d}.parquet of shard {i}/{n} is missing")
+        for table in (STEPS_DIR, EPISODES_DIR):
+            if not (out / table / part_name(i, n)).is_file():
+                raise RefineError(f"{out}: {table}/{part_name(i, n)} of shard {i}/{n} is missing")
         for a, b in _IDENTITY:
             if m.get(a, {}).get(b) != manifests[0].get(a, {}).get(b):
                 raise RefineError(

@@ -10,16 +10,22 @@ the model is trained on. The transforms reproduce OpenVLA's:
 * ``fractal``: ``gripper_closedness_action`` (+1 close / -1 open, relative) made
   absolute and sticky (1 = open), as OpenVLA's ``rel2abs_gripper_actions``;
 * ``none``: the episode's actions and states as read.
+
+`RunningStats` accumulates the min/max/mean/std of LeRobot's `stats.json` over a stream of episodes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .episode import Episode
+
+if TYPE_CHECKING:
+    from .sources.base import EpisodeSource
 
 TRANSFORMS = ("bridge_orig", "fractal", "none")
 ACTION_MASK = [True] * 6 + [False]  # the gripper is not normalised
@@ -52,6 +58,20 @@ def rel2abs_gripper(actions: np.ndarray) -> np.ndarray:
             carry = int(t)
         out[i] = carry / 2 + 0.5
     return out
+
+
+def auto_transform(source: EpisodeSource) -> str:
+    """The transform `--transform auto` means for `source`: Fractal by name, Bridge by layout, else `none`.
+
+    One rule for `refine-data stats` and `refine-train`: statistics and the training table must agree
+    on the transform, or the model is normalised with bounds of actions it never saw.
+    """
+    if source.name == "fractal20220817_data":
+        return "fractal"
+    # Bridge's layout: an RLDS source reading `observation/state` and `action` (bridge_orig, the sample, ...)
+    mapping = getattr(source, "mapping", None)
+    bridge_like = mapping is not None and mapping.state == ("observation/state",) and mapping.action == ("action",)
+    return "bridge_orig" if bridge_like else "none"
 
 
 def transform_episode(episode: Episode, transform: str) -> tuple[np.ndarray, np.ndarray]:
@@ -114,3 +134,60 @@ def compute_statistics(episodes: Iterable[Episode], transform: str = "none") -> 
         "num_transitions": int(actions.shape[0]),
         "num_trajectories": n_traj,
     }
+
+
+@dataclass
+class RunningStats:
+    """Running min/max/mean/std over samples of a feature (rows of an (N, D) array), in LeRobot's stats format.
+
+    Unlike `compute_statistics` (exact quantiles, so every value is kept), only sums are kept: the
+    LeRobot writer adds episodes as they stream and merges per-episode stats into global ones.
+    """
+
+    count: int = 0
+    total: np.ndarray | None = None
+    squares: np.ndarray | None = None
+    low: np.ndarray | None = None
+    high: np.ndarray | None = None
+
+    def add(self, values: np.ndarray, count: int | None = None) -> None:
+        """Add rows; `count` overrides the sample count (camera stats count frames, not pixels)."""
+        v = np.asarray(values, dtype=np.float64)
+        n = count if count is not None else v.shape[0]
+        s, q = v.sum(0) * (n / max(v.shape[0], 1)), (v**2).sum(0) * (n / max(v.shape[0], 1))
+        lo, hi = v.min(0), v.max(0)
+        if self.total is None:
+            self.total, self.squares, self.low, self.high = s, q, lo, hi
+        else:
+            assert self.squares is not None and self.low is not None and self.high is not None
+            self.total, self.squares = self.total + s, self.squares + q
+            self.low, self.high = np.minimum(self.low, lo), np.maximum(self.high, hi)
+        self.count += n
+
+    def merge(self, other: RunningStats) -> None:
+        if other.total is None:
+            return
+        if self.total is None:
+            self.count, self.total, self.squares, self.low, self.high = (
+                other.count,
+                other.total,
+                other.squares,
+                other.low,
+                other.high,
+            )
+            return
+        assert self.squares is not None and other.squares is not None
+        assert self.low is not None and self.high is not None and other.low is not None and other.high is not None
+        self.count += other.count
+        self.total, self.squares = self.total + other.total, self.squares + other.squares
+        self.low, self.high = np.minimum(self.low, other.low), np.maximum(self.high, other.high)
+
+    def as_json(self, image: bool = False) -> dict[str, list[Any]]:
+        assert self.total is not None and self.squares is not None and self.low is not None and self.high is not None
+        mean = self.total / max(self.count, 1)
+        std = np.sqrt(np.maximum(self.squares / max(self.count, 1) - mean**2, 0.0))
+
+        def fmt(a: np.ndarray) -> list[Any]:
+            return a.reshape(-1, 1, 1).tolist() if image else a.tolist()
+
+        return {"min": fmt(self.low), "max": fmt(self.high), "mean": fmt(mean), "std": fmt(std), "count": [self.count]}

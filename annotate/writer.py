@@ -1,4 +1,4 @@
-"""The published dataset: Parquet step rows and episode rows, and the `refinevla.json` manifest.
+"""The published dataset's Parquet step rows and episode rows (layout and manifest: `schemas.dataset_layout`).
 
 Column types are derived from the rationale schema (the single source of truth), so a new
 schema version changes the dataset features without touching this module. Files are written
@@ -10,7 +10,6 @@ the durable record; every run rewrites them from the store and the source.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections import Counter
@@ -23,7 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..schemas import load_schema
-from .engine import EpisodeResult
+from ..schemas.dataset_layout import EPISODES_DIR, STEPS_DIR, part_name
+from .records import AnnotationOutcome
 
 ROWS_PER_FLUSH = 20_000  # step rows buffered before a row group is written
 
@@ -214,17 +214,16 @@ class DatasetWriter:
         self.schema_id = schema_id
         self.teacher = teacher
         self.model = model
-        i, n = shard
-        name = f"train-{i:05d}-of-{n:05d}.parquet"
+        name = part_name(*shard)
         # pyarrow imports pandas on its first conversion of Python values (~0.2 s): pay that
         # now rather than in the middle of a run, where it would stall every request in flight
         pa.array([""], type=pa.string())
-        self.steps = _PartWriter(self.out / "data" / name, step_schema(schema_id))
-        self.episodes = _PartWriter(self.out / "episodes" / name, episode_schema(schema_id))
+        self.steps = _PartWriter(self.out / STEPS_DIR / name, step_schema(schema_id))
+        self.episodes = _PartWriter(self.out / EPISODES_DIR / name, episode_schema(schema_id))
         self.statuses: Counter[str] = Counter()
         self.reject_reasons: Counter[str] = Counter()
 
-    def add(self, result: EpisodeResult) -> None:
+    def add(self, result: AnnotationOutcome) -> None:
         self.statuses[result.status] += 1
         if result.status == "rejected" and result.reason:
             self.reject_reasons[result.reason.split(":", 1)[0]] += 1
@@ -268,16 +267,6 @@ class DatasetWriter:
         """The run failed: leave the dataset's files as they were before it (see `_PartWriter.abort`)."""
         self.steps.abort()
         self.episodes.abort()
-
-
-def write_manifest(out: str | Path, manifest: dict[str, Any], name: str = "refinevla.json") -> Path:
-    """Write the manifest atomically (tmp + rename)."""
-    path = Path(out) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("." + path.name + ".partial")
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def tool_version() -> str:

@@ -62,9 +62,9 @@ def main() -> None:
     opts = parser.parse_args()
     os.environ["OPENAI_API_KEY"] = SECRET
 
-    from refinevla.annotate.batch.command import make_batch_provider
     from refinevla.annotate.batch.runner import BatchOptions, BatchRunner
     from refinevla.annotate.cli import open_cli_source
+    from refinevla.annotate.commands.batch import make_batch_provider
     from refinevla.annotate.engine import Engine, EngineOptions
     from refinevla.annotate.pricing import PriceTable
     from refinevla.annotate.sources import ReadOptions

@@ -56,8 +56,8 @@ class ZeroPolicy:
         self.last: list[Any] = []
 
     def reset(self, instructions: list[str]) -> None:
-        from refinevla.evaluate.decoding import Generated
         from refinevla.evaluate.robots import GripperState
+        from refinevla.train.policy import Generated
 
         self.gripper = GripperState("widowx", len(instructions))
         self.last = [Generated("", [0] * 7, np.zeros(7), False, 0) for _ in instructions]

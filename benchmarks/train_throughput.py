@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))  # the test factories build the data and the tiny 
 
 def build(work: Path, episodes: int) -> Path:
     """RLDS source -> annotated OUT/ -> training table (cached under work/cache)."""
-    from refinevla.annotate.annotate_cmd import AnnotateArgs, run_annotate
+    from refinevla.annotate.commands.annotate import AnnotateArgs, run_annotate
     from refinevla.annotate.sources import specs
     from refinevla.annotate.sources.rlds_writer import write_rlds
     from refinevla.train.table import build_table, open_published
@@ -95,7 +95,7 @@ def pipeline(work: Path, episodes: int, samples: int, batch: int, workers: int) 
     import numpy as np
 
     from refinevla.train.data import epoch_order
-    from refinevla.train.trainer import make_loader, prepare
+    from refinevla.train.preparation import make_loader, prepare
 
     cfg = bench_config(work, episodes, batch, workers)
     p = prepare(cfg)
@@ -118,7 +118,7 @@ def train_steps(work: Path, episodes: int, steps: int, batch: int) -> float:
     import torch
 
     from refinevla.train.loss import joint_loss
-    from refinevla.train.trainer import make_loader, prepare
+    from refinevla.train.preparation import make_loader, prepare
 
     cfg = bench_config(work, episodes, batch, 0)
     p = prepare(cfg)

@@ -23,11 +23,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..schemas import DEFAULT_SCHEMA_ID, SCHEMA_FILES, load_schema
+from ..schemas.dataset_layout import (
+    CARD,
+    EPISODE_FILES,
+    STEP_FILES,
+    episode_files,
+    manifest_path,
+    read_manifest,
+    step_files,
+)
 
 TEMPLATE = "template.md"
-STEP_GLOB = "data/train-*.parquet"
-EPISODE_GLOB = "episodes/train-*.parquet"
-MANIFEST = "refinevla.json"
 
 
 class CardError(ValueError):
@@ -116,13 +122,6 @@ def size_category(rows: int) -> str:
     return "n>1T"
 
 
-def read_manifest(out_dir: Path) -> dict[str, Any]:
-    path = out_dir / MANIFEST
-    if not path.is_file():
-        raise CardError(f"{path}: no manifest; is {out_dir} the output of `refine-data annotate` or `import-ecot`?")
-    return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
-
-
 def _cell(text: Any) -> str:
     """A value safe inside one Markdown table cell."""
     return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ").strip()
@@ -141,8 +140,7 @@ def short_type(t: pa.DataType) -> str:
     return str(t)
 
 
-def _parquet_schema(out_dir: Path, glob: str) -> pa.Schema | None:
-    files = sorted(out_dir.glob(glob))
+def _parquet_schema(files: list[Path]) -> pa.Schema | None:
     return pq.read_schema(files[0]) if files else None
 
 
@@ -213,10 +211,9 @@ def statistics(out_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     """Counts and distributions computed from the Parquet files with polars (manifest for tokens/cost)."""
     import polars as pl
 
-    step_files = sorted(out_dir.glob(STEP_GLOB))
-    episode_files = sorted(out_dir.glob(EPISODE_GLOB))
-    steps = pl.concat([pl.read_parquet(f, columns=["episode_id", "move"]) for f in step_files]) if step_files else None
-    episodes = pl.concat([pl.read_parquet(f, columns=["task_plan"]) for f in episode_files]) if episode_files else None
+    step_parts, episode_parts = step_files(out_dir), episode_files(out_dir)
+    steps = pl.concat([pl.read_parquet(f, columns=["episode_id", "move"]) for f in step_parts]) if step_parts else None
+    episodes = pl.concat([pl.read_parquet(f, columns=["task_plan"]) for f in episode_parts]) if episode_parts else None
     n_steps = steps.height if steps is not None else 0
     n_episodes = episodes.height if episodes is not None else 0
     stats: dict[str, Any] = {"episodes": n_episodes, "steps": n_steps, "primitives": []}
@@ -239,18 +236,17 @@ def sample_rationale(out_dir: Path, max_steps: int = 10) -> dict[str, Any] | Non
     """The first episode's rationale and a few of its steps (evenly spaced), for the card."""
     import polars as pl
 
-    episode_files = sorted(out_dir.glob(EPISODE_GLOB))
-    step_files = sorted(out_dir.glob(STEP_GLOB))
-    if not episode_files:
+    episode_parts, step_parts = episode_files(out_dir), step_files(out_dir)
+    if not episode_parts:
         return None
-    episodes = pl.read_parquet(episode_files[0], n_rows=1)
+    episodes = pl.read_parquet(episode_parts[0], n_rows=1)
     if episodes.height == 0:
         return None
     ep = episodes.row(0, named=True)
     steps: list[dict[str, Any]] = []
-    if step_files:
+    if step_parts:
         cols = ["episode_id", "step", "subtask", "move", "gripper", "move_reason"]
-        rows = pl.scan_parquet(step_files).filter(pl.col("episode_id") == ep["episode_id"]).select(cols).collect()
+        rows = pl.scan_parquet(step_parts).filter(pl.col("episode_id") == ep["episode_id"]).select(cols).collect()
         rows = rows.sort("step")
         if rows.height > max_steps:
             picks = sorted({round(i * (rows.height - 1) / (max_steps - 1)) for i in range(max_steps)})
@@ -276,7 +272,7 @@ def resolve_license(out_dir: Path, manifest: dict[str, Any], explicit: str | Non
     """
     if explicit:
         return explicit, "given by the publisher (--license)."
-    existing = out_dir / "README.md"
+    existing = out_dir / CARD
     if existing.is_file():
         from huggingface_hub import DatasetCard
 
@@ -398,7 +394,7 @@ def card_context(out_dir: Path, manifest: dict[str, Any], license_id: str, licen
         note = str(teacher.get("note") or "no model wrote these rationales")
         limitations.insert(0, note[:1].upper() + note[1:].rstrip(".") + ".")
     extra_note = None
-    step_schema = _parquet_schema(out_dir, STEP_GLOB)
+    step_schema = _parquet_schema(step_files(out_dir))
     if step_schema is not None and any(n.startswith("ecot_") for n in step_schema.names):
         extra_note = (
             "Columns prefixed `ecot_` carry Embodied-CoT features kept as published (gripper pixel position, "
@@ -413,10 +409,10 @@ def card_context(out_dir: Path, manifest: dict[str, Any], license_id: str, licen
         "load_path": str(out_dir),
         "schema_id": schema_id,
         "schema_file": SCHEMA_FILES.get(schema_id, "?"),
-        "step_files": STEP_GLOB,
-        "episode_files": EPISODE_GLOB,
+        "step_files": STEP_FILES,
+        "episode_files": EPISODE_FILES,
         "step_fields": field_rows(schema_id, step_schema, "steps", teacher_label),
-        "episode_fields": field_rows(schema_id, _parquet_schema(out_dir, EPISODE_GLOB), "episodes", teacher_label),
+        "episode_fields": field_rows(schema_id, _parquet_schema(episode_files(out_dir)), "episodes", teacher_label),
         "extra_fields_note": extra_note,
         "provenance": provenance,
         "prompt_text": prompt_text,
@@ -451,10 +447,10 @@ def card_data(manifest: dict[str, Any], license_id: str, steps: int) -> Any:
         configs=[
             {
                 "config_name": "steps",
-                "data_files": [{"split": "train", "path": STEP_GLOB}],
+                "data_files": [{"split": "train", "path": STEP_FILES}],
                 "default": True,
             },
-            {"config_name": "episodes", "data_files": [{"split": "train", "path": EPISODE_GLOB}]},
+            {"config_name": "episodes", "data_files": [{"split": "train", "path": EPISODE_FILES}]},
         ],
     )
 
@@ -467,6 +463,9 @@ def render_card(out_dir: str | Path, *, license: str | None = None, repo_id: str
     from huggingface_hub import DatasetCard
 
     out = Path(out_dir)
+    path = manifest_path(out)
+    if not path.is_file():
+        raise CardError(f"{path}: no manifest; is {out} the output of `refine-data annotate` or `import-ecot`?")
     manifest = read_manifest(out)
     license_id, note = resolve_license(out, manifest, license)
     context = card_context(out, manifest, license_id, note)
@@ -487,8 +486,8 @@ def write_card(out_dir: Path, *, license: str | None = None) -> Path:
 
     out = Path(out_dir)
     card = render_card(out, license=license)
-    path = out / "README.md"
-    tmp = path.with_name(".README.md.partial")
+    path: Path = out / CARD
+    tmp = path.with_name(f".{CARD}.partial")
     tmp.write_text(str(card), encoding="utf-8")
     os.replace(tmp, path)
     return path

@@ -2,7 +2,7 @@
 rationale (ReFineVLA's attention visualisation).
 
 The policy decodes as in evaluation (`decoding.generate`, constrained greedy, on the frame
-resized with `policy.resize`), then its decoding is replayed with eager attention and
+resized with `resize_image`), then its decoding is replayed with eager attention and
 `output_attentions`: one forward pass over the prompt (the image included) that fills the KV
 cache, one over the generated tokens on that cache — the same two kinds of step `generate` took,
 so the attention is the attention that produced the text (PaliGemma's bidirectional prefix and
@@ -39,15 +39,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..train.targets import ACTION_TAG
-from .decoding import N_ACTION, find_tag, generate
+from ..train.policy import ACTION_TAG, N_ACTION, find_tag, generate, resize_image
 from .errors import EvalError
-from .policy import resize
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
-    from ..train.checkpoint import Policy
+    from ..train.policy import Policy
 
 ALPHA = 0.5  # weight of the colour-mapped attention over the frame
 COLORMAP = "jet"
@@ -133,7 +131,7 @@ def attention_maps(
     if reasoning and not policy.info.get("reasoning", True):
         reasoning = False
     size = (int(policy.info["image_size"][0]), int(policy.info["image_size"][1]))
-    frame = resize(np.asarray(image), size)
+    frame = resize_image(np.asarray(image), size)
 
     recorder = _RecordingPolicy(policy)
     gen = generate(recorder, [frame], [instruction], reasoning, max_rationale_tokens)[0]
@@ -243,7 +241,7 @@ def run_attention(
     The image is read before the model is loaded, so a bad path fails at once. `device`: None picks
     cuda when available.
     """
-    from ..train.checkpoint import Policy
+    from ..train.policy import Policy
 
     frame = read_frame(image_path)
     if device is None:

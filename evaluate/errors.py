@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..annotate.errors import RefineError
 
 
-class EvalError(RefineError):  # type: ignore[misc]  # mypy reads evaluate/ as its own top level
+class EvalError(RefineError):
     """Bad evaluation input or a missing backend/asset: the message says what to install or fix."""
 
 

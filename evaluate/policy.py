@@ -16,25 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from .decoding import Generated, generate
+from ..train.policy import Generated, generate, resize_image
 from .errors import EvalError
 from .robots import ROBOTS, GripperState, env_actions, raw_action_dict
 
 
-def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(H, W, 3) uint8 -> (h, w, 3) through training's own `resize_frame` (Lanczos)."""
-    from PIL import Image
-
-    from ..train.data import resize_frame
-
-    if image.shape[:2] == size:
-        return np.ascontiguousarray(image, dtype=np.uint8)
-    frame: np.ndarray = resize_frame(Image.fromarray(np.asarray(image, dtype=np.uint8)), size)
-    return frame
-
-
 class RefinePolicy:
-    """SimplerEnv-style policy around `refinevla.train.checkpoint.Policy`."""
+    """SimplerEnv-style policy around `refinevla.train.policy.Policy`."""
 
     def __init__(
         self,
@@ -44,7 +32,7 @@ class RefinePolicy:
         max_rationale_tokens: int = 256,
         device: str | None = None,
     ) -> None:
-        from ..train.checkpoint import Policy
+        from ..train.policy import Policy
 
         if device is None:
             import torch
@@ -87,7 +75,7 @@ class RefinePolicy:
                 self.reset(wanted)
         if len(images) != len(self.instructions):
             raise EvalError(f"{len(images)} frames for {len(self.instructions)} instructions (call reset first)")
-        frames = [resize(img, self.image_size) for img in images]
+        frames = [resize_image(img, self.image_size) for img in images]
         self.last = generate(self.checkpoint, frames, self.instructions, self.reasoning, self.max_rationale_tokens)
         raw = np.stack([g.action for g in self.last])
         raw_action, action = raw_action_dict(raw), env_actions(raw, self.gripper)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .baselines import Baseline, baseline_suite, load_baselines
 from .errors import EvalError
 from .results import EPISODES_FILE, RESULTS_FORMAT, RUN_FILE, read_episodes, read_run
-from .suites import WIDOWX_TASKS as SUITE_WIDOWX_TASKS
+from .suites import WIDOWX_TASKS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -31,8 +31,8 @@ CHART_FILE = "report.png"
 DASH = "–"  # a cell with no number (not reported, or not run)
 
 GOOGLE_SUITES = ("google-vm", "google-va")
-WIDOWX_TASKS = tuple(SUITE_WIDOWX_TASKS)  # the published table's order
-GOOGLE_TASKS = (
+WIDOWX_TABLE_ORDER = tuple(WIDOWX_TASKS)  # the published table's order
+GOOGLE_TABLE_ORDER = (
     "pick_coke_can",
     "move_near",
     "open_drawer",
@@ -43,11 +43,15 @@ GOOGLE_TASKS = (
 # The published Google tables report drawers as one task; the run's open/close rows are kept too.
 POOLED = {"open_close_drawer": ("open_drawer", "close_drawer")}
 # Table order per suite; tasks not listed follow alphabetically, `average` comes last.
-TASK_ORDER: dict[str, tuple[str, ...]] = {"widowx": WIDOWX_TASKS, "google-vm": GOOGLE_TASKS, "google-va": GOOGLE_TASKS}
+TASK_ORDER: dict[str, tuple[str, ...]] = {
+    "widowx": WIDOWX_TABLE_ORDER,
+    "google-vm": GOOGLE_TABLE_ORDER,
+    "google-va": GOOGLE_TABLE_ORDER,
+}
 # The tasks a suite's `average` is taken over: the published averages' tasks, so that a run's
 # average means the same thing as the paper's. Other suites average over every task they ran.
 AVERAGED: dict[str, tuple[str, ...]] = {
-    "widowx": WIDOWX_TASKS,
+    "widowx": WIDOWX_TABLE_ORDER,
     "google-vm": ("pick_coke_can", "move_near", "open_close_drawer"),
     "google-va": ("pick_coke_can", "move_near", "open_close_drawer"),
 }

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..annotate.outputs import hold_output
 from .backends.base import Simulator
+from .config import RunArgs
 from .errors import EvalError
 from .policy import RefinePolicy
 from .results import (
@@ -45,28 +46,6 @@ DIGEST_SAMPLE = 1 << 20  # bytes read from each end of a weight file for the che
 
 
 @dataclass
-class RunArgs:
-    policy: Path  # refine-train checkpoint folder
-    suite: str  # widowx | google-vm | google-va | maniskill:ENV_ID
-    out: Path  # results folder
-    tasks: list[str] | None = None  # default: the suite's tasks
-    episodes_per_config: int = 1  # repeats of each built-in configuration (different seeds)
-    max_episodes: int | None = None  # per task, at most this many episodes in all (the first of the schedule)
-    num_envs: int = 1  # parallel envs (GPU: one env with N scenes; CPU: N processes)
-    reasoning: bool = True  # let the policy write its rationale before the action
-    max_rationale_tokens: int = 256  # rationale budget per step; then ACTION: is forced
-    video: bool = False  # write an mp4 per episode
-    log_actions: bool = False  # keep raw_action and env_action of every step
-    seed: int = 0  # base seed of the env resets
-    instruction: str | None = None  # maniskill:ENV_ID: the instruction given to the policy
-    sim_backend: str | None = None  # cpu | gpu (default: gpu when CUDA is there)
-    camera: str | None = None  # maniskill:ENV_ID: which camera the policy sees (default: the first)
-    control_mode: str | None = None  # maniskill:ENV_ID: a 7-d controller (default pd_ee_delta_pose)
-    robot: str | None = None  # override the checkpoint's robot conventions (widowx | google_robot)
-    device: str | None = None  # torch device of the policy
-
-
-@dataclass
 class RunSummary:
     done: int = 0  # episodes finished in this invocation
     skipped: int = 0  # already in episodes.jsonl
@@ -80,7 +59,7 @@ def policy_digest(path: Path) -> str:
     pay for itself on every rerun)."""
     import hashlib
 
-    from ..train.checkpoint import POLICY_FILE, STATS_FILE
+    from ..train.policy import POLICY_FILE, STATS_FILE
 
     h = hashlib.sha256()
     for name in (POLICY_FILE, STATS_FILE):
@@ -307,7 +286,7 @@ def _flags(infos: Sequence[dict[str, Any]], key: str) -> np.ndarray:
 
 def write_video(out: Path, task: Task, config: int, repeat: int, frames: list[np.ndarray], fps: float) -> str:
     """videos/TASK/config-C_repeat-R.mp4 (relative to the results folder)."""
-    from ..annotate.sources.lerobot_writer import VideoEncoder, pick_codec
+    from ..annotate.video import VideoEncoder, pick_codec
 
     rel = Path("videos") / task.name / f"config-{config:03d}_repeat-{repeat}.mp4"
     path = out / rel

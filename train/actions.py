@@ -20,12 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from ..annotate.episode import Episode
+from ..annotate.episode import ACTION_DIM, Episode
 from ..annotate.stats import compute_statistics
 from .errors import TrainError
 
 N_BINS = 256  # OpenVLA's bin count
-ACTION_DIM = 7
 
 
 def dataset_statistics(episodes: Iterable[Episode], transform: str, unnorm_key: str) -> dict[str, Any]:

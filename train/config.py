@@ -1,4 +1,4 @@
-"""`TrainConfig`: every `refine-train` flag, one field each; the comment is the documentation.
+"""`TrainConfig`: every `refine-train` flag, one field each; its help text is the documentation.
 
 The CLI builds one from its flags (and `--config FILE.yaml`, the flags winning); tests and
 scripts build one directly and call `refinevla.train.trainer.train`.
@@ -10,49 +10,57 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ..annotate.cli_options import option
 from .errors import TrainError
 
 
 @dataclass
 class TrainConfig:
-    dataset: str  # refine-data output folder, or a Hub dataset repo id ORG/NAME
-    model: str  # Hub id or local folder of the model to fine-tune (a refine-train checkpoint works too)
-    output: Path  # checkpoint folder: the final policy, checkpoints/step-N, logs/
-    source: str | None = None  # frames come from here; default: the source in the dataset's manifest
-    data_dir: str | None = None  # as refine-data's --data-dir (TFDS data dir for presets)
-    revision: str | None = None  # --dataset ORG/NAME: the Hub branch, tag or commit to train on (default main)
-    split: str | None = None  # source split; default: the manifest's
-    camera: str | None = None  # camera feature (e.g. image_1); default: the source's primary camera
-    transform: str = "auto"  # bridge_orig | fractal | none | auto (as refine-data stats)
-    stats: Path | None = None  # dataset_statistics.json to normalise with; default: computed on the training split
-    unnorm_key: str | None = None  # key in the statistics; default: the source dataset's name
-    cache_dir: Path | None = None  # where training tables are materialised; default $REFINEVLA_CACHE/train
-    max_steps: int | None = None  # optimizer steps; overrides --epochs
-    epochs: int = 1  # passes over the training split (when --max-steps is not given)
-    batch_size: int = 8  # samples per micro-batch per process
-    grad_accum: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 2e-5  # peak learning rate (OpenVLA: 2e-5 full fine-tuning, 5e-4 LoRA)
-    weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 0  # linear warm-up steps before the cosine decay
-    max_grad_norm: float = 1.0  # gradient clipping (0: off)
-    save_every: int = 0  # checkpoint every N optimizer steps (0: only at the end)
-    eval_every: int = 0  # validation every N steps (0: only at the end)
-    log_every: int = 1  # log loss / lr / samples/s every N steps
-    val_fraction: float = 0.05  # share of episodes held out for validation (split by episode)
-    seed: int = 0  # data order, split, dropout and initialisation
-    reasoning_weight: float = 1.0  # λ in CE(action) + λ·CE(rationale); 0: action-only baseline (no rationale)
-    reasoning_dropout: float = 0.0  # probability of dropping each rationale part per sample (ECoT-Lite)
-    trainable_layers: int | None = None  # train only the top K decoder layers + final norm + LM head
-    train_vision: bool = False  # also train the vision tower and projector
-    lora_rank: int | None = None  # LoRA rank (peft) on the decoder's linear layers, instead of full tuning
-    bf16: bool | None = None  # bf16 mixed precision; default: where the GPU supports it
-    gradient_checkpointing: bool = False  # recompute activations in backward (less memory)
-    resume: bool = False  # continue from the latest checkpoint in --output
-    overwrite: bool = False  # replace the policy, checkpoints and logs an earlier run left in --output
-    push_to_hub: str | None = None  # upload the final checkpoint to this Hub model repo
-    num_workers: int = 2  # DataLoader worker processes (decode + resize + tokenise)
-    limit_samples: int | None = None  # train on the first N training samples only (debugging, overfit checks)
-    trace_samples: bool = False  # each rank writes the sample indices of every micro-batch to OUTPUT/trace/
+    dataset: str = option(help="refine-data output folder, or a Hub dataset repo id ORG/NAME.")
+    model: str = option(
+        help="Hub id or local folder of the model (paligemma, idefics3/smolvlm, openvla), or a refine-train checkpoint."
+    )
+    output: Path = option(help="Checkpoint folder to write.")  # the final policy, checkpoints/step-N, logs/
+    source: str | None = option(None, "Where the frames come from; default: the manifest's source.")
+    data_dir: str | None = option(None, "TFDS data dir for bridge/fractal presets.")  # as refine-data's --data-dir
+    revision: str | None = option(None, "--dataset ORG/NAME: Hub branch, tag or commit (default main).")
+    split: str | None = option(None, "Source split; default: the manifest's.")
+    camera: str | None = option(None, "Camera feature, e.g. image_1; default: primary.")
+    transform: str = option("auto", "bridge_orig | fractal | none | auto.")  # as refine-data stats
+    stats: Path | None = option(None, "dataset_statistics.json to use; default: the training split's.")
+    unnorm_key: str | None = option(None, "Statistics key; default: dataset name.")
+    cache_dir: Path | None = option(None, "Where training tables live; default $REFINEVLA_CACHE/train.")
+    max_steps: int | None = option(None, "Optimizer steps (overrides --epochs).")
+    epochs: int = option(1, "Passes over the training split.")  # when --max-steps is not given
+    batch_size: int = option(8, "Samples per micro-batch per process.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
+    learning_rate: float = option(2e-5, "Peak learning rate.")  # OpenVLA: 2e-5 full fine-tuning, 5e-4 LoRA
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    warmup_steps: int = option(0, "Linear warm-up before cosine decay.")
+    max_grad_norm: float = option(1.0, "Gradient clipping (0: off).")
+    save_every: int = option(0, "Checkpoint every N steps (0: at the end).")
+    eval_every: int = option(0, "Validate every N steps (0: at the end).")
+    log_every: int = option(1, "Log every N steps.")  # loss / lr / samples/s
+    val_fraction: float = option(0.05, "Share of episodes held out for validation.")  # split by episode
+    seed: int = option(0, "Seed of the split, data order, dropout and init.")
+    reasoning_weight: float = option(1.0, "λ in CE(action) + λ·CE(rationale); 0: action-only baseline.")
+    reasoning_dropout: float = option(0.0, "Drop each rationale part with this probability.")  # ECoT-Lite
+    trainable_layers: int | None = option(None, "Train the top K decoder layers + norm + LM head only.")
+    train_vision: bool = option(False, "Also train the vision tower.")  # and the projector
+    lora_rank: int | None = option(None, "LoRA rank instead of full tuning.")  # peft, on the decoder's linear layers
+    bf16: bool | None = option(
+        None,
+        "bf16 mixed precision; default: the accelerate config's mixed_precision under accelerate "
+        "launch, else bf16 where the GPU has it.",
+        spelling="--bf16/--no-bf16",
+    )
+    gradient_checkpointing: bool = option(False, "Recompute activations (less memory).")
+    resume: bool = option(False, "Continue from the latest checkpoint in --output.")
+    overwrite: bool = option(False, "Replace the policy, checkpoints and logs an earlier run left in --output.")
+    push_to_hub: str | None = option(None, "Upload the final policy to this Hub model repo.")
+    num_workers: int = option(2, "DataLoader workers (decode, resize).")  # and tokenise
+    limit_samples: int | None = option(None, "Train on the first N samples only (debugging).")
+    trace_samples: bool = option(False, "Each rank logs its micro-batches' sample indices to OUTPUT/trace/.")
 
     def __post_init__(self) -> None:
         self.output = Path(self.output)

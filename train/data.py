@@ -23,6 +23,7 @@ import torch
 from .actions import ActionTokenizer
 from .adapters import ModelAdapter
 from .errors import TrainError
+from .policy import resize_frame
 from .table import TrainingTable
 from .targets import ACTION, IGNORE_INDEX, PROMPT, drop_parts, loads_parts, target_ids
 
@@ -50,21 +51,10 @@ def epoch_order(
     return perm[rank : per_rank * world : world]
 
 
-def resize_frame(img: Any, size: tuple[int, int]) -> np.ndarray:
-    """An RGB PIL image at `size` (h, w), Lanczos. Training and evaluation (`refine-eval`'s policy) both
-    resize through this one function, so a policy sees frames prepared exactly as it was trained on."""
-    from PIL import Image
-
-    h, w = size
-    if img.size != (w, h):
-        img = img.resize((w, h), Image.Resampling.LANCZOS)
-    return np.asarray(img)
-
-
 def decode_resize(data: bytes, size: tuple[int, int]) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as opened:
+    with Image.open(io.BytesIO(data)) as opened:  # resized as the policy contract says
         return resize_frame(opened.convert("RGB"), size)
 
 
@@ -153,3 +143,8 @@ class Collator:
 
 
 __all__ = ["ACTION", "Collator", "StepSamples", "decode_resize", "epoch_order", "split_episodes"]
+
+
+def to_device(inputs: dict[str, Any], device: Any) -> dict[str, Any]:
+    """A batch's tensors on `device` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}

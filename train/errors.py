@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..annotate.errors import RefineError
 
 
-class TrainError(RefineError):  # type: ignore[misc]  # mypy reads train/ as its own top level
+class TrainError(RefineError):
     """Bad training input: an unknown schema, a missing episode, an empty dataset, a bad flag."""
 
 

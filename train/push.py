@@ -10,10 +10,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..annotate.publish.push import _hf_api, resolve_token
+from ..annotate.publish.push import hf_api, resolve_token
+from ..schemas.dataset_layout import PRIVATE_DIR
 from .errors import TrainError
 
-IGNORE = ["checkpoints/*", "checkpoints/**", "train_log.jsonl.partial", ".refine/*", ".refine/**", ".policy.partial/**"]
+IGNORE = [
+    "checkpoints/*",
+    "checkpoints/**",
+    "train_log.jsonl.partial",
+    f"{PRIVATE_DIR}/*",
+    f"{PRIVATE_DIR}/**",
+    ".policy.partial/**",
+]
 
 
 def push_policy(output: Path, repo_id: str, private: bool = False) -> str:
@@ -23,7 +31,7 @@ def push_policy(output: Path, repo_id: str, private: bool = False) -> str:
     token = resolve_token()
     if token is None:
         raise TrainError(f"--push-to-hub {repo_id}: no Hub token (set HF_TOKEN or run `hf auth login`)")
-    api = _hf_api(token)
+    api = hf_api(token)
     try:
         api.create_repo(repo_id, repo_type="model", exist_ok=True, private=private)
         info = api.upload_folder(

@@ -24,9 +24,10 @@ import torch
 
 from ..annotate.errors import Interrupted
 from ..annotate.outputs import hold_output
-from .checkpoint import POLICY_FILE, STATS_FILE, latest_checkpoint
+from .checkpoint import latest_checkpoint
 from .config import TrainConfig
 from .errors import RefineError, TrainError
+from .policy import POLICY_FILE, STATS_FILE
 
 # What a training run writes into --output (all of it goes with --overwrite; nothing else does).
 RUN_DIRS = ("checkpoints", "logs", "trace")

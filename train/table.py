@@ -33,7 +33,18 @@ import pyarrow.parquet as pq
 
 from ..annotate.episode import Episode, FrameSequence
 from ..annotate.errors import SourceError
-from ..annotate.stats import TRANSFORMS, transform_episode
+from ..annotate.stats import TRANSFORMS, auto_transform, transform_episode
+from ..schemas.dataset_layout import (
+    EPISODE_FILES,
+    EPISODES_DIR,
+    MANIFEST,
+    STEP_FILES,
+    STEPS_DIR,
+    episode_files,
+    manifest_path,
+    read_manifest,
+    step_files,
+)
 from .errors import TrainError
 from .targets import dumps_parts, prompt_text, rationale_parts, serialisation_for, target_text
 
@@ -82,11 +93,11 @@ class PublishedDataset:
 
     @property
     def step_files(self) -> list[Path]:
-        return sorted((self.root / "data").glob("*.parquet"))
+        return step_files(self.root)
 
     @property
     def episode_files(self) -> list[Path]:
-        return sorted((self.root / "episodes").glob("*.parquet"))
+        return episode_files(self.root)
 
     def fingerprint(self) -> str:
         """sha256 of the data that makes the rows: every Parquet file's bytes."""
@@ -107,16 +118,16 @@ def open_published(dataset: str, revision: str | None = None) -> PublishedDatase
             raise TrainError(f"--dataset {dataset}: no such folder (and not an ORG/NAME Hub id)")
         from huggingface_hub.errors import HfHubHTTPError
 
-        from ..annotate.publish.push import _hf_api, resolve_token
+        from ..annotate.publish.push import hf_api, resolve_token
 
         # The client `refine-data push` and `validate` use: HF_ENDPOINT read now, HF_TOKEN or the saved login.
         try:
             root = Path(
-                _hf_api(resolve_token()).snapshot_download(
+                hf_api(resolve_token()).snapshot_download(
                     dataset,
                     repo_type="dataset",
                     revision=revision,
-                    allow_patterns=["refinevla.json", "data/*.parquet", "episodes/*.parquet"],
+                    allow_patterns=[MANIFEST, STEP_FILES, EPISODE_FILES],
                 )
             )
         except (HfHubHTTPError, OSError, ValueError) as exc:
@@ -124,17 +135,16 @@ def open_published(dataset: str, revision: str | None = None) -> PublishedDatase
             raise TrainError(
                 f"--dataset {dataset}: cannot download from the Hub ({type(exc).__name__}: {first})"
             ) from None
-    manifest_path = root / "refinevla.json"
-    if not manifest_path.is_file():
-        raise TrainError(f"{manifest_path}: missing (not a refine-data dataset; run refine-data annotate first)")
+    if not manifest_path(root).is_file():
+        raise TrainError(f"{manifest_path(root)}: missing (not a refine-data dataset; run refine-data annotate first)")
     try:
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = read_manifest(root)
         schema_id = str(manifest["schema"]["id"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise TrainError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        raise TrainError(f"{manifest_path(root)}: unreadable manifest ({exc})") from None
     ds = PublishedDataset(root, dataset, manifest, schema_id)
     if not ds.step_files or not ds.episode_files:
-        raise TrainError(f"{root}: no data/*.parquet or episodes/*.parquet (an empty or partial dataset)")
+        raise TrainError(f"{root}: no {STEP_FILES} or {EPISODE_FILES} (an empty or partial dataset)")
     return ds
 
 
@@ -164,9 +174,7 @@ def resolve_transform(transform: str, source: Any) -> str:
         if transform not in TRANSFORMS:
             raise TrainError(f"--transform {transform!r}: choose from {', '.join(TRANSFORMS)}, auto")
         return transform
-    from ..annotate.cli import _is_bridge_like  # the one place this rule lives
-
-    return {"fractal20220817_data": "fractal"}.get(source.name, "bridge_orig" if _is_bridge_like(source) else "none")
+    return auto_transform(source)
 
 
 def step_offset(transform: str) -> int:
@@ -269,11 +277,11 @@ def build_table(
     """Open the table for these settings, building it first if no run has (atomic: tmp + rename)."""
     from ..annotate.sources import SourceOverrides, open_source
 
-    ser = serialisation_for(ds.schema_id, where=str(ds.root / "refinevla.json"))
+    ser = serialisation_for(ds.schema_id, where=str(manifest_path(ds.root)))
     src_info = ds.manifest.get("source", {})
     uri = source or src_info.get("uri")
     if not uri:
-        raise TrainError(f"{ds.root / 'refinevla.json'}: no source.uri; pass --source")
+        raise TrainError(f"{manifest_path(ds.root)}: no source.uri; pass --source")
     split = split or src_info.get("split") or "train"
     spec = TableSpec(ds.fingerprint(), uri, data_dir, split, camera, transform, ds.schema_id)
     cache = cache_dir or default_cache_dir()
@@ -283,16 +291,16 @@ def build_table(
 
     step_rows = StepRows(ds.step_files, list(ser.step_parts))
     if step_rows.num_rows == 0:
-        raise TrainError(f"{ds.root / 'data'}: the dataset has no step rows (nothing to train on)")
+        raise TrainError(f"{ds.root / STEPS_DIR}: the dataset has no step rows (nothing to train on)")
     episodes = _read_rows(ds.episode_files)
     if "schema_id" in episodes.column_names:
         other = set(episodes.column("schema_id").to_pylist()) - {ds.schema_id}
         if other:
-            serialisation_for(sorted(other)[0], where=str(ds.root / "episodes"))
+            serialisation_for(sorted(other)[0], where=str(ds.root / EPISODES_DIR))
     episode_rows = {r["episode_id"]: r for r in episodes.to_pylist()}
     for eid in step_rows.episode_ids():
         if eid not in episode_rows:
-            raise TrainError(f"{ds.root / 'data'}: step rows of episode {eid!r} have no row in episodes/")
+            raise TrainError(f"{ds.root / STEPS_DIR}: step rows of episode {eid!r} have no row in {EPISODES_DIR}/")
 
     try:
         overrides = SourceOverrides(cameras=(camera,)) if camera else None

@@ -1,4 +1,4 @@
-"""The training loop: accelerate (DDP / FSDP / one CPU), the joint loss, selective transfer.
+"""The training loop: accelerate (DDP / FSDP / one CPU), the joint loss, checkpoints.
 
 One `Accelerator` carries the run — under `torchrun` or `accelerate launch` each process is one
 rank; on a CPU-only machine it uses gloo. The data order is ours (`epoch_order`), not a prepared
@@ -9,38 +9,36 @@ last micro-batch) so the optimizer steps a fixed count per epoch. The scheduler 
 per optimizer step (not wrapped: accelerate's wrapper would step it once per process) and
 registered so `save_state` keeps it. Under FSDP, `prepare` replaces the parameters with sharded
 ones, so everything after it (clipping) asks the prepared model for its parameters.
+
+What the loop calls lives beside it: `preparation` (table, split, statistics, loaders), `freezing`
+(which parameters train), `callbacks` (the step log, periodic validation), `run_guard` (the output
+lock, Ctrl-C) and `policy` (the policy folder it saves).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .actions import ActionTokenizer, dataset_statistics, load_statistics
-from .adapters import ModelAdapter, adapter_for
-from .checkpoint import (
-    TrainerState,
-    latest_checkpoint,
-    policy_description,
-    read_trainer_state,
-    save_policy,
-    write_trainer_state,
-)
+from .actions import ActionTokenizer
+from .callbacks import PeriodicValidation, TrainingLog, format_metrics, log, trace_samples
+from .checkpoint import TrainerState, latest_checkpoint, read_trainer_state, write_trainer_state
 from .config import TrainConfig
-from .data import Collator, StepSamples, epoch_order, split_episodes
+from .data import epoch_order, to_device
 from .errors import TrainError
+from .freezing import configure_trainable, count_parameters
 from .loss import joint_loss
-from .run_guard import StopRequest, hold_training_output, ignore_interrupts, interrupted
-from .table import TrainingTable, build_table, open_published
+from .policy import policy_description, save_policy
+from .preparation import make_loader, prepare
+from .run_guard import StopRequest, hold_training_output, interrupted
+
+__all__ = ["TrainResult", "mixed_precision", "train"]
 
 
 @dataclass
@@ -55,197 +53,6 @@ class TrainResult:
     processor: Any = None
     actions: ActionTokenizer | None = None
     train_indices: list[int] = field(default_factory=list)
-
-
-def log(message: str, accelerator: Any = None) -> None:
-    if accelerator is None or accelerator.is_main_process:
-        print(message, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- parameters
-
-
-def configure_trainable(model: Any, adapter: ModelAdapter, cfg: TrainConfig) -> Any:
-    """Freeze per the flags (ReFineVLA's selective transfer, or LoRA); returns the model to train."""
-    if cfg.lora_rank:
-        from peft import LoraConfig, get_peft_model
-
-        for p in model.parameters():
-            p.requires_grad_(False)
-        lora = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=2 * cfg.lora_rank,
-            lora_dropout=0.0,
-            target_modules=adapter.lora_target_modules(),
-        )
-        model = get_peft_model(model, lora)
-        if cfg.train_vision:
-            for module in adapter.vision_modules(model.get_base_model()):
-                module.requires_grad_(True)
-        return model
-    if cfg.trainable_layers is not None:
-        model.requires_grad_(False)
-        layers = adapter.decoder_layers(model)
-        k = min(cfg.trainable_layers, len(layers))
-        for layer in layers[len(layers) - k :]:
-            layer.requires_grad_(True)
-        adapter.final_norm(model).requires_grad_(True)
-        adapter.lm_head(model).requires_grad_(True)
-    else:
-        model.requires_grad_(True)
-    for module in adapter.vision_modules(model):
-        module.requires_grad_(cfg.train_vision)
-    return model
-
-
-def count_parameters(model: Any) -> tuple[int, int]:
-    seen: set[int] = set()
-    trainable = total = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def to_device(inputs: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-
-
-@torch.no_grad()
-def evaluate(
-    model: Any,
-    adapter: ModelAdapter,
-    loader: Any,
-    actions: ActionTokenizer,
-    reasoning_weight: float,
-    device: Any,
-    accelerator: Any = None,
-) -> dict[str, float]:
-    """Validation loss, action-token accuracy (teacher-forced argmax) and L1 of the decoded actions."""
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)  # loss*n, n batches, correct, action tokens, |err| sum
-    for batch in loader:
-        logits = adapter.logits(model, to_device(batch["model_inputs"], device))
-        jl = joint_loss(logits, batch["labels"].to(device), batch["kinds"].to(device), reasoning_weight)
-        pos = batch["action_positions"].to(device)
-        pred = logits.gather(1, (pos - 1)[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1).cpu()
-        truth = batch["action_ids"]
-        decoded = torch.from_numpy(actions.decode(pred.numpy()))
-        sums += torch.tensor(
-            [
-                float(jl.loss),
-                1.0,
-                float((pred == truth).sum()),
-                float(truth.numel()),
-                float((decoded - batch["actions"].double()).abs().sum()),
-            ],
-            dtype=torch.float64,
-        )
-    if accelerator is not None and accelerator.num_processes > 1:
-        sums = accelerator.reduce(sums.to(accelerator.device), reduction="sum").cpu()
-    model.train(was_training)
-    n_tok = max(float(sums[3]), 1.0)
-    return {
-        "val_loss": float(sums[0] / max(float(sums[1]), 1.0)),
-        "action_token_accuracy": float(sums[2]) / n_tok,
-        "action_l1": float(sums[4]) / n_tok,
-    }
-
-
-def predict_action_ids(model: Any, adapter: ModelAdapter, batch: dict[str, Any]) -> torch.Tensor:
-    """Teacher-forced argmax at the action positions (what the model would write there)."""
-    with torch.no_grad():
-        logits = adapter.logits(model, batch["model_inputs"])
-    pos = batch["action_positions"] - 1
-    ids: torch.Tensor = logits.gather(1, pos[..., None].expand(-1, -1, logits.shape[-1])).argmax(-1)
-    return ids
-
-
-# --------------------------------------------------------------------------- the run
-
-
-@dataclass
-class Prepared:
-    """What both training and `preview` need: the table, split, statistics, tokenizers."""
-
-    table: TrainingTable
-    adapter: ModelAdapter
-    processor: Any
-    train_indices: list[int]
-    val_indices: list[int]
-    statistics: dict[str, Any]
-    unnorm_key: str
-    actions: ActionTokenizer
-
-
-def prepare(cfg: TrainConfig, accelerator: Any = None, checkpoint_statistics: bool = False) -> Prepared:
-    """Open (building if needed) the table; split; statistics (--stats, a checkpoint's, or the training split's)."""
-    from .checkpoint import STATS_FILE, is_policy
-
-    ds = open_published(cfg.dataset, cfg.revision)
-    ctx = accelerator.main_process_first() if accelerator is not None else contextlib.nullcontext()
-    with ctx:  # rank 0 builds the table; the others then map it
-        table = build_table(
-            ds,
-            source=cfg.source,
-            data_dir=cfg.data_dir,
-            split=cfg.split,
-            camera=cfg.camera,
-            transform=cfg.transform,
-            cache_dir=cfg.cache_dir,
-        )
-    adapter = adapter_for(cfg.model)
-    processor = adapter.load_processor(cfg.model)
-    episode_ids = table.column("episode_id")
-    train_eps, val_eps = split_episodes(episode_ids, cfg.val_fraction, cfg.seed)
-    train_idx = [i for i, e in enumerate(episode_ids) if e in train_eps]
-    val_idx = [i for i, e in enumerate(episode_ids) if e in val_eps]
-    if cfg.limit_samples is not None:
-        train_idx = train_idx[: cfg.limit_samples]
-    unnorm_key = cfg.unnorm_key or table.meta["source_name"]
-    if cfg.stats is not None:
-        unnorm_key, entry = load_statistics(cfg.stats, cfg.unnorm_key)
-    elif checkpoint_statistics and is_policy(cfg.model):  # preview of a trained policy: its own bounds
-        unnorm_key, entry = load_statistics(Path(cfg.model) / STATS_FILE, None)
-    else:  # the training split's episodes, through refine-data stats' function
-        entry = dataset_statistics(table.episodes(train_eps), table.meta["transform"], unnorm_key)[unnorm_key]
-    actions = ActionTokenizer.from_statistics(entry, adapter.tokenizer(processor).vocab_size)
-    return Prepared(table, adapter, processor, train_idx, val_idx, {unnorm_key: entry}, unnorm_key, actions)
-
-
-def make_loader(
-    p: Prepared, indices: Any, cfg: TrainConfig, *, epoch: int, train: bool, batch_size: int | None = None
-) -> Any:
-    from torch.utils.data import DataLoader
-
-    collate = Collator(
-        p.adapter,
-        p.processor,
-        p.actions,
-        reasoning=cfg.reasoning,
-        dropout=cfg.reasoning_dropout if train else 0.0,
-        seed=cfg.seed,
-        epoch=epoch,
-    )
-    samples = StepSamples(p.table, [int(i) for i in indices], p.adapter.image_size(p.processor))
-    workers = cfg.num_workers if len(samples) > (batch_size or cfg.batch_size) else 0
-    return DataLoader(
-        samples,
-        worker_init_fn=ignore_interrupts if workers else None,
-        batch_size=batch_size or cfg.batch_size,
-        shuffle=False,
-        collate_fn=collate,
-        num_workers=workers,
-        drop_last=train,
-        persistent_workers=False,
-    )
 
 
 def train(cfg: TrainConfig) -> TrainResult:
@@ -319,10 +126,6 @@ def _train_held(cfg: TrainConfig, accelerator: Any, stop: StopRequest) -> TrainR
                 accelerator,
             )
         state.processes, state.batch_size = world, cfg.batch_size
-    writer = _summary_writer(output, accelerator)
-    log_path = output / "train_log.jsonl"
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
     family = p.adapter.family
     image_size = p.adapter.image_size(p.processor)
 
@@ -366,14 +169,13 @@ def _train_held(cfg: TrainConfig, accelerator: Any, stop: StopRequest) -> TrainR
                 write_trainer_state(directory, state)
         accelerator.wait_for_everyone()
 
-    val_loader = None
-    if p.val_indices:
-        val_loader = make_loader(p, p.val_indices[rank::world], cfg, epoch=0, train=False)
-    metrics: dict[str, float] = {}
+    training_log = TrainingLog(output, total_steps, state.global_step, cfg.log_every, accelerator)
+    val_loader = make_loader(p, p.val_indices[rank::world], cfg, epoch=0, train=False) if p.val_indices else None
+    validation = PeriodicValidation(
+        val_loader, p.adapter, p.actions, cfg.reasoning_weight, cfg.eval_every, accelerator, training_log
+    )
     losses: list[float] = []
-    progress = _progress(total_steps, state.global_step, accelerator)
     model.train()
-    window_start, window_samples = time.perf_counter(), 0
     while state.global_step < total_steps:
         order = epoch_order(p.train_indices, cfg.seed, state.epoch, rank, world, start=state.position)
         usable = usable_batches(len(order), cfg)
@@ -396,10 +198,10 @@ def _train_held(cfg: TrainConfig, accelerator: Any, stop: StopRequest) -> TrainR
                 accelerator.backward(jl.loss / cfg.grad_accum)
             step_losses.append(jl.loss.detach())
             if cfg.trace_samples:
-                _trace(output, rank, state, batch["index"].tolist())
+                trace_samples(output, rank, state, batch["index"].tolist())
             parts += torch.tensor([float(jl.action), float(jl.rationale)])
             state.position += cfg.batch_size * world
-            window_samples += len(batch["index"]) * world
+            training_log.samples(len(batch["index"]) * world)
             if not sync:
                 continue
             if cfg.max_grad_norm:  # all of the prepared model's parameters: FSDP clips only when given those
@@ -415,31 +217,8 @@ def _train_held(cfg: TrainConfig, accelerator: Any, stop: StopRequest) -> TrainR
             losses.append(float(loss))
             parts /= len(step_losses)
             step_losses, parts_now, parts = [], parts, torch.zeros(2)
-            if state.global_step % cfg.log_every == 0 or state.global_step == total_steps:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": state.global_step,
-                    "epoch": state.epoch,
-                    "loss": float(loss),
-                    "action_loss": float(parts_now[0]),
-                    "rationale_loss": float(parts_now[1]),
-                    "lr": scheduler.get_last_lr()[0],
-                    "samples_per_s": window_samples / max(elapsed, 1e-9),
-                }
-                window_start, window_samples = time.perf_counter(), 0
-                if accelerator.is_main_process:
-                    with log_path.open("a", encoding="utf-8") as fh:
-                        fh.write(json.dumps(record) + "\n")
-                    if writer is not None:
-                        for k in ("loss", "action_loss", "rationale_loss", "lr", "samples_per_s"):
-                            writer.add_scalar(f"train/{k}", record[k], state.global_step)
-                progress.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{record['samples_per_s']:.1f}")
-            progress.update(1)
-            if val_loader is not None and cfg.eval_every and state.global_step % cfg.eval_every == 0:
-                metrics = evaluate(
-                    model, p.adapter, val_loader, p.actions, cfg.reasoning_weight, accelerator.device, accelerator
-                )
-                _log_metrics(metrics, state.global_step, writer, log_path, accelerator)
+            training_log.step(state, float(loss), parts_now, scheduler.get_last_lr()[0])
+            validation.after_step(model, state.global_step)
             saved = bool(cfg.save_every) and state.global_step % cfg.save_every == 0
             if saved:
                 save(output / "checkpoints" / f"step-{state.global_step:06d}", with_state=True)
@@ -448,30 +227,23 @@ def _train_held(cfg: TrainConfig, accelerator: Any, stop: StopRequest) -> TrainR
                 ckpt = output / "checkpoints" / f"step-{state.global_step:06d}"
                 if not saved:
                     save(ckpt, with_state=True)
-                progress.close()
-                if writer is not None:
-                    writer.close()
+                training_log.close()
                 raise interrupted(ckpt, state.global_step, signum, world, accelerator.is_main_process)
             if state.global_step >= total_steps:
                 break
-    progress.close()
-    if val_loader is not None:
-        metrics = evaluate(
-            model, p.adapter, val_loader, p.actions, cfg.reasoning_weight, accelerator.device, accelerator
-        )
-        _log_metrics(metrics, state.global_step, writer, log_path, accelerator)
+    training_log.end_of_steps()
+    metrics = validation.run(model, state.global_step)
     final = accelerator.unwrap_model(model)
     if cfg.lora_rank:
         final = final.merge_and_unload()  # the policy folder holds plain weights refine-eval can load
         model = final
     save(output, with_state=False)
-    if writer is not None:
-        writer.close()
+    training_log.close()
     if cfg.push_to_hub and accelerator.is_main_process:
         from .push import push_policy
 
         push_policy(output, cfg.push_to_hub)
-    log(f"wrote {output}: step {state.global_step}" + (f", {_fmt(metrics)}" if metrics else ""), accelerator)
+    log(f"wrote {output}: step {state.global_step}" + (f", {format_metrics(metrics)}" if metrics else ""), accelerator)
     accelerator.wait_for_everyone()
     return TrainResult(
         output, state.global_step, n_train, n_total, metrics, losses, final, p.processor, p.actions, p.train_indices
@@ -510,50 +282,3 @@ def mixed_precision(bf16: bool | None, cuda: bool) -> str | None:
     if os.environ.get("ACCELERATE_MIXED_PRECISION"):
         return None  # accelerate reads it
     return "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
-
-
-def _trace(output: Path, rank: int, state: TrainerState, indices: list[int]) -> None:
-    trace = output / "trace"
-    trace.mkdir(parents=True, exist_ok=True)
-    with (trace / f"rank-{rank}.jsonl").open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"step": state.global_step, "epoch": state.epoch, "indices": indices}) + "\n")
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-
-
-def _log_metrics(metrics: dict[str, float], step: int, writer: Any, log_path: Path, accelerator: Any) -> None:
-    if not accelerator.is_main_process:
-        return
-    log(f"step {step}: {_fmt(metrics)}", accelerator)
-    with log_path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps({"step": step, **metrics}) + "\n")
-    if writer is not None:
-        for k, v in metrics.items():
-            writer.add_scalar(f"val/{k}", v, step)
-
-
-def _summary_writer(output: Path, accelerator: Any) -> Any:
-    if not accelerator.is_main_process:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        log("tensorboard is not installed: no TensorBoard logs (pip install 'refinevla[train]')")
-        return None
-    return SummaryWriter(str(output / "logs"))
-
-
-def _progress(total: int, start: int, accelerator: Any) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total,
-        initial=start,
-        desc="train",
-        unit="step",
-        disable=not accelerator.is_main_process,
-        dynamic_ncols=True,
-        file=sys.stderr,
-    )

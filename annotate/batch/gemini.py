@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import RefineError
 from ..teachers.base import TeacherAuthError, TeacherRequest, TeacherResponse, redact
-from ..teachers.openai_compat import _BLOB_MARK, OpenAICompatTeacher, _dumps, _url_json
+from ..teachers.openai_compat import BLOB_MARK, OpenAICompatTeacher, compact_json, splice_blobs, spliceable_url_json
 from .provider import BatchState, LineResult, State
 
 if TYPE_CHECKING:
@@ -97,14 +97,10 @@ class GeminiBatch:
         (as `openai_compat.encode_body` does): the same bytes `json.dumps` would write, for a tenth of the CPU."""
         blobs: list[bytes] = []
         marked = self._request(request, blobs)
-        text = _dumps({"key": key, "request": marked})
-        pieces = text.split(f'"{_BLOB_MARK}"'.encode())
-        if len(pieces) != len(blobs) + 1:  # only if a text held the random marker
-            return _dumps({"key": key, "request": self.request_body(request)})
-        out = [pieces[0]]
-        for blob, piece in zip(blobs, pieces[1:], strict=True):
-            out += (blob, piece)
-        return b"".join(out)
+        spliced = splice_blobs(compact_json({"key": key, "request": marked}), blobs)
+        if spliced is None:  # only if a text held the random marker
+            return compact_json({"key": key, "request": self.request_body(request)})
+        return spliced
 
     def _request(self, request: TeacherRequest, blobs: list[bytes] | None) -> dict[str, Any]:
         """The request; with `blobs`, each image's data and the schema are a marker, their JSON in `blobs`."""
@@ -132,9 +128,9 @@ class GeminiBatch:
                 config["responseJsonSchema"] = schema
             else:
                 if self._format is not schema:  # one response format per run (`static`): serialised once
-                    self._format, self._format_json = schema, _dumps(schema)
+                    self._format, self._format_json = schema, compact_json(schema)
                 blobs.append(self._format_json)
-                config["responseJsonSchema"] = _BLOB_MARK
+                config["responseJsonSchema"] = BLOB_MARK
         # in the order the markers were made: the images (contents), then the schema (generationConfig)
         body: dict[str, Any] = {"contents": contents}
         if system:
@@ -316,10 +312,10 @@ def _inline_data(url: str, blobs: list[bytes] | None) -> dict[str, str]:
         raise RefineError(f"batch mode sends images inline: {url[:40]!r}... is not a base64 data: URL")
     mime = header[len("data:") :].split(";")[0]
     if blobs is not None:
-        whole = _url_json(url)  # '"data:<mime>;base64,<data>"' when it can be spliced verbatim
+        whole = spliceable_url_json(url)  # '"data:<mime>;base64,<data>"' when it can be spliced verbatim
         if whole is not None:
             blobs.append(b'"' + whole[len(header) + 2 :])
-            return {"mimeType": mime, "data": _BLOB_MARK}
+            return {"mimeType": mime, "data": BLOB_MARK}
     return {"mimeType": mime, "data": data}
 
 

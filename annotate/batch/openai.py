@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 from ..errors import RefineError
 from ..teachers.base import TeacherAuthError, TeacherRequest, TransientTeacherError, redact
-from ..teachers.openai_compat import OpenAICompatTeacher, _short, parse_completion
+from ..teachers.openai_compat import OpenAICompatTeacher, parse_completion, server_error_message
 from .provider import BatchState, LineResult, State
 
 if TYPE_CHECKING:
@@ -279,7 +279,7 @@ class OpenAIBatch:
             return self._connection_error(exc.__cause__ or exc, doing)
         if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
-            summary = f"HTTP {status}: {_short(exc)}"
+            summary = f"HTTP {status}: {server_error_message(exc)}"
             if status in (401, 403):
                 return TeacherAuthError(
                     redact(f"the {self.teacher.name} Batch API refused the credentials {doing} ({summary}); ")

@@ -37,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from ...schemas import SemanticContext
-from ..engine import Engine, PreparedRequest, check_answer, commit_response, invalid_reason
+from ..engine import Engine
 from ..episode import Episode
 from ..errors import RefineError
+from ..preparation import PreparedRequest, teacher_request
 from ..prompts import reask_messages
+from ..records import check_answer, commit_response, invalid_reason
 from ..store import Attempt, BatchRow, ResultStore
 from ..teachers.base import redact
 from .provider import BatchProvider, BatchState
@@ -147,7 +149,7 @@ class BatchRunner:
                 if budget is not None and committed + (pending.estimate if pending else 0.0) + cost > budget:
                     self.summary.stop_reason = "max-cost"
                     break
-                line = self.provider.request_line(item.key, self.engine.teacher_request(item, messages, attempt))
+                line = self.provider.request_line(item.key, teacher_request(item, messages, attempt))
                 if pending is not None and (
                     len(pending.items) >= self.max_requests or pending.size + len(line) + 1 > self.provider.max_bytes
                 ):

@@ -35,7 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ...schemas import DEFAULT_SCHEMA_ID, schema_digest, validate
-from ..writer import episode_schema, step_schema, tool_version, utc_now, write_manifest
+from ...schemas.dataset_layout import EPISODES_DIR, PRIVATE_DIR, STEPS_DIR, part_name, write_manifest
+from ..writer import episode_schema, step_schema, tool_version, utc_now
 
 NOT_PROVIDED = "Not provided by Embodied-CoT."
 TEACHER = "embodied-cot"
@@ -237,8 +238,8 @@ class _Parts:
         ] + ECOT_COLUMNS
         self.step_schema = pa.schema(fields, metadata=base.metadata)
         self.episode_schema = episode_schema(schema_id)
-        name = "train-00000-of-00001.parquet"
-        self.paths = {"steps": out / "data" / name, "episodes": out / "episodes" / name}
+        name = part_name(0, 1)
+        self.paths: dict[str, Path] = {"steps": out / STEPS_DIR / name, "episodes": out / EPISODES_DIR / name}
         self.rows: dict[str, list[dict[str, Any]]] = {"steps": [], "episodes": []}
         self.writers: dict[str, pq.ParquetWriter] = {}
 
@@ -335,7 +336,7 @@ def import_ecot(
             raise RefineError(f"{path}: not valid JSON after {report.episodes} episodes: {exc}") from None
         raise
     parts.close()
-    refine = out / ".refine"
+    refine = out / PRIVATE_DIR
     refine.mkdir(parents=True, exist_ok=True)
     with (refine / "import-rejects.jsonl").open("w", encoding="utf-8") as fh:
         for key, reason in report.malformed:

@@ -27,13 +27,13 @@ rationale rows on `episode_id`, and written by `lerobot_writer.write_lerobot` (v
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from ...schemas.dataset_layout import EPISODE_FILES, MANIFEST, STEP_FILES, manifest_path, read_manifest
 from ..errors import RefineError
 
 EXTENDED_STYLE = "reasoning"  # project style of the reasoning parts; a LeRobot reader registers it (above)
@@ -150,16 +150,13 @@ def export_lerobot(
     from ..sources.lerobot_writer import ExtraColumn, write_lerobot
 
     out, dest = Path(out), Path(dest)
-    manifest_path = out / "refinevla.json"
-    if not manifest_path.is_file():
-        raise RefineError(f"{out}: no refinevla.json; export a directory written by `refine-data annotate`")
+    if not manifest_path(out).is_file():
+        raise RefineError(f"{out}: no {MANIFEST}; export a directory written by `refine-data annotate`")
     if dest.exists() and any(dest.iterdir()):
         raise RefineError(f"{dest}: exists and is not empty")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    episodes = pl.read_parquet(out / "episodes" / "*.parquet")
-    steps = pl.read_parquet(
-        out / "data" / "*.parquet", columns=["episode_id", "step", "move", "move_reason", "subtask"]
-    )
+    manifest = read_manifest(out)
+    episodes = pl.read_parquet(out / EPISODE_FILES)
+    steps = pl.read_parquet(out / STEP_FILES, columns=["episode_id", "step", "move", "move_reason", "subtask"])
     wanted = {row["episode_id"]: row for row in episodes.to_dicts()}
     step_rows: dict[str, list[dict[str, Any]]] = {}
     for row in steps.sort(["episode_id", "step"]).to_dicts():

@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...schemas.dataset_layout import CARD, MANIFEST, PRIVATE_DIR, manifest_path, read_manifest
 from ..errors import RefineError
 
-EXCLUDED_DIRS = (".refine",)
+EXCLUDED_DIRS = (PRIVATE_DIR,)
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ def resolve_token() -> str | None:
     return os.environ.get("HF_TOKEN") or get_token()
 
 
-def _hf_api(token: str | None) -> Any:
+def hf_api(token: str | None) -> Any:
+    """The Hub client every refinevla upload and download uses (`push`, `validate`, `refine-train`)."""
     from huggingface_hub import HfApi
 
     # HF_ENDPOINT is read here, not at import: a mirror or a test server set after import is honoured.
@@ -107,7 +109,7 @@ def _remote_readme(api: Any, repo_id: str, revision: str) -> str | None:
 
     with tempfile.TemporaryDirectory(prefix="refinevla-readme-") as tmp:
         try:
-            path = api.hf_hub_download(repo_id, "README.md", repo_type="dataset", revision=revision, local_dir=tmp)
+            path = api.hf_hub_download(repo_id, CARD, repo_type="dataset", revision=revision, local_dir=tmp)
         except (RemoteEntryNotFoundError, RevisionNotFoundError):
             return None
         return Path(path).read_text(encoding="utf-8")
@@ -159,17 +161,14 @@ def push_dataset(
     `token` overrides `HF_TOKEN` / the saved login. On `dry_run` nothing is sent: the result lists
     the operations that would be made and the files with their sizes.
     """
-    import json
-
     out = Path(out)
-    manifest_path = out / "refinevla.json"
-    if not manifest_path.is_file():
-        raise RefineError(f"{out}: no refinevla.json; push a directory written by `refine-data annotate`")
-    if not (out / "README.md").is_file():
-        raise RefineError(f"{out}: no README.md; write the card first with `refine-data card {out}`")
-    schema_id = json.loads(manifest_path.read_text(encoding="utf-8")).get("schema", {}).get("id")
+    if not manifest_path(out).is_file():
+        raise RefineError(f"{out}: no {MANIFEST}; push a directory written by `refine-data annotate`")
+    if not (out / CARD).is_file():
+        raise RefineError(f"{out}: no {CARD}; write the card first with `refine-data card {out}`")
+    schema_id = read_manifest(out).get("schema", {}).get("id")
     if not schema_id:
-        raise RefineError(f"{manifest_path}: no schema id (schema.id)")
+        raise RefineError(f"{manifest_path(out)}: no schema id (schema.id)")
     branch = revision or "main"
     files = upload_plan(out)
     tag = schema_tag(schema_id)
@@ -179,7 +178,7 @@ def push_dataset(
     result.operations = [
         f"create dataset repo {repo_id} ({'private' if private else 'public'}) if it does not exist",
         *([f"create branch {branch} if it does not exist"] if branch != "main" else []),
-        "merge README.md YAML with the repo's card, if it has one",
+        f"merge {CARD} YAML with the repo's card, if it has one",
         f"commit {len(files)} files ({_human(total)}) to {branch}; excluded: {excluded}",
         *[f"  upload {f.path_in_repo} ({_human(f.size)})" for f in files],
         f"tag the commit {tag}",
@@ -193,7 +192,7 @@ def push_dataset(
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.errors import HfHubHTTPError
 
-    api = _hf_api(token)
+    api = hf_api(token)
     try:
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         if branch != "main":
@@ -202,9 +201,9 @@ def push_dataset(
         operations = [
             CommitOperationAdd(path_in_repo=f.path_in_repo, path_or_fileobj=str(f.local))
             for f in files
-            if f.path_in_repo != "README.md"
+            if f.path_in_repo != CARD
         ]
-        operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=readme.encode("utf-8")))
+        operations.append(CommitOperationAdd(path_in_repo=CARD, path_or_fileobj=readme.encode("utf-8")))
         info = api.create_commit(
             repo_id,
             operations,

@@ -13,7 +13,6 @@ A Hub repo (`ORG/NAME`) is fetched (data, card, manifest only) and checked the s
 from __future__ import annotations
 
 import fnmatch
-import json
 import re
 import tempfile
 from collections import defaultdict
@@ -25,10 +24,20 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from ...schemas import SCHEMA_FILES, validate
+from ...schemas.dataset_layout import (
+    CARD,
+    EPISODE_FILES,
+    EPISODES_DIR,
+    MANIFEST,
+    PRIVATE_DIR,
+    STEPS_DIR,
+    episode_files,
+    manifest_path,
+    read_manifest,
+    step_files,
+)
 from ..errors import RefineError
 
-STEP_GLOB = "data/*.parquet"
-EPISODE_GLOB = "episodes/*.parquet"
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 # Episode-level record keys (the schema's root properties, `steps` rebuilt from the step rows).
 _STEP_KEYS = ("step", "subtask", "subtask_reason", "move", "move_reason", "gripper")
@@ -75,14 +84,12 @@ def validate_rows(out: Path, report: ValidationReport, max_errors: int) -> None:
     Step rows are grouped per episode first (only the schema's step fields are kept), so memory
     is that of the step fields, not of the images or actions.
     """
-    step_files = sorted(out.glob(STEP_GLOB))
-    episode_files = sorted(out.glob(EPISODE_GLOB))
     steps: dict[str, list[tuple[Path, int, dict[str, Any]]]] = defaultdict(list)
-    for path, i, row in _rows(step_files, ["episode_id", *_STEP_KEYS]):
+    for path, i, row in _rows(step_files(out), ["episode_id", *_STEP_KEYS]):
         steps[row.pop("episode_id")].append((path, i, row))
         report.steps += 1
     seen: set[str] = set()
-    for path, i, row in _rows(episode_files):
+    for path, i, row in _rows(episode_files(out)):
         report.episodes += 1
         episode_id = str(row.get("episode_id"))
         where = f"{path.relative_to(out)} row {i} (episode {episode_id})"
@@ -128,45 +135,44 @@ def _episode_keys(schema_id: str) -> set[str]:
 
 def validate_counts(out: Path, report: ValidationReport, max_errors: int) -> None:
     """The manifest's counts against the rows found."""
-    path = out / "refinevla.json"
-    if not path.is_file():
-        report.fail("counts", "refinevla.json: missing", max_errors)
+    if not manifest_path(out).is_file():
+        report.fail("counts", f"{MANIFEST}: missing", max_errors)
         return
-    counts = json.loads(path.read_text(encoding="utf-8")).get("counts", {})
+    counts = read_manifest(out).get("counts", {})
     for key, found in (("episodes", report.episodes), ("steps", report.steps)):
         if counts.get(key) != found:
             report.fail(
-                "counts", f"refinevla.json: counts.{key} is {counts.get(key)} but the files hold {found}", max_errors
+                "counts", f"{MANIFEST}: counts.{key} is {counts.get(key)} but the files hold {found}", max_errors
             )
     report.checks.setdefault("counts", "ok")
 
 
 def validate_card(out: Path, report: ValidationReport, max_errors: int) -> None:
-    """README.md: a parseable card with a license and the two configs pointing at existing files."""
-    path = out / "README.md"
+    """The card: parseable, with a license and the two configs pointing at existing files."""
+    path = out / CARD
     if not path.is_file():
-        report.fail("card", "README.md: missing (write it with `refine-data card OUT`)", max_errors)
+        report.fail("card", f"{CARD}: missing (write it with `refine-data card OUT`)", max_errors)
         return
     from huggingface_hub import DatasetCard
 
     try:
         data = DatasetCard.load(path).data.to_dict()
     except Exception as exc:  # the card parser raises several types for broken YAML
-        report.fail("card", f"README.md: YAML front matter does not parse: {exc}", max_errors)
+        report.fail("card", f"{CARD}: YAML front matter does not parse: {exc}", max_errors)
         return
     if not data.get("license"):
-        report.fail("card", "README.md: no license in the YAML", max_errors)
+        report.fail("card", f"{CARD}: no license in the YAML", max_errors)
     configs = {c.get("config_name"): c for c in data.get("configs") or []}
-    files = [p.relative_to(out).as_posix() for p in out.rglob("*.parquet") if ".refine" not in p.parts]
+    files = [p.relative_to(out).as_posix() for p in out.rglob("*.parquet") if PRIVATE_DIR not in p.parts]
     for name in ("steps", "episodes"):
         if name not in configs:
-            report.fail("card", f"README.md: no `{name}` config in the YAML", max_errors)
+            report.fail("card", f"{CARD}: no `{name}` config in the YAML", max_errors)
             continue
         data_files = configs[name].get("data_files") or []
         patterns = [d["path"] if isinstance(d, dict) else d for d in data_files]
         patterns = [p for sub in patterns for p in ([sub] if isinstance(sub, str) else sub)]
         if not any(fnmatch.fnmatch(f, pat) for f in files for pat in patterns):
-            report.fail("card", f"README.md: config `{name}` data_files {patterns} match no file", max_errors)
+            report.fail("card", f"{CARD}: config `{name}` data_files {patterns} match no file", max_errors)
     report.checks.setdefault("card", "ok")
 
 
@@ -176,10 +182,10 @@ def validate_dataset(target: str, *, max_errors: int = 20, revision: str | None 
     if local.is_dir():
         return _validate_dir(local, target, max_errors)
     if REPO_ID.fullmatch(target):
-        from .push import _hf_api, resolve_token
+        from .push import hf_api, resolve_token
 
         # The same client as `push` (HF_ENDPOINT read now, not at import; HF_TOKEN or the saved login).
-        api = _hf_api(resolve_token())
+        api = hf_api(resolve_token())
         with tempfile.TemporaryDirectory(prefix="refinevla-validate-") as tmp:
             try:
                 api.snapshot_download(
@@ -187,7 +193,7 @@ def validate_dataset(target: str, *, max_errors: int = 20, revision: str | None 
                     repo_type="dataset",
                     revision=revision,
                     local_dir=tmp,
-                    allow_patterns=["data/*", "episodes/*", "README.md", "refinevla.json"],
+                    allow_patterns=[f"{STEPS_DIR}/*", f"{EPISODES_DIR}/*", CARD, MANIFEST],
                 )
             except Exception as exc:  # network, auth, not found: one line for the user
                 # The client's messages run over several lines; the first, with the error's type, says what.
@@ -200,8 +206,8 @@ def validate_dataset(target: str, *, max_errors: int = 20, revision: str | None 
 
 def _validate_dir(out: Path, target: str, max_errors: int) -> ValidationReport:
     report = ValidationReport(target)
-    if not list(out.glob(EPISODE_GLOB)):
-        report.fail("rows", f"{EPISODE_GLOB}: no files", max_errors)
+    if not episode_files(out):
+        report.fail("rows", f"{EPISODE_FILES}: no files", max_errors)
     validate_rows(out, report, max_errors)
     validate_counts(out, report, max_errors)
     validate_card(out, report, max_errors)

@@ -15,9 +15,9 @@ need the published on-disk layouts exactly, and `lerobot` drags in torch. The la
 Episodes are consumed as a stream: v2.1 writes each episode as it arrives; v3.0 holds only the
 current data file's rows and encodes video frames straight into the open mp4 files.
 
-Videos are yuv420p mp4, encoded with PyAV using the first codec the installed wheel can both
-encode and decode (libsvtav1 -> AV1 like LeRobot's default, then libx264, then mpeg4); the codec
-is recorded in each video feature's `info["video.codec"]`.
+Videos are encoded by `annotate.video` (the first codec the installed PyAV can both encode and
+decode); the codec is recorded in each video feature's `info["video.codec"]`. Statistics are
+accumulated by `annotate.stats.RunningStats`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from fractions import Fraction
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..episode import Episode
+from ..stats import RunningStats
+from ..video import CODEC_CANDIDATES, VideoEncoder, pick_codec
 
 V21 = "v2.1"
 V30 = "v3.0"
@@ -48,13 +48,6 @@ CAMERA_PREFIX = "observation.images."
 STATE_KEY = "observation.state"
 ACTION_KEY = "action"
 
-# Encoder name -> (codec name recorded in info.json, encoder options). Ordered by preference.
-CODEC_CANDIDATES: dict[str, tuple[str, dict[str, str]]] = {
-    "libsvtav1": ("av1", {"g": "2", "crf": "30", "preset": "11"}),
-    "libx264": ("h264", {"g": "2", "crf": "18", "preset": "veryfast"}),
-    "h264": ("h264", {"g": "2", "crf": "18"}),
-    "mpeg4": ("mpeg4", {"g": "2", "qmin": "2", "qmax": "6"}),
-}
 _POSE_NAMES = {
     STATE_KEY: ["x", "y", "z", "roll", "pitch", "yaw", "gripper"],
     ACTION_KEY: ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"],
@@ -105,7 +98,7 @@ def write_lerobot(
     an `ExtraColumn`). v3.0 starts a new data/video file when `episodes_per_file` is reached or a
     file passes its size budget; `row_group_size` bounds parquet row groups so readers can fetch
     an episode's rows without reading a whole file. `codec` forces an encoder (see
-    `CODEC_CANDIDATES`).
+    `annotate.video.CODEC_CANDIDATES`).
     """
     if version not in (V21, V30):
         raise ValueError(f"version must be {V21!r} or {V30!r}, not {version!r}")
@@ -130,144 +123,6 @@ def write_lerobot(
         writer.add(episode, position)
     writer.finish()
     return Path(root)
-
-
-# --------------------------------------------------------------------------- video
-
-
-@cache
-def pick_codec(width: int, height: int, preferred: str | None = None) -> str:
-    """The first encoder in `CODEC_CANDIDATES` that round-trips a tiny clip of this size.
-
-    Probed, not assumed: PyAV wheels differ in which encoders and decoders they bundle (the
-    common wheel encodes AV1 with libsvtav1 but decodes it with libdav1d).
-    """
-    names = [preferred] if preferred else list(CODEC_CANDIDATES)
-    errors = []
-    for name in names:
-        try:
-            buf = io.BytesIO()
-            clip = [np.full((height, width, 3), v, np.uint8) for v in (30, 200)]
-            enc = VideoEncoder(buf, 10.0, width, height, name)
-            for img in clip:
-                enc.add(img)
-            enc.close()
-            buf.seek(0)
-            import av
-
-            with av.open(buf, "r") as container:
-                if len(list(container.decode(video=0))) == len(clip):
-                    return name
-            errors.append(f"{name}: decoded frame count differs")
-        except Exception as exc:  # PyAV raises codec-specific errors; any failure means "not usable"
-            errors.append(f"{name}: {exc}")
-    raise RuntimeError(f"no usable video codec for {width}x{height} in this PyAV build ({'; '.join(errors)})")
-
-
-class VideoEncoder:
-    """One mp4 stream being written; frames get consecutive pts so timestamps are index / fps."""
-
-    def __init__(self, target: str | os.PathLike[str] | io.BytesIO, fps: float, width: int, height: int, codec: str):
-        import av
-
-        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints a banner per stream otherwise
-        self.width, self.height = width, height
-        self.frames = 0
-        rate = Fraction(fps).limit_denominator(1001)
-        opts = dict(CODEC_CANDIDATES.get(codec, (codec, {}))[1])
-        if isinstance(target, io.BytesIO):
-            self._container = av.open(target, "w", format="mp4")
-        else:
-            self._container = av.open(os.fspath(target), "w")
-        stream = self._container.add_stream(codec, rate=rate, options=opts)
-        assert isinstance(stream, av.video.stream.VideoStream)
-        self._stream = stream
-        self._stream.width, self._stream.height = width, height
-        self._stream.pix_fmt = "yuv420p"
-        self._stream.codec_context.time_base = 1 / rate
-        if codec == "mpeg4":
-            self._stream.bit_rate = 8_000_000
-
-    def add(self, image: np.ndarray) -> None:
-        import av
-
-        image = np.ascontiguousarray(image, dtype=np.uint8)
-        if image.shape != (self.height, self.width, 3):
-            raise ValueError(f"frame of shape {image.shape} in a {self.height}x{self.width}x3 video")
-        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
-        frame.pts = self.frames
-        for packet in self._stream.encode(frame):
-            self._container.mux(packet)
-        self.frames += 1
-
-    def close(self) -> None:
-        for packet in self._stream.encode():
-            self._container.mux(packet)
-        self._container.close()
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-@dataclass
-class _Stats:
-    """Running min/max/mean/std over samples of a feature (rows of an (N, D) array)."""
-
-    count: int = 0
-    total: np.ndarray | None = None
-    squares: np.ndarray | None = None
-    low: np.ndarray | None = None
-    high: np.ndarray | None = None
-
-    def add(self, values: np.ndarray, count: int | None = None) -> None:
-        """Add rows; `count` overrides the sample count (camera stats count frames, not pixels)."""
-        v = np.asarray(values, dtype=np.float64)
-        n = count if count is not None else v.shape[0]
-        s, q = v.sum(0) * (n / max(v.shape[0], 1)), (v**2).sum(0) * (n / max(v.shape[0], 1))
-        lo, hi = v.min(0), v.max(0)
-        if self.total is None:
-            self.total, self.squares, self.low, self.high = s, q, lo, hi
-        else:
-            assert self.squares is not None and self.low is not None and self.high is not None
-            self.total, self.squares = self.total + s, self.squares + q
-            self.low, self.high = np.minimum(self.low, lo), np.maximum(self.high, hi)
-        self.count += n
-
-    def merge(self, other: _Stats) -> None:
-        if other.total is None:
-            return
-        if self.total is None:
-            self.count, self.total, self.squares, self.low, self.high = (
-                other.count,
-                other.total,
-                other.squares,
-                other.low,
-                other.high,
-            )
-            return
-        assert self.squares is not None and other.squares is not None
-        assert self.low is not None and self.high is not None and other.low is not None and other.high is not None
-        self.count += other.count
-        self.total, self.squares = self.total + other.total, self.squares + other.squares
-        self.low, self.high = np.minimum(self.low, other.low), np.maximum(self.high, other.high)
-
-    def as_json(self, image: bool = False) -> dict[str, list[Any]]:
-        assert self.total is not None and self.squares is not None and self.low is not None and self.high is not None
-        mean = self.total / max(self.count, 1)
-        std = np.sqrt(np.maximum(self.squares / max(self.count, 1) - mean**2, 0.0))
-
-        def fmt(a: np.ndarray) -> list[Any]:
-            return a.reshape(-1, 1, 1).tolist() if image else a.tolist()
-
-        return {"min": fmt(self.low), "max": fmt(self.high), "mean": fmt(mean), "std": fmt(std), "count": [self.count]}
 
 
 # --------------------------------------------------------------------------- writers
@@ -302,7 +157,7 @@ class _Writer:
     tasks: dict[str, int] = field(default_factory=dict)
     total_frames: int = 0
     episodes: int = 0
-    global_stats: dict[str, _Stats] = field(default_factory=dict)
+    global_stats: dict[str, RunningStats] = field(default_factory=dict)
     codec_used: str | None = None
 
     def __post_init__(self) -> None:
@@ -379,10 +234,10 @@ class _Writer:
             columns[name] = pa.array(values, type=self.schema.extra_types[name])
         return pa.table(columns)
 
-    def _episode_stats(self, episode: Episode, table: pa.Table) -> dict[str, _Stats]:
+    def _episode_stats(self, episode: Episode, table: pa.Table) -> dict[str, RunningStats]:
         """Per-episode statistics (numeric columns, and sampled camera frames in [0, 1])."""
         assert self.schema is not None
-        stats: dict[str, _Stats] = {}
+        stats: dict[str, RunningStats] = {}
         for key in (
             STATE_KEY,
             ACTION_KEY,
@@ -394,16 +249,16 @@ class _Writer:
             "task_index",
         ):
             values = _column_numpy(table[key])
-            stats[key] = _Stats()
+            stats[key] = RunningStats()
             stats[key].add(values.reshape(len(values), -1))
         n = len(episode)
         picks = np.unique(np.linspace(0, n - 1, min(n, _IMAGE_STATS_FRAMES)).round().astype(int))
         for cam, key in self.schema.cameras.items():
             sample = np.stack([np.asarray(episode.frames[cam][int(i)]) for i in picks]).astype(np.float32) / 255.0
-            stats[key] = _Stats()
+            stats[key] = RunningStats()
             stats[key].add(sample.reshape(-1, 3), count=len(picks))
         for key, value in stats.items():
-            self.global_stats.setdefault(key, _Stats()).merge(value)
+            self.global_stats.setdefault(key, RunningStats()).merge(value)
         return stats
 
     def _encode_camera(self, encoder: VideoEncoder, frames: Sequence[np.ndarray]) -> None:
@@ -655,6 +510,14 @@ def _vector_column(values: np.ndarray) -> pa.Array:
     flat = pa.array(arr.reshape(-1))
     offsets = pa.array(np.arange(0, arr.size + 1, arr.shape[1], dtype=np.int32))
     return pa.ListArray.from_arrays(offsets, flat)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _image_column(frames: Sequence[np.ndarray]) -> pa.Array:

@@ -168,7 +168,7 @@ class OpenAICompatTeacher:
         """
         fmt = request.response_format
         if self._format is not fmt:
-            self._format, self._format_json = fmt, _dumps(fmt)
+            self._format, self._format_json = fmt, compact_json(fmt)
         return encode_body(self.request_body(request), {"response_format": self._format_json})
 
     async def complete(self, request: TeacherRequest, timeout: float) -> TeacherResponse:
@@ -194,7 +194,7 @@ class OpenAICompatTeacher:
             raise TransientTeacherError(f"connection error: {type(exc.__cause__ or exc).__name__}") from exc
         except openai.APIStatusError as exc:
             status = exc.status_code
-            summary = f"HTTP {status}: {_short(exc)}"
+            summary = f"HTTP {status}: {server_error_message(exc)}"
             if status in (401, 403):
                 raise TeacherAuthError(
                     f"the {self.name} server refused the credentials ({summary}); "
@@ -224,7 +224,8 @@ class OpenAICompatTeacher:
 _VERBATIM = bytes(c for c in range(0x20, 0x7F) if c not in b'"\\')
 _SPLICE_MIN = 256  # shorter URLs are not worth splicing
 # Stands in for each spliced value while the rest of the body is serialised; random, so no text holds it.
-_BLOB_MARK = f"refinevla-blob-{secrets.token_hex(12)}"
+# Public because batch mode (`batch.gemini`) marks its request lines' blobs with it too.
+BLOB_MARK = f"refinevla-blob-{secrets.token_hex(12)}"
 
 
 def encode_body(body: dict[str, Any], serialised: dict[str, bytes] | None = None) -> bytes:
@@ -243,24 +244,38 @@ def encode_body(body: dict[str, Any], serialised: dict[str, bytes] | None = None
     for key, value in body.items():
         if serialised is not None and key in serialised:
             blobs.append(serialised[key])
-            marked[key] = _BLOB_MARK
+            marked[key] = BLOB_MARK
         elif key == "messages" and isinstance(value, list):
             marked[key] = [_mark_images(m, blobs) for m in value]
         else:
             marked[key] = value
-    text = _dumps(marked)
+    text = compact_json(marked)
     if not blobs:
         return text
-    pieces = text.split(f'"{_BLOB_MARK}"'.encode())
-    if len(pieces) != len(blobs) + 1:  # only if a text held the random marker: serialise it all
-        return _dumps(body)
+    spliced = splice_blobs(text, blobs)
+    return spliced if spliced is not None else compact_json(body)  # a text held the marker: serialise it all
+
+
+def splice_blobs(text: bytes, blobs: list[bytes]) -> bytes | None:
+    """`text` with each quoted `BLOB_MARK` replaced by the next of `blobs`, in order.
+
+    None when the markers and the blobs do not pair up, which happens only if a text in the body
+    held the random marker itself: the caller then serialises the whole body instead.
+    """
+    pieces = text.split(f'"{BLOB_MARK}"'.encode())
+    if len(pieces) != len(blobs) + 1:
+        return None
     out = [pieces[0]]
     for blob, piece in zip(blobs, pieces[1:], strict=True):
         out += (blob, piece)
     return b"".join(out)
 
 
-def _dumps(value: Any) -> bytes:
+def compact_json(value: Any) -> bytes:
+    """`value` as the `openai` client serialises a body: compact, UTF-8 unescaped, NaN refused.
+
+    Batch mode writes its lines with it too, so a batch request holds the same bytes as the live one.
+    """
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -272,16 +287,20 @@ def _mark_images(message: Any, blobs: list[bytes]) -> Any:
     parts = []
     for part in content:
         image = part.get("image_url") if isinstance(part, dict) else None
-        blob = _url_json(image.get("url")) if isinstance(image, dict) else None
+        blob = spliceable_url_json(image.get("url")) if isinstance(image, dict) else None
         if blob is not None:
             blobs.append(blob)
-            part = {**part, "image_url": {**image, "url": _BLOB_MARK}}  # type: ignore[dict-item]
+            part = {**part, "image_url": {**image, "url": BLOB_MARK}}  # type: ignore[dict-item]
         parts.append(part)
     return {**message, "content": parts}
 
 
-def _url_json(url: Any) -> bytes | None:
-    """The JSON text of an image URL when it can be spliced in verbatim, else None."""
+def spliceable_url_json(url: Any) -> bytes | None:
+    """The JSON text of an image URL when it can be spliced in verbatim, else None.
+
+    Verbatim: the URL in quotes is its JSON (printable ASCII, nothing to escape), and it is long
+    enough to be worth it, as the keyframes' base64 data URLs that make up most of a request are.
+    """
     if type(url) is DataURL:  # made by the prompt builder, its JSON text with it
         return url.json
     if isinstance(url, str) and len(url) >= _SPLICE_MIN and url.isascii():
@@ -336,8 +355,12 @@ def _aiohttp_transport() -> Any:
         return None
 
 
-def _short(exc: Exception, limit: int = 300) -> str:
-    """The server's error message, bounded (bodies can be long)."""
+def server_error_message(exc: Exception, limit: int = 300) -> str:
+    """The server's error message from an `openai` status error, bounded (bodies can be long).
+
+    The message inside the error body when there is one, else the exception's text: one line for
+    reporting an OpenAI-compatible server's refusal, in live and batch mode alike.
+    """
     body = getattr(exc, "body", None)
     msg = None
     if isinstance(body, dict):

@@ -29,7 +29,7 @@ from ..errors import EvalError
 from .base import StepOutput, scalar_infos
 from .processes import ProcessSims
 
-INSTALL = "pip install 'refinevla[sim]'  (ManiSkill3)"
+MANISKILL_INSTALL = "pip install 'refinevla[sim]'  (ManiSkill3)"
 VULKAN_HELP = (
     "rendering needs Vulkan: on the CPU, Mesa >= 24.3 lavapipe (Debian bookworm: add bookworm-backports, then "
     "`apt-get install -t bookworm-backports mesa-vulkan-drivers libvulkan1`); on a GPU, the NVIDIA driver's Vulkan ICD"
@@ -41,7 +41,7 @@ def import_maniskill() -> Any:
     try:
         import mani_skill.envs
     except ImportError as exc:
-        raise EvalError(f"ManiSkill3 is not installed ({exc}); install it with: {INSTALL}") from None
+        raise EvalError(f"ManiSkill3 is not installed ({exc}); install it with: {MANISKILL_INSTALL}") from None
     import mani_skill
 
     return mani_skill

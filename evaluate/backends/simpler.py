@@ -80,7 +80,7 @@ if TYPE_CHECKING:
     from ..suites import Task
 
 SIMPLER_REPO = "https://github.com/simpler-env/SimplerEnv"
-INSTALL = (
+SIMPLER_INSTALL = (
     f"git clone --recurse-submodules {SIMPLER_REPO} && pip install 'numpy<2' && "
     "pip install -e SimplerEnv/ManiSkill2_real2sim && pip install -e SimplerEnv"
 )
@@ -472,7 +472,7 @@ def _install_error(what: str) -> EvalError:
     extra = f" ({'; '.join(notes)})" if notes else ""
     return EvalError(
         f"the Google Robot tasks need the original SimplerEnv (simpler_env + ManiSkill2_real2sim, SAPIEN 2, "
-        f"Python <= 3.11, numpy < 2); {what}{extra}; install it with: {INSTALL}"
+        f"Python <= 3.11, numpy < 2); {what}{extra}; install it with: {SIMPLER_INSTALL}"
     )
 
 

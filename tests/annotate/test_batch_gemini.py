@@ -14,6 +14,7 @@ from refinevla.annotate.batch import gemini
 from refinevla.annotate.batch.gemini import GeminiBatch
 from refinevla.annotate.engine import Engine, EngineOptions
 from refinevla.annotate.errors import RefineError
+from refinevla.annotate.preparation import teacher_request
 from refinevla.annotate.prompts import reask_messages
 from refinevla.annotate.sources import open_source
 from refinevla.annotate.store import ResultStore
@@ -36,10 +37,10 @@ def requests(teacher: OpenAICompatTeacher, tiny_rlds: Callable[..., str], tmp_pa
     """Three first asks built by the engine, as batch mode builds them, and a re-ask of the first."""
     engine = Engine(teacher, ResultStore(tmp_path / "s.sqlite"), EngineOptions())
     prepared = [engine.prepare(e) for e in open_source(tiny_rlds(3)).iter_episodes()]
-    asks = [engine.teacher_request(p, p.bundle.messages, 1) for p in prepared]
+    asks = [teacher_request(p, p.bundle.messages, 1) for p in prepared]
     raw = '{"observation": "caf\u00e9 \\"x\\"\n"}'
     reask = [*prepared[0].bundle.messages, *reask_messages(engine.template, raw, ["spatial_reasoning is missing"])]
-    return [*asks, engine.teacher_request(prepared[0], reask, 2)]
+    return [*asks, teacher_request(prepared[0], reask, 2)]
 
 
 @pytest.fixture
@@ -111,8 +112,8 @@ def test_request_line_is_the_native_request_for_the_chat_messages(provider, requ
 
 def test_request_line_splices_keyframes_and_schema_as_the_bytes_json_would_write(provider, requests, monkeypatch):
     serialised: list[bytes] = []
-    dumps = gemini._dumps
-    monkeypatch.setattr(gemini, "_dumps", lambda value: serialised.append(dumps(value)) or serialised[-1])
+    dumps = gemini.compact_json
+    monkeypatch.setattr(gemini, "compact_json", lambda value: serialised.append(dumps(value)) or serialised[-1])
     for i, request in enumerate(requests):
         line = provider.request_line(f"k{i}", request)
         assert line == dumps({"key": f"k{i}", "request": provider.request_body(request)})

@@ -11,6 +11,7 @@ import pytest
 
 from refinevla.annotate.batch.openai import BatchAPIError, BatchConnectionError, OpenAIBatch
 from refinevla.annotate.engine import Engine, EngineOptions
+from refinevla.annotate.preparation import teacher_request
 from refinevla.annotate.sources import open_source
 from refinevla.annotate.store import ResultStore
 from refinevla.annotate.teachers.base import TeacherAuthError, TeacherRequest
@@ -46,7 +47,7 @@ def requests(tiny_rlds: Any, tmp_path: Path, provider: OpenAIBatch) -> list[Teac
     out = []
     for episode in open_source(tiny_rlds(4)).iter_episodes():
         prepared = engine.prepare(episode)
-        out.append(engine.teacher_request(prepared, list(prepared.bundle.messages), 1))
+        out.append(teacher_request(prepared, list(prepared.bundle.messages), 1))
     return out
 
 

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from refinevla.annotate.engine import Engine, EngineOptions, EpisodeResult
+from refinevla.annotate.engine import Engine, EngineOptions
 from refinevla.annotate.pricing import ModelPrice, PriceTable
+from refinevla.annotate.records import AnnotationOutcome
 from refinevla.annotate.sources import open_source
 from refinevla.annotate.store import ResultStore
 from refinevla.annotate.teachers.openai_compat import OpenAICompatTeacher
@@ -20,11 +21,11 @@ PRICES = PriceTable({"fake-model": ModelPrice(input=1.0, output=2.0)})  # $0.001
 
 def run_engine(
     uri: str, server: Any, store_path: Path, model: str = "fake-model", **options: Any
-) -> tuple[Engine, dict[str, EpisodeResult]]:
+) -> tuple[Engine, dict[str, AnnotationOutcome]]:
     source = open_source(uri)
     teacher = OpenAICompatTeacher.for_provider("openai-compatible", model=model, base_url=server.url)
     opts = {"concurrency": 4, "timeout": 1.0, "retry_base": 0.01, "retry_max": 0.05, "max_retries": 2, **options}
-    results: dict[str, EpisodeResult] = {}
+    results: dict[str, AnnotationOutcome] = {}
     with ResultStore(store_path) as store:
         engine = Engine(
             teacher, store, EngineOptions(**opts), PRICES, sink=lambda r: results.__setitem__(r.episode_id, r)
@@ -33,7 +34,7 @@ def run_engine(
     return engine, results
 
 
-def by_seed(results: dict[str, EpisodeResult]) -> dict[int, EpisodeResult]:
+def by_seed(results: dict[str, AnnotationOutcome]) -> dict[int, AnnotationOutcome]:
     return {int(eid.rsplit("#", 1)[-1]): r for eid, r in results.items()}
 
 
@@ -170,7 +171,7 @@ def test_a_teacher_that_ignores_its_timeout_is_cut_off_by_the_engine(tiny_rlds, 
     real_within = engine_module._within
     monkeypatch.setattr(engine_module, "_within", lambda awaitable, seconds: real_within(awaitable, seconds - 4.9))
     source = open_source(tiny_rlds(1))
-    results: list[EpisodeResult] = []
+    results: list[AnnotationOutcome] = []
     opts = EngineOptions(timeout=0.1, retry_base=0.01, retry_max=0.01, max_retries=1)
     with ResultStore(tmp_path / "s.sqlite") as store:
         engine = Engine(Hangs(), store, opts, sink=results.append)
@@ -201,7 +202,7 @@ def test_concurrency_bounds_requests_in_flight_including_reasks(tiny_rlds, tmp_p
     from refinevla.annotate.teachers.base import TeacherResponse
 
     source = open_source(tiny_rlds(12))
-    results: list[EpisodeResult] = []
+    results: list[AnnotationOutcome] = []
     with ResultStore(tmp_path / "s.sqlite") as store:
         engine = Engine(Counting(), store, EngineOptions(concurrency=3), sink=results.append)
         asyncio.run(engine.run(source.iter_episodes(), total=len(source)))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import polars as pl
 
-from refinevla.annotate.annotate_cmd import PartResult
+from refinevla.annotate.commands.annotate import PartResult
 from refinevla.annotate.parallel import merge_parts, split_range
 from tests.annotate.test_crash_resume import SECRET, answered, seed, start, wait_for_answers
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from refinevla.annotate.engine import request_key
 from refinevla.annotate.episode import FrameSequence
 from refinevla.annotate.errors import RefineError
+from refinevla.annotate.preparation import request_key
 from refinevla.annotate.pricing import PriceTable
 from refinevla.annotate.prompts import build_prompt, load_template, select_keyframes
 from refinevla.annotate.prompts.keyframes import encode_keyframe

@@ -7,11 +7,12 @@ import json
 from openai._utils._json import openapi_dumps
 
 from refinevla.annotate.engine import Engine, EngineOptions
+from refinevla.annotate.preparation import teacher_request
 from refinevla.annotate.prompts import reask_messages
 from refinevla.annotate.sources import open_source
 from refinevla.annotate.store import ResultStore
 from refinevla.annotate.teachers import openai_compat
-from refinevla.annotate.teachers.openai_compat import _BLOB_MARK, OpenAICompatTeacher, encode_body
+from refinevla.annotate.teachers.openai_compat import BLOB_MARK, OpenAICompatTeacher, encode_body
 
 
 def _teacher(name: str = "openai-compatible") -> OpenAICompatTeacher:
@@ -20,8 +21,8 @@ def _teacher(name: str = "openai-compatible") -> OpenAICompatTeacher:
 
 def test_body_bytes_equal_the_clients_serialiser_for_real_prompts_and_reasks(tiny_rlds, tmp_path, monkeypatch):
     serialised: list[bytes] = []
-    dumps = openai_compat._dumps
-    monkeypatch.setattr(openai_compat, "_dumps", lambda value: serialised.append(dumps(value)) or serialised[-1])
+    dumps = openai_compat.compact_json
+    monkeypatch.setattr(openai_compat, "compact_json", lambda value: serialised.append(dumps(value)) or serialised[-1])
     teacher = _teacher()
     engine = Engine(teacher, ResultStore(tmp_path / "s.sqlite"), EngineOptions())
     episode = next(open_source(tiny_rlds(1)).iter_episodes())
@@ -32,7 +33,7 @@ def test_body_bytes_equal_the_clients_serialiser_for_real_prompts_and_reasks(tin
     # a re-ask carries the teacher's raw text (quotes, backslashes, non-ASCII, control characters)
     messages += reask_messages(engine.template, '{"observation": "caf\u00e9 \\"x\\"\n\t\u0001 \u2603"}', ["bad"])
     for attempt, msgs in enumerate([prepared.bundle.messages, messages], start=1):
-        request = engine.teacher_request(prepared, msgs, attempt)
+        request = teacher_request(prepared, msgs, attempt)
         body = teacher.request_body(request)
         sent = teacher.encode(request)
         assert sent == openapi_dumps(body)
@@ -45,8 +46,8 @@ def test_body_bytes_equal_the_clients_serialiser_for_real_prompts_and_reasks(tin
 
 def test_odd_urls_and_a_text_holding_the_marker_are_still_serialised_exactly(monkeypatch):
     serialised: list[bytes] = []
-    dumps = openai_compat._dumps
-    monkeypatch.setattr(openai_compat, "_dumps", lambda value: serialised.append(dumps(value)) or serialised[-1])
+    dumps = openai_compat.compact_json
+    monkeypatch.setattr(openai_compat, "compact_json", lambda value: serialised.append(dumps(value)) or serialised[-1])
     plain = "data:image/jpeg;base64," + "QUJD" * 100
     odd = [
         "data:image/png;base64,\x01" + "A" * 300,  # a control character: JSON escapes it
@@ -67,7 +68,7 @@ def test_odd_urls_and_a_text_holding_the_marker_are_still_serialised_exactly(mon
     )
 
     # a text holding the (random) marker itself: everything is serialised by JSON instead
-    body["messages"][0]["content"] = _BLOB_MARK
+    body["messages"][0]["content"] = BLOB_MARK
     assert encode_body(body) == openapi_dumps(body)
     assert plain.encode() in serialised[-1]
     assert encode_body({"model": "m"}) == openapi_dumps({"model": "m"})

@@ -16,17 +16,18 @@ import pytest
 from typer.testing import CliRunner
 
 from refinevla.annotate.cli import app
-from refinevla.annotate.engine import Engine, EngineOptions, EpisodeResult
+from refinevla.annotate.engine import Engine, EngineOptions
+from refinevla.annotate.records import AnnotationOutcome
 from refinevla.annotate.sources import open_source
 from refinevla.annotate.store import ResultStore
 from refinevla.annotate.teachers.openai_compat import OpenAICompatTeacher
 from refinevla.schemas import validate
 
 
-def run(uri: str, server: Any, store: Path, detail: str) -> tuple[Engine, dict[str, EpisodeResult]]:
+def run(uri: str, server: Any, store: Path, detail: str) -> tuple[Engine, dict[str, AnnotationOutcome]]:
     source = open_source(uri)
     teacher = OpenAICompatTeacher.for_provider("openai-compatible", model="m", base_url=server.url)
-    results: dict[str, EpisodeResult] = {}
+    results: dict[str, AnnotationOutcome] = {}
     opts = EngineOptions(concurrency=4, timeout=5.0, retry_base=0.01, schema_detail=detail)  # type: ignore[arg-type]
     with ResultStore(store) as s:
         engine = Engine(teacher, s, opts, sink=lambda r: results.__setitem__(r.episode_id, r))

@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from refinevla.annotate import writer as writer_module
-from refinevla.annotate.engine import EpisodeResult
+from refinevla.annotate.records import AnnotationOutcome
 from refinevla.annotate.writer import DatasetWriter
 
 
-def _result(i: int, steps: int) -> EpisodeResult:
+def _result(i: int, steps: int) -> AnnotationOutcome:
     record = {
         "schema_id": "refinevla.rationale/1",
         "episode_id": f"ep{i}",
@@ -29,7 +29,7 @@ def _result(i: int, steps: int) -> EpisodeResult:
         ],
     }
     actions = np.full((steps, 7), i, np.float32)
-    return EpisodeResult(f"ep{i}", "ds", f"task {i}", actions, actions + 0.5, f"k{i}", "annotated", record, None, 1)
+    return AnnotationOutcome(f"ep{i}", "ds", f"task {i}", actions, actions + 0.5, f"k{i}", "annotated", record, None, 1)
 
 
 def test_many_row_groups_come_out_complete_and_in_order(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from tests.train.conftest import EPISODES, IMAGE, STEPS, build_idefics3, build_p
 
 @pytest.fixture(scope="session")
 def eval_published(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from refinevla.annotate.annotate_cmd import AnnotateArgs, run_annotate
+    from refinevla.annotate.commands.annotate import AnnotateArgs, run_annotate
 
     root = tmp_path_factory.mktemp("eval-src")
     eps = [tiny_episode(i, STEPS[i], size=IMAGE) for i in range(EPISODES)]

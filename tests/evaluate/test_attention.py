@@ -24,9 +24,8 @@ from refinevla.evaluate.attention import (
     patch_grid,
     run_attention,
 )
-from refinevla.evaluate.decoding import N_ACTION, generate
 from refinevla.evaluate.errors import EvalError
-from refinevla.evaluate.policy import resize
+from refinevla.train.policy import N_ACTION, generate, resize_image
 from refinevla.train.targets import ACTION_TAG, prompt_text
 
 INSTRUCTION = "put the spoon on the towel"
@@ -41,7 +40,7 @@ def frame() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def policies(paligemma_policy: Path, idefics3_policy: Path) -> Iterator[dict[str, Any]]:
-    from refinevla.train.checkpoint import Policy
+    from refinevla.train.policy import Policy
 
     yield {"paligemma": Policy(paligemma_policy), "idefics3": Policy(idefics3_policy)}
 
@@ -54,7 +53,9 @@ def pali_maps(policies: dict[str, Any], frame: np.ndarray) -> AttentionMaps:
 def prompt_and_inputs(policy: Any, frame: np.ndarray) -> tuple[list[int], dict[str, Any]]:
     """The prompt ids and image tensors the processor makes of the frame as the policy sees it."""
     size = (int(policy.info["image_size"][0]), int(policy.info["image_size"][1]))
-    ids, extra = policy.adapter.encode_prompts(policy.processor, [prompt_text(INSTRUCTION)], [resize(frame, size)])
+    ids, extra = policy.adapter.encode_prompts(
+        policy.processor, [prompt_text(INSTRUCTION)], [resize_image(frame, size)]
+    )
     return ids[0], extra
 
 
@@ -182,7 +183,7 @@ def test_without_reasoning_there_is_an_action_map_only(policies: dict[str, Any],
     assert len(maps.generated_ids) == N_ACTION
     check_normalised(maps.action_map, maps.grid)
     # recording the decoding does not change it
-    plain = generate(policy, [resize(frame, (32, 32))], [INSTRUCTION], reasoning=False)[0]
+    plain = generate(policy, [resize_image(frame, (32, 32))], [INSTRUCTION], reasoning=False)[0]
     np.testing.assert_array_equal(maps.action, plain.action)
 
 

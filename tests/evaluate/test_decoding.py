@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from refinevla.evaluate.decoding import N_ACTION, ActionGrammar, _logits_processor, find_tag, generate
+from refinevla.train.policy import N_ACTION, ActionGrammar, find_tag, generate, logits_processor
 
 TAG = [50, 51]  # "ACTION:" as two ids
 LO, BINS, EOS = 1000, 256, 1
@@ -137,7 +137,7 @@ def test_logits_processor_applies_each_rows_state() -> None:
     torch = pytest.importorskip("torch")
     vocab = LO + BINS
     prompt = [2, 3, 4]
-    processor = _logits_processor(grammar(budget=5), len(prompt))
+    processor = logits_processor(grammar(budget=5), len(prompt))
     scores = torch.randn(3, vocab, generator=torch.Generator().manual_seed(0))
     rows = torch.tensor(
         [
@@ -163,7 +163,7 @@ INSTRUCTION = "put the carrot on the plate"
 
 @pytest.fixture(scope="module")
 def policy(paligemma_policy: Path) -> Any:
-    from refinevla.train.checkpoint import Policy
+    from refinevla.train.policy import Policy
 
     return Policy(paligemma_policy)
 
@@ -220,10 +220,10 @@ def test_action_only_scores_its_first_action_as_a_zero_budget_reasoning_row(
 ) -> None:
     """The logits of the first action token, not just their argmax: a tag put into PaliGemma's
     bidirectional prefix (token_type 0) instead of the causal suffix changes them."""
-    import refinevla.evaluate.decoding as decoding
+    import refinevla.train.decoding as decoding
 
     seen: list[Any] = []
-    original = decoding._logits_processor
+    original = decoding.logits_processor
 
     def recording(g: ActionGrammar, prompt_len: int) -> Any:
         inner = original(g, prompt_len)
@@ -234,7 +234,7 @@ def test_action_only_scores_its_first_action_as_a_zero_budget_reasoning_row(
 
         return call
 
-    monkeypatch.setattr(decoding, "_logits_processor", recording)
+    monkeypatch.setattr(decoding, "logits_processor", recording)
     img = frames(1, seed=7)
     generate(policy, img, [INSTRUCTION], reasoning=False)
     off = seen[0]

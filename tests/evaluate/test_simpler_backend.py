@@ -384,7 +384,7 @@ def test_missing_simplerenv_is_one_line_with_the_install_command(monkeypatch: py
     text = str(err.value)
     assert "\n" not in text
     assert "not installed here: simpler_env, mani_skill2_real2sim" in text
-    assert simpler.INSTALL in text
+    assert simpler.SIMPLER_INSTALL in text
     assert "git clone --recurse-submodules https://github.com/simpler-env/SimplerEnv" in text
     assert "pip install -e SimplerEnv/ManiSkill2_real2sim && pip install -e SimplerEnv" in text
 

@@ -55,7 +55,7 @@ def source_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def annotated_out(tmp_path_factory: pytest.TempPathFactory, source_uri: str) -> Path:
     """`OUT/` as written by `refine-data annotate SOURCE --teacher rule-based` (read-only: copy to modify)."""
-    from refinevla.annotate.annotate_cmd import AnnotateArgs, run_annotate
+    from refinevla.annotate.commands.annotate import AnnotateArgs, run_annotate
 
     out = tmp_path_factory.mktemp("annotated") / "out"
     code = run_annotate(AnnotateArgs(source=source_uri, out=out, progress="none"))

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from refinevla.annotate.engine import Engine, EngineOptions, PreparedRequest
+from refinevla.annotate.engine import Engine, EngineOptions
+from refinevla.annotate.preparation import PreparedRequest
 from refinevla.annotate.sources import open_source
 from refinevla.annotate.teachers.rule_based import rule_based_answer
 from refinevla.annotate.teachers.vllm import VllmTeacher

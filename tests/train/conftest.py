@@ -192,7 +192,7 @@ def rlds_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 @pytest.fixture(scope="session")
 def published(tmp_path_factory: pytest.TempPathFactory, rlds_uri: str) -> Path:
     """`OUT/` written by `refine-data annotate` with the rule-based teacher (read-only: copy to modify)."""
-    from refinevla.annotate.annotate_cmd import AnnotateArgs, run_annotate
+    from refinevla.annotate.commands.annotate import AnnotateArgs, run_annotate
 
     out = tmp_path_factory.mktemp("published") / "out"
     assert run_annotate(AnnotateArgs(source=rlds_uri, out=out, progress="none", license="apache-2.0")) == 0

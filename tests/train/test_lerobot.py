@@ -20,7 +20,7 @@ from tests.sources.conftest import LEROBOT_FPS, lerobot_episode, lerobot_frame
 
 @pytest.fixture(scope="module")
 def lerobot_published(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from refinevla.annotate.annotate_cmd import AnnotateArgs, run_annotate
+    from refinevla.annotate.commands.annotate import AnnotateArgs, run_annotate
 
     root = tmp_path_factory.mktemp("lerobot")
     eps = [lerobot_episode(i, 8 + i) for i in range(3)]

@@ -17,8 +17,10 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from refinevla.train.adapters import adapter_for  # noqa: E402
-from refinevla.train.checkpoint import POLICY_FILE, Policy  # noqa: E402
-from refinevla.train.trainer import evaluate, make_loader, predict_action_ids, prepare, train  # noqa: E402
+from refinevla.train.policy import POLICY_FILE, Policy  # noqa: E402
+from refinevla.train.preparation import make_loader, prepare  # noqa: E402
+from refinevla.train.trainer import train  # noqa: E402
+from refinevla.train.validation import predict_action_ids, validate  # noqa: E402
 from tests.train.conftest import OVERFIT, config  # noqa: E402
 
 
@@ -63,7 +65,7 @@ def test_openvla_learns_its_actions_and_its_checkpoint_generates_from_the_image(
     result = train(cfg)
     p = prepare(cfg)
     loader = make_loader(p, result.train_indices, cfg, epoch=0, train=False, batch_size=4)
-    metrics = evaluate(result.model, p.adapter, loader, p.actions, 1.0, "cpu")
+    metrics = validate(result.model, p.adapter, loader, p.actions, 1.0, "cpu")
     assert metrics["action_token_accuracy"] == 1.0, metrics
     assert result.losses[-1] < result.losses[0] / 10
 
@@ -84,7 +86,7 @@ def test_openvla_learns_its_actions_and_its_checkpoint_generates_from_the_image(
     assert torch.equal(ours, batch["action_ids"])
 
     # refine-eval's decoding: one row at a time, the image seen once per row, the cache reused
-    from refinevla.evaluate.decoding import generate
+    from refinevla.train.policy import generate
 
     seen: list[tuple[int, ...]] = []
     policy.model.vision_backbone.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape)))

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from refinevla.train.checkpoint import POLICY_FILE, STATE_FILE, latest_checkpoint
+from refinevla.train.checkpoint import STATE_FILE, latest_checkpoint
 from refinevla.train.errors import TrainError
+from refinevla.train.policy import POLICY_FILE
 from refinevla.train.trainer import train
 from tests.train.conftest import config
 

@@ -15,8 +15,8 @@ from typing import Annotated
 
 import typer
 
-from .errors import RefineError
-from .outputs import hold_output
+from ..errors import RefineError
+from ..outputs import hold_output
 
 LicenseOpt = Annotated[
     str | None,
@@ -26,7 +26,7 @@ LicenseOpt = Annotated[
 
 def write_card_or_fail(out: Path, license: str | None) -> Path:
     """`datacards.render.write_card`, its errors as `RefineError` (one red line)."""
-    from ..datacards.render import CardError, write_card
+    from ...datacards.render import CardError, write_card
 
     try:
         return Path(write_card(out, license=license))
@@ -48,8 +48,8 @@ def hold_new(out: Path, flag: str = "--out") -> AbstractContextManager[Path]:
 
 def register(app: typer.Typer) -> None:
     """Add the publishing commands to a Typer app (the `refine-data` app in `cli.py`)."""
-    from .cli import DataDirOpt, SplitOpt
-    from .exits import user_errors
+    from ..cli import DataDirOpt, SplitOpt
+    from ..exits import user_errors
 
     @app.command()
     @user_errors
@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
         ] = False,
     ) -> None:
         """Upload OUT (all but .refine/) to a Hub dataset repo, merge its card, tag the schema version."""
-        from .publish.push import push_dataset
+        from ..publish.push import push_dataset
 
         with hold_existing(out):  # never upload a folder a run is writing
             result = push_dataset(out, repo_id, private=private, revision=revision, dry_run=dry_run)
@@ -96,7 +96,7 @@ def register(app: typer.Typer) -> None:
         max_errors: Annotated[int, typer.Option("--max-errors", help="Failing rows to name at most.")] = 20,
     ) -> None:
         """Check every row against its schema, the manifest's counts and the card's YAML."""
-        from .publish.validate import validate_dataset
+        from ..publish.validate import validate_dataset
 
         report = validate_dataset(target, max_errors=max_errors, revision=revision)
         checks = ", ".join(f"{k} {v}" for k, v in report.checks.items())
@@ -124,7 +124,7 @@ def register(app: typer.Typer) -> None:
         limit: Annotated[int | None, typer.Option("--limit", help="Convert at most N episodes.")] = None,
     ) -> None:
         """Convert Embodied-CoT's Bridge reasoning into refinevla.rationale/1 rows (streamed)."""
-        from .publish.ecot import import_ecot as run_import
+        from ..publish.ecot import import_ecot as run_import
 
         if not path.is_file():
             raise RefineError(f"{path}: no such file")
@@ -164,7 +164,7 @@ def register(app: typer.Typer) -> None:
         """Export frames + rationales as a LeRobot v3.0 dataset (rationales as language columns)."""
         if to != "lerobot":
             raise RefineError(f"--to {to!r}: only 'lerobot' is supported")
-        from .publish.lerobot_export import export_lerobot
+        from ..publish.lerobot_export import export_lerobot
 
         result = export_lerobot(  # refuses a non-empty --out; a half-written export is removed
             out, source, dest, data_dir=data_dir, split=split, fps=fps, camera_storage=camera_storage

@@ -1,4 +1,7 @@
-"""Batched greedy decoding of a refine-train policy that always ends in 7 action tokens.
+"""The one decoder of a refine-train policy: batched, greedy, constrained to end in 7 action tokens.
+
+`Policy.predict`, `refine-eval`'s SimplerEnv policy and `refine-eval attention` all decode through
+`generate` here (reached through `refinevla.train.policy`), so a fix to decoding is a fix everywhere.
 
 The policy was trained to write its rationale, `ACTION:`, 7 action tokens and EOS. At test time
 a model may ramble, stop early or put a word where an action token belongs; a benchmark run
@@ -25,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from ..train.targets import ACTION_TAG, prompt_text
+from ..annotate.episode import ACTION_DIM
+from .targets import ACTION_TAG, prompt_text
 
-N_ACTION = 7
+N_ACTION = ACTION_DIM  # one action token per action dimension
 
 
 @dataclass
@@ -72,7 +76,8 @@ class ActionGrammar:
         return ("free", None)
 
 
-def _logits_processor(grammar: ActionGrammar, prompt_len: int) -> Any:
+def logits_processor(grammar: ActionGrammar, prompt_len: int) -> Any:
+    """A transformers `LogitsProcessor` that masks each row's scores to what `grammar` allows."""
     import torch
     from transformers import LogitsProcessor
 
@@ -154,7 +159,7 @@ def _generate_rows(
             **inputs,
             max_new_tokens=limit,
             do_sample=False,
-            logits_processor=[_logits_processor(grammar, length)],
+            logits_processor=[logits_processor(grammar, length)],
             pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else eos,
         )
     results = []

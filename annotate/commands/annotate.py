@@ -4,8 +4,8 @@ Thin: parse the flags, wire source, teacher, store, engine and writer, report. T
 command is added to the `refine-data` app by `register(app)` (called from `cli.py`).
 """
 
-# No `from __future__ import annotations`: Typer evaluates the option annotations of the command
-# defined inside `register`, whose shared types are imported there (locals, not module globals).
+# No `from __future__ import annotations`: Typer evaluates the option annotations of the commands
+# defined inside `register` (locals, not module globals).
 
 import json
 import shlex
@@ -16,10 +16,11 @@ from typing import Annotated, Any
 
 import typer
 
-from .errors import RefineError
-from .exits import EXIT_INTERRUPTED
-from .outputs import hold_output
-from .part import AnnotateArgs, PartResult, RunSetup, run_part, setup_run
+from ...schemas.dataset_layout import MANIFEST, PRIVATE_DIR
+from ..errors import RefineError
+from ..exits import EXIT_INTERRUPTED
+from ..outputs import hold_output
+from ..part import AnnotateArgs, PartResult, RunSetup, run_part, setup_run
 
 __all__ = ["AnnotateArgs", "PartResult", "RunSetup", "register", "run_annotate", "run_part"]
 
@@ -41,7 +42,7 @@ def _elide_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run_annotate(args: AnnotateArgs) -> int:
     """Run the command; returns the exit code (0 done, 1 some episodes failed, 130 interrupted)."""
-    from .sources import ReadOptions
+    from ..sources import ReadOptions
 
     setup = setup_run(args)
     teacher = setup.teacher
@@ -53,7 +54,7 @@ def run_annotate(args: AnnotateArgs) -> int:
             )
         typer.secho(f"warning: no price for model {teacher.model!r}: cost is not tracked", fg="yellow", err=True)
     if args.batch:
-        from .batch.command import check_batch_args
+        from .batch import check_batch_args
 
         check_batch_args(args, teacher)
     if args.dry_run:
@@ -73,7 +74,7 @@ def _run_held(args: AnnotateArgs, setup: RunSetup) -> int:
     if args.batch:
         from dataclasses import replace
 
-        from .batch.command import batch_manifest, run_batch_mode
+        from .batch import batch_manifest, run_batch_mode
 
         resume = "refine-data " + shlex.join(args.argv) if args.argv else "the same command"
         try:
@@ -97,7 +98,7 @@ def _run_held(args: AnnotateArgs, setup: RunSetup) -> int:
         if summary.stop_reason == "max-cost":
             typer.secho(f"--max-cost ${args.max_cost} reached: no more batches submitted", fg="yellow", err=True)
     if args.processes > 1 and setup.total > 1:
-        from .parallel import run_processes
+        from ..parallel import run_processes
 
         part = run_processes(args, setup)
     else:
@@ -107,11 +108,12 @@ def _run_held(args: AnnotateArgs, setup: RunSetup) -> int:
 
 def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult, batch: dict[str, Any] | None = None) -> int:
     """Rejects file, manifest and card for the whole run; the summary and the exit code."""
-    from ..schemas import backend_for, schema_digest
-    from .engine import Counters
-    from .prompts import load_template
-    from .store import ResultStore
-    from .writer import tool_version, utc_now, write_manifest
+    from ...schemas import backend_for, schema_digest
+    from ...schemas.dataset_layout import write_manifest
+    from ..engine import Counters
+    from ..prompts import load_template
+    from ..store import ResultStore
+    from ..writer import tool_version, utc_now
 
     out, source, teacher = setup.out, setup.source, setup.teacher
     i, n = setup.shard
@@ -122,7 +124,7 @@ def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult, batch: dict
     with ResultStore(setup.store_path) as store:
         spend = store.spend()
         rejects = store.rejects()
-    with (out / ".refine" / f"rejects{setup.suffix}.jsonl").open("w", encoding="utf-8") as fh:
+    with (out / PRIVATE_DIR / f"rejects{setup.suffix}.jsonl").open("w", encoding="utf-8") as fh:
         for r in rejects:
             fh.write(
                 json.dumps(
@@ -203,12 +205,12 @@ def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult, batch: dict
     }
     if batch is not None:
         manifest["batch"] = batch
-    write_manifest(out, manifest, "refinevla.json" if n == 1 else f".refine/manifest{setup.suffix}.json")
+    write_manifest(out, manifest, MANIFEST if n == 1 else f"{PRIVATE_DIR}/manifest{setup.suffix}.json")
     if n == 1:
         _write_card(out, args.license)
     else:
         typer.echo(f"shard {i}/{n} written; once all {n} shards are in {out}, run: refine-data merge {out}", err=True)
-    from .progress import summary_line
+    from ..progress import summary_line
 
     typer.echo(summary_line(c), err=True)
     typer.echo(f"wrote {out}: {counts['episodes']} episodes, {counts['steps']} steps, {len(rejects)} rejected")
@@ -248,7 +250,7 @@ def _check_card_license(out: Path, dataset: str, license: str | None) -> None:
 
     The same resolution the card uses (--license, else the card already in OUT, else the source's).
     """
-    from ..datacards.render import CardError, resolve_license
+    from ...datacards.render import CardError, resolve_license
 
     try:
         resolve_license(out, {"source": {"dataset": dataset}}, license)
@@ -257,7 +259,7 @@ def _check_card_license(out: Path, dataset: str, license: str | None) -> None:
 
 
 def _write_card(out: Path, license: str | None) -> None:
-    from ..datacards.render import CardError, write_card
+    from ...datacards.render import CardError, write_card
 
     try:
         path = write_card(out, license=license)
@@ -268,8 +270,9 @@ def _write_card(out: Path, license: str | None) -> None:
 
 def _dry_run(args: AnnotateArgs, teacher: Any, options: Any, prices: Any, episodes: Any, total: int) -> int:
     """Print the first request and an estimate of tokens and cost for the whole selection."""
-    from .engine import Engine, estimate_prompt_tokens
-    from .store import ResultStore
+    from ..engine import Engine
+    from ..preparation import estimate_prompt_tokens
+    from ..store import ResultStore
 
     engine = Engine(teacher, ResultStore(":memory:"), options, prices)
     sampled = []
@@ -301,155 +304,15 @@ def _dry_run(args: AnnotateArgs, teacher: Any, options: Any, prices: Any, episod
 
 def register(app: typer.Typer) -> None:
     """Add the `annotate` command to a Typer app (the `refine-data` app in `cli.py`)."""
-    from .cli import (
-        ActionKeyOpt,
-        CameraOpt,
-        DataDirOpt,
-        InstructionKeyOpt,
-        SourceArg,
-        SplitOpt,
-        StateKeyOpt,
-    )
-    from .exits import user_errors
+    from ..cli_options import Flags, options_from
+    from ..exits import user_errors
 
     @app.command()
     @user_errors
-    def annotate(
-        source: SourceArg,
-        teacher: Annotated[
-            str, typer.Option("--teacher", help="rule-based | gemini | openai | openai-compatible | vllm.")
-        ] = "rule-based",
-        model: Annotated[str | None, typer.Option("--model", help="Model id (default per teacher).")] = None,
-        base_url: Annotated[
-            str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
-        ] = None,
-        out: Annotated[Path | None, typer.Option("--out", help="Output dir (default runs/<source>-<teacher>).")] = None,
-        data_dir: DataDirOpt = None,
-        split: SplitOpt = "train",
-        camera: CameraOpt = None,
-        instruction_key: InstructionKeyOpt = None,
-        state_key: StateKeyOpt = None,
-        action_key: ActionKeyOpt = None,
-        frames: Annotated[int, typer.Option("--frames", help="K evenly spaced keyframes (+ gripper events).")] = 6,
-        image_size: Annotated[int, typer.Option("--image-size", help="Longest keyframe side in pixels.")] = 256,
-        prompt_template: Annotated[str, typer.Option("--prompt-template", help="Prompt template version.")] = (
-            "rationale-v1"
-        ),
-        concurrency: Annotated[int, typer.Option("--concurrency", help="Requests in flight at most.")] = 16,
-        rpm: Annotated[float | None, typer.Option("--rpm", help="Requests per minute limit.")] = None,
-        tpm: Annotated[float | None, typer.Option("--tpm", help="Tokens per minute limit.")] = None,
-        timeout: Annotated[float, typer.Option("--timeout", help="Seconds per request.")] = 120.0,
-        max_attempts: Annotated[
-            int, typer.Option("--max-attempts", help="Answers per episode (ask + re-asks with the errors).")
-        ] = 3,
-        max_retries: Annotated[
-            int, typer.Option("--max-retries", help="Retries per ask on 429/5xx/timeouts (never on a 400).")
-        ] = 6,
-        retry_base: Annotated[float, typer.Option("--retry-base", help="First backoff in seconds (doubles).")] = 1.0,
-        max_cost: Annotated[float | None, typer.Option("--max-cost", help="Stop cleanly at this spend (USD).")] = None,
-        limit: Annotated[int | None, typer.Option("--limit", help="At most N episodes (of this shard).")] = None,
-        shard: Annotated[str, typer.Option("--shard", help="i/n: this machine's contiguous part.")] = "0/1",
-        dry_run: Annotated[
-            bool, typer.Option("--dry-run", help="Print the first request and a token/cost estimate; ask nothing.")
-        ] = False,
-        temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature.")] = 0.2,
-        max_tokens: Annotated[int, typer.Option("--max-tokens", help="Completion token limit.")] = 4096,
-        prices: Annotated[
-            Path | None, typer.Option("--prices", help="JSON price table overriding the packaged one.")
-        ] = None,
-        tensor_parallel_size: Annotated[
-            int, typer.Option("--tensor-parallel-size", help="GPUs for --teacher vllm.")
-        ] = 1,
-        progress: Annotated[str, typer.Option("--progress", help="auto | rich | plain | none.")] = "auto",
-        license: Annotated[
-            str | None,
-            typer.Option("--license", help="Card license (Hub id); required where the source's is not known."),
-        ] = None,
-        processes: Annotated[
-            int,
-            typer.Option(
-                "--processes", help="Engine processes on this machine (for fast local servers; limits are shared)."
-            ),
-        ] = 1,
-        schema_detail: Annotated[
-            str | None,
-            typer.Option(
-                "--schema-detail",
-                help="static | episode. What the structured-output schema says: static = every constraint of the "
-                "schema file the backend can express (lengths, bounds); episode = also this episode's facts (step "
-                "range, one move reason per motion segment, box within the keyframe), so a constrained decoder "
-                "cannot write an answer the checks reject. Default: episode for vllm and openai-compatible (they "
-                "compile and cache a grammar per schema), static for openai and gemini (a new schema on every "
-                "request costs those providers schema-processing latency).",
-            ),
-        ] = None,
-        batch: Annotated[
-            bool,
-            typer.Option(
-                "--batch",
-                help="Ask through the provider's Batch API (openai, gemini): half price, answers within 24 h. "
-                "Same requests, validation and output; Ctrl-C leaves the batches running, the same command resumes.",
-            ),
-        ] = False,
-        reask: Annotated[
-            str, typer.Option("--reask", help="--batch: re-ask invalid answers in the next batch, or live at the end.")
-        ] = "batch",
-        poll_interval: Annotated[
-            float, typer.Option("--poll-interval", help="--batch: seconds between looks at the batches in flight.")
-        ] = 30.0,
-        max_resubmits: Annotated[
-            int,
-            typer.Option("--max-resubmits", help="--batch: times a request whose line expired or failed is resent."),
-        ] = 3,
-        batch_requests: Annotated[
-            int | None,
-            typer.Option("--batch-requests", help="--batch: requests per batch file (default: the provider's limit)."),
-        ] = None,
-    ) -> None:
+    @options_from(AnnotateArgs)
+    def annotate(flags: Flags) -> None:
         """Annotate episodes with ReFineVLA rationales (resumable; a rerun never pays twice)."""
-        code = run_annotate(
-            AnnotateArgs(
-                source=source,
-                teacher=teacher,
-                model=model,
-                base_url=base_url,
-                out=out,
-                data_dir=data_dir,
-                split=split,
-                camera=camera,
-                instruction_key=instruction_key,
-                state_key=state_key,
-                action_key=action_key,
-                frames=frames,
-                image_size=image_size,
-                prompt_template=prompt_template,
-                concurrency=concurrency,
-                rpm=rpm,
-                tpm=tpm,
-                timeout=timeout,
-                max_attempts=max_attempts,
-                max_retries=max_retries,
-                retry_base=retry_base,
-                max_cost=max_cost,
-                limit=limit,
-                shard=shard,
-                dry_run=dry_run,
-                temperature=temperature,
-                max_tokens=max_tokens,
-                prices=prices,
-                tensor_parallel_size=tensor_parallel_size,
-                progress=progress,
-                license=license,
-                processes=processes,
-                schema_detail=schema_detail,
-                batch=batch,
-                reask=reask,
-                poll_interval=poll_interval,
-                max_resubmits=max_resubmits,
-                batch_requests=batch_requests,
-                argv=sys.argv[1:],
-            )
-        )
+        code = run_annotate(AnnotateArgs(**flags, argv=sys.argv[1:]))
         if code:
             raise typer.Exit(code)
 
@@ -463,7 +326,7 @@ def register(app: typer.Typer) -> None:
         as_json: Annotated[bool, typer.Option("--json", help="One JSON object per batch.")] = False,
     ) -> None:
         """List a --batch run's batches with their state (as last polled); --cancel cancels the running ones."""
-        from .batch.command import format_batches, list_batches
+        from .batch import format_batches, list_batches
 
         rows = list_batches(out, cancel=cancel)
         if as_json:
@@ -486,8 +349,9 @@ def register(app: typer.Typer) -> None:
         ] = None,
     ) -> None:
         """Combine the shards of a `--shard i/n` run into one dataset: refinevla.json and the card."""
-        from .shards import gather, merge_manifests, shard_manifests
-        from .writer import tool_version, utc_now, write_manifest
+        from ...schemas.dataset_layout import write_manifest
+        from ..shards import gather, merge_manifests, shard_manifests
+        from ..writer import tool_version, utc_now
 
         with hold_output(out, "refine-data " + shlex.join(sys.argv[1:]), flag="merge"):
             if sources:

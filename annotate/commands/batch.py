@@ -7,9 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ...schemas.dataset_layout import PRIVATE_DIR
+from ..batch.provider import BatchProvider
+from ..batch.runner import REASK_MODES, BatchOptions, BatchRunner, BatchSummary
 from ..errors import RefineError
-from .provider import BatchProvider
-from .runner import REASK_MODES, BatchOptions, BatchRunner, BatchSummary
 
 BATCH_TEACHERS = ("openai", "gemini")
 GEMINI_OPENAI_SUFFIX = "/v1beta/openai/"  # live mode's Gemini endpoint; the Batch API lives at the host's root
@@ -18,11 +19,11 @@ GEMINI_OPENAI_SUFFIX = "/v1beta/openai/"  # live mode's Gemini endpoint; the Bat
 def make_batch_provider(teacher: Any) -> BatchProvider:
     """The Batch API of the teacher's provider, with the teacher's model, sampling and key."""
     if teacher.name == "openai":
-        from .openai import OpenAIBatch
+        from ..batch.openai import OpenAIBatch
 
         return OpenAIBatch(teacher)
     if teacher.name == "gemini":
-        from .gemini import GeminiBatch
+        from ..batch.gemini import GeminiBatch
 
         base = str(teacher.base_url)
         native = base[: -len(GEMINI_OPENAI_SUFFIX)] + "/" if base.endswith(GEMINI_OPENAI_SUFFIX) else base
@@ -63,7 +64,7 @@ def run_batch_mode(args: Any, setup: Any, progress: Callable[[str], None]) -> Ba
             max_resubmits=args.max_resubmits,
             max_requests=args.batch_requests,
         )
-        runner = BatchRunner(provider, engine, store, options, setup.out / ".refine" / "batches", progress)
+        runner = BatchRunner(provider, engine, store, options, setup.out / PRIVATE_DIR / "batches", progress)
         return runner.run(lambda: setup.source.iter_episodes(ReadOptions(start=setup.start, stop=setup.stop)))
     finally:
         provider.close()
@@ -90,7 +91,7 @@ def batch_manifest(summary: BatchSummary, args: Any, provider: str) -> dict[str,
 
 
 def store_paths(out: Path) -> list[Path]:
-    paths = sorted((out / ".refine").glob("store*.sqlite"))
+    paths = sorted((out / PRIVATE_DIR).glob("store*.sqlite"))
     if not paths:
         raise RefineError(f"{out}: no annotation store (.refine/store*.sqlite); is this a refine-data output folder?")
     return paths
@@ -98,9 +99,9 @@ def store_paths(out: Path) -> list[Path]:
 
 def list_batches(out: Path, cancel: bool = False) -> list[dict[str, Any]]:
     """Every batch of a run's stores (as dicts for printing); with `cancel`, cancel those not final."""
+    from ..batch.provider import FINAL_STATES
     from ..store import ResultStore
     from ..teachers import make_teacher
-    from .provider import FINAL_STATES
 
     rows: list[dict[str, Any]] = []
     providers: dict[tuple[str, str, str | None], BatchProvider] = {}  # one client per provider, model and URL

@@ -1,4 +1,8 @@
-"""Per-episode and per-run summaries for `refine-data inspect`."""
+"""Per-episode and per-run summaries for `refine-data inspect`.
+
+Named for what it holds, not for the command: a module called `inspect` would shadow the
+standard library's wherever this folder is on the import path.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ def episode_summary(ep: Episode) -> dict[str, Any]:
 
 
 def run_summary(dataset: str, rows: list[dict[str, Any]], corrupt: list[str]) -> dict[str, Any]:
+    """The selection at a glance, from the `episode_summary` rows: episode and step counts, distinct tasks, skips."""
     steps = [int(r["steps"]) for r in rows]
     return {
         "dataset": dataset,

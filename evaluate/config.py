@@ -1,0 +1,67 @@
+"""`RunArgs`: every `refine-eval run` flag, one field each; its help text is the documentation.
+
+Light on purpose (no numpy, no simulator): `refine-eval --help` builds its options from these
+fields. The flags `run` shares with `attention` (`--policy`, `--reasoning`, `--device`) are declared
+once here as `Flag`s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+from ..annotate.cli_options import Conversion, Flag, option
+
+
+class OnOff(str, Enum):
+    on = "on"
+    off = "off"
+
+
+def _task_list(value: str | None) -> list[str] | None:
+    from ..annotate.cli import split_keys
+
+    return list(split_keys(value)) or None
+
+
+ON_OFF = Conversion(  # a bool that the command line spells on | off
+    cli_type=OnOff,
+    to_field=lambda value: value is OnOff.on,
+    to_cli=lambda value: OnOff.on if value else OnOff.off,
+)
+COMMA_LIST = Conversion(  # a list of names that the command line spells a,b,c
+    cli_type=str | None,
+    to_field=_task_list,
+    to_cli=lambda value: ",".join(value) if value else None,
+)
+
+POLICY = Flag("refine-train checkpoint folder (refinevla_policy.json).")
+REASONING = Flag("on: the policy writes its rationale, then the action; off: the action only.", conversion=ON_OFF)
+DEVICE = Flag("torch device of the policy; default cuda if there.")
+
+
+@dataclass
+class RunArgs:
+    policy: Path = option(help=POLICY)
+    suite: str = option(help="widowx | google-vm | google-va | maniskill:ENV_ID (any ManiSkill3 task).")
+    out: Path = option(help="Results folder (episodes.jsonl, run.json, videos/).")
+    tasks: list[str] | None = option(
+        None, "Comma-separated task names (carrot_on_plate, pick_coke_can, ...); default all.", conversion=COMMA_LIST
+    )
+    episodes_per_config: int = option(1, "Episodes per built-in task configuration (new seed each).")
+    max_episodes: int | None = option(None, "Per task, run at most the first N episodes of the schedule.")
+    num_envs: int = option(
+        1, "Parallel envs, one policy forward pass for all (GPU: one scene batch; CPU: one process each)."
+    )
+    reasoning: bool = option(True, REASONING)
+    max_rationale_tokens: int = option(256, "Rationale budget per step; then ACTION: is forced.")
+    video: bool = option(False, "Write an mp4 per episode under videos/.")
+    log_actions: bool = option(False, "Keep each step's raw_action and env_action in episodes.jsonl.")
+    seed: int = option(0, "Base seed of the env resets.")
+    instruction: str | None = option(None, "maniskill:ENV_ID: the instruction given to the policy.")
+    sim_backend: str | None = option(None, "ManiSkill3 physics: cpu | gpu (default gpu when CUDA is there).")
+    camera: str | None = option(None, "maniskill:ENV_ID: the camera the policy sees (default the first).")
+    control_mode: str | None = option(None, "maniskill:ENV_ID: a 7-d controller (default pd_ee_delta_pose).")
+    robot: str | None = option(None, "Override the checkpoint's robot conventions: widowx | google_robot.")
+    device: str | None = option(None, DEVICE)
