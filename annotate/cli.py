@@ -14,7 +14,15 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli_options import ACTION_KEY, CAMERA, DATA_DIR, INSTRUCTION_KEY, SOURCE, SPLIT, STATE_KEY
+from .cli_options import (
+    ACTION_KEY_FLAG,
+    CAMERA_FLAG,
+    DATA_DIR_FLAG,
+    INSTRUCTION_KEY_FLAG,
+    SOURCE_FLAG,
+    SPLIT_FLAG,
+    STATE_KEY_FLAG,
+)
 from .errors import RefineError
 from .exits import user_errors
 
@@ -28,13 +36,13 @@ app = typer.Typer(
 
 # Options shared by every command that reads a source (Typer's Annotated reuse); their help is declared
 # once in cli_options, where `AnnotateArgs` takes the same flags from.
-SourceArg = Annotated[str, SOURCE.parameter_info("source")]
-DataDirOpt = Annotated[str | None, DATA_DIR.parameter_info("data_dir")]
-SplitOpt = Annotated[str, SPLIT.parameter_info("split")]
-CameraOpt = Annotated[list[str] | None, CAMERA.parameter_info("camera")]
-InstructionKeyOpt = Annotated[str | None, INSTRUCTION_KEY.parameter_info("instruction_key")]
-StateKeyOpt = Annotated[str | None, STATE_KEY.parameter_info("state_key")]
-ActionKeyOpt = Annotated[str | None, ACTION_KEY.parameter_info("action_key")]
+SourceArg = Annotated[str, SOURCE_FLAG.parameter_info("source")]
+DataDirOpt = Annotated[str | None, DATA_DIR_FLAG.parameter_info("data_dir")]
+SplitOpt = Annotated[str, SPLIT_FLAG.parameter_info("split")]
+CameraOpt = Annotated[list[str] | None, CAMERA_FLAG.parameter_info("camera")]
+InstructionKeyOpt = Annotated[str | None, INSTRUCTION_KEY_FLAG.parameter_info("instruction_key")]
+StateKeyOpt = Annotated[str | None, STATE_KEY_FLAG.parameter_info("state_key")]
+ActionKeyOpt = Annotated[str | None, ACTION_KEY_FLAG.parameter_info("action_key")]
 EpisodesOpt = Annotated[str | None, typer.Option("--episodes", help="Episode index range START:STOP (split order).")]
 WorkersOpt = Annotated[int, typer.Option("--workers", help="Reader processes (0 = read in this process).")]
 SkipCorruptOpt = Annotated[

@@ -208,10 +208,10 @@ def options_from(
 
 # Flags of every refine-data command that reads a source: `AnnotateArgs` declares its fields with
 # them, and `cli.py` builds `inspect`'s and `stats`' options from the same ones.
-SOURCE = Flag("bridge | fractal | sample | rlds:PATH (TFDS builder dir) | lerobot:PATH_OR_REPO_ID", argument=True)
-DATA_DIR = Flag("Where the RLDS datasets live (default: $TFDS_DATA_DIR, ~/tensorflow_datasets); gs:// ok.")
-SPLIT = Flag("Dataset split.")
-CAMERA = Flag("Camera feature(s) to read, primary first (e.g. image_1).")
-INSTRUCTION_KEY = Flag("Feature holding the instruction.")
-STATE_KEY = Flag("Feature(s) forming the state, comma-separated.")
-ACTION_KEY = Flag("Feature(s) forming the action, comma-separated.")
+SOURCE_FLAG = Flag("bridge | fractal | sample | rlds:PATH (TFDS builder dir) | lerobot:PATH_OR_REPO_ID", argument=True)
+DATA_DIR_FLAG = Flag("Where the RLDS datasets live (default: $TFDS_DATA_DIR, ~/tensorflow_datasets); gs:// ok.")
+SPLIT_FLAG = Flag("Dataset split.")
+CAMERA_FLAG = Flag("Camera feature(s) to read, primary first (e.g. image_1).")
+INSTRUCTION_KEY_FLAG = Flag("Feature holding the instruction.")
+STATE_KEY_FLAG = Flag("Feature(s) forming the state, comma-separated.")
+ACTION_KEY_FLAG = Flag("Feature(s) forming the action, comma-separated.")

@@ -10,7 +10,7 @@ and Ctrl-C stop dispatching cleanly; what was in flight is finished and stored.
 
 Requests are prepared (read, hashed, keyframes encoded) in a producer thread so the
 event loop only does I/O and bookkeeping. This module is the dispatch only: how a request and
-its key are built lives in `preparation`, how an answer is checked, stored and turned into a
+its key are built lives in `teacher_requests`, how an answer is checked, stored and turned into a
 record lives in `records` (batch mode shares both).
 """
 
@@ -31,12 +31,12 @@ from typing import Any
 from ..schemas import DEFAULT_SCHEMA_ID, SchemaDetail, backend_for, teacher_response_format
 from .episode import Episode
 from .errors import RefineError
-from .preparation import PreparedRequest, prepare_request, teacher_request
 from .pricing import PriceTable
 from .prompts import FrameOptions, load_template, reask_messages
 from .ratelimit import RateLimiter
 from .records import AnnotationOutcome, Status, assemble_record, check_answer, commit_response, invalid_reason
 from .store import ResultStore
+from .teacher_requests import PreparedRequest, prepare_request, teacher_request
 from .teachers.base import (
     PermanentTeacherError,
     Teacher,
@@ -173,7 +173,7 @@ class Engine:
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._io, functools.partial(fn, *args))
 
-    # ----------------------------------------------------------------- preparation
+    # ----------------------------------------------------------------- request preparation
     def prepare(self, episode: Episode) -> PreparedRequest:
         """Prompt, key and facts of an episode as this engine asks it (CPU work; runs in the producer thread)."""
         opts = self.options

@@ -17,7 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from ..schemas.dataset_layout import PRIVATE_DIR
-from .cli_options import ACTION_KEY, CAMERA, DATA_DIR, INSTRUCTION_KEY, SOURCE, SPLIT, STATE_KEY, option
+from .cli_options import (
+    ACTION_KEY_FLAG,
+    CAMERA_FLAG,
+    DATA_DIR_FLAG,
+    INSTRUCTION_KEY_FLAG,
+    SOURCE_FLAG,
+    SPLIT_FLAG,
+    STATE_KEY_FLAG,
+    option,
+)
 from .errors import RefineError
 
 
@@ -25,17 +34,17 @@ from .errors import RefineError
 class AnnotateArgs:
     """Everything `annotate` was asked to do: one field per flag (its help is the field's documentation)."""
 
-    source: str = option(help=SOURCE)
+    source: str = option(help=SOURCE_FLAG)
     teacher: str = option("rule-based", "rule-based | gemini | openai | openai-compatible | vllm.")
     model: str | None = option(None, "Model id (default per teacher).")
     base_url: str | None = option(None, "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
     out: Path | None = option(None, "Output dir (default runs/<source>-<teacher>).")
-    data_dir: str | None = option(None, DATA_DIR)  # layout flags, as for inspect/stats
-    split: str = option("train", SPLIT)
-    camera: list[str] | None = option(None, CAMERA)
-    instruction_key: str | None = option(None, INSTRUCTION_KEY)
-    state_key: str | None = option(None, STATE_KEY)
-    action_key: str | None = option(None, ACTION_KEY)
+    data_dir: str | None = option(None, DATA_DIR_FLAG)  # layout flags, as for inspect/stats
+    split: str = option("train", SPLIT_FLAG)
+    camera: list[str] | None = option(None, CAMERA_FLAG)
+    instruction_key: str | None = option(None, INSTRUCTION_KEY_FLAG)
+    state_key: str | None = option(None, STATE_KEY_FLAG)
+    action_key: str | None = option(None, ACTION_KEY_FLAG)
     frames: int = option(6, "K evenly spaced keyframes (+ gripper events).")
     image_size: int = option(256, "Longest keyframe side in pixels.")
     prompt_template: str = option("rationale-v1", "Prompt template version.")

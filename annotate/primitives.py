@@ -108,7 +108,7 @@ def motion_primitives(states: np.ndarray) -> list[str]:
     return [_label(tuple(v)) for v in motion_vectors(states).tolist()]
 
 
-GripperState = Literal["open", "closed"]
+GripperPosition = Literal["open", "closed"]
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ class GripperEvent:
     kind: Literal["close", "open"]
 
 
-def gripper_positions(states: np.ndarray, threshold: float = 0.5) -> list[GripperState]:
+def gripper_positions(states: np.ndarray, threshold: float = 0.5) -> list[GripperPosition]:
     """ "open"/"closed" per step from the state's gripper opening (1 = open)."""
     arr = _check_states(states)
     return ["open" if g > threshold else "closed" for g in arr[:, 6]]

@@ -16,9 +16,9 @@ from typing import Any, Literal
 import numpy as np
 
 from ..schemas import SemanticContext, semantic_errors, validate_teacher_answer
-from .preparation import PreparedRequest
 from .prompts import EpisodeFacts
 from .store import Attempt, ResultStore
+from .teacher_requests import PreparedRequest
 from .teachers.base import TeacherResponse, redact
 
 Status = Literal["annotated", "cached", "rejected", "failed", "stopped"]

@@ -18,7 +18,7 @@ import torch
 from .actions import ActionTokenizer
 from .adapters import ModelAdapter
 from .checkpoint import TrainerState
-from .validation import validate
+from .validation import validation_metrics
 
 LOG_FILE = "train_log.jsonl"
 SCALARS = ("loss", "action_loss", "rationale_loss", "lr", "samples_per_s")
@@ -127,7 +127,7 @@ class PeriodicValidation:
         """Validate now (a collective: every rank calls it); {} without held-out episodes."""
         if self.loader is None:
             return self.metrics
-        self.metrics = validate(
+        self.metrics = validation_metrics(
             model,
             self.adapter,
             self.loader,

@@ -19,7 +19,7 @@ from .loss import joint_loss
 
 
 @torch.no_grad()
-def validate(
+def validation_metrics(
     model: Any,
     adapter: ModelAdapter,
     loader: Any,

@@ -40,10 +40,10 @@ from ...schemas import SemanticContext
 from ..engine import Engine
 from ..episode import Episode
 from ..errors import RefineError
-from ..preparation import PreparedRequest, teacher_request
 from ..prompts import reask_messages
 from ..records import check_answer, commit_response, invalid_reason
 from ..store import Attempt, BatchRow, ResultStore
+from ..teacher_requests import PreparedRequest, teacher_request
 from ..teachers.base import redact
 from .provider import BatchProvider, BatchState
 

@@ -271,8 +271,8 @@ def _write_card(out: Path, license: str | None) -> None:
 def _dry_run(args: AnnotateArgs, teacher: Any, options: Any, prices: Any, episodes: Any, total: int) -> int:
     """Print the first request and an estimate of tokens and cost for the whole selection."""
     from ..engine import Engine
-    from ..preparation import estimate_prompt_tokens
     from ..store import ResultStore
+    from ..teacher_requests import estimate_prompt_tokens
 
     engine = Engine(teacher, ResultStore(":memory:"), options, prices)
     sampled = []

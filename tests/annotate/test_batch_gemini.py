@@ -14,10 +14,10 @@ from refinevla.annotate.batch import gemini
 from refinevla.annotate.batch.gemini import GeminiBatch
 from refinevla.annotate.engine import Engine, EngineOptions
 from refinevla.annotate.errors import RefineError
-from refinevla.annotate.preparation import teacher_request
 from refinevla.annotate.prompts import reask_messages
 from refinevla.annotate.sources import open_source
 from refinevla.annotate.store import ResultStore
+from refinevla.annotate.teacher_requests import teacher_request
 from refinevla.annotate.teachers.base import TeacherAuthError, TeacherRequest
 from refinevla.annotate.teachers.openai_compat import OpenAICompatTeacher
 from tests.annotate.fake_gemini_batch import FakeGeminiBatch, FakeGeminiBatchProcess, gemini_response, request_problem

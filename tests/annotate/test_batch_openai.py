@@ -11,9 +11,9 @@ import pytest
 
 from refinevla.annotate.batch.openai import BatchAPIError, BatchConnectionError, OpenAIBatch
 from refinevla.annotate.engine import Engine, EngineOptions
-from refinevla.annotate.preparation import teacher_request
 from refinevla.annotate.sources import open_source
 from refinevla.annotate.store import ResultStore
+from refinevla.annotate.teacher_requests import teacher_request
 from refinevla.annotate.teachers.base import TeacherAuthError, TeacherRequest
 from refinevla.annotate.teachers.openai_compat import OpenAICompatTeacher
 from tests.annotate.fake_openai_batch import FakeOpenAIBatch, FakeOpenAIBatchProcess, Fault, chat_completion

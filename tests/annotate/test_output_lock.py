@@ -231,3 +231,27 @@ def test_a_filesystem_that_refuses_locks_runs_unlocked_with_a_warning(tmp_path, 
         assert outputs.held_outputs() == [out]
     assert "refuses file locks" in capsys.readouterr().err
     assert outputs.held_outputs() == []
+
+
+@pytest.mark.parametrize("command", [["push", "--repo-id", "org/name", "--dry-run"], ["card"], ["merge"]])
+def test_publishing_commands_are_refused_while_a_run_holds_the_folder(tmp_path, command):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from pathlib import Path; from refinevla.annotate.outputs import hold_output\n"
+            f"with hold_output(Path({str(out)!r}), 'refine-data annotate (the run)'):\n"
+            "    print('held', flush=True); time.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        r = refine_data(command[0], str(out), *command[1:])
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert f"is in use by pid {holder.pid} on " in r.stderr and "refine-data annotate (the run)" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait(timeout=10)

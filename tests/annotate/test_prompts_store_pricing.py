@@ -12,12 +12,12 @@ from PIL import Image
 
 from refinevla.annotate.episode import FrameSequence
 from refinevla.annotate.errors import RefineError
-from refinevla.annotate.preparation import request_key
 from refinevla.annotate.pricing import PriceTable
 from refinevla.annotate.prompts import build_prompt, load_template, select_keyframes
 from refinevla.annotate.prompts.keyframes import encode_keyframe
 from refinevla.annotate.sources import open_source
 from refinevla.annotate.store import Attempt, ResultStore
+from refinevla.annotate.teacher_requests import request_key
 
 
 def jpeg(h: int, w: int) -> bytes:

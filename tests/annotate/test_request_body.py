@@ -7,10 +7,10 @@ import json
 from openai._utils._json import openapi_dumps
 
 from refinevla.annotate.engine import Engine, EngineOptions
-from refinevla.annotate.preparation import teacher_request
 from refinevla.annotate.prompts import reask_messages
 from refinevla.annotate.sources import open_source
 from refinevla.annotate.store import ResultStore
+from refinevla.annotate.teacher_requests import teacher_request
 from refinevla.annotate.teachers import openai_compat
 from refinevla.annotate.teachers.openai_compat import BLOB_MARK, OpenAICompatTeacher, encode_body
 

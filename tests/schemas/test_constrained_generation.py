@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from refinevla.annotate.engine import Engine, EngineOptions
-from refinevla.annotate.preparation import PreparedRequest
 from refinevla.annotate.sources import open_source
+from refinevla.annotate.teacher_requests import PreparedRequest
 from refinevla.annotate.teachers.rule_based import rule_based_answer
 from refinevla.annotate.teachers.vllm import VllmTeacher
 from refinevla.schemas import SemanticContext, semantic_errors, validate_teacher_answer

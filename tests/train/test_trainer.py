@@ -15,7 +15,7 @@ from refinevla.train.data import StepSamples  # noqa: E402
 from refinevla.train.policy import POLICY_FILE, STATS_FILE, Policy  # noqa: E402
 from refinevla.train.preparation import make_loader, prepare  # noqa: E402
 from refinevla.train.trainer import train  # noqa: E402
-from refinevla.train.validation import predict_action_ids, validate  # noqa: E402
+from refinevla.train.validation import predict_action_ids, validation_metrics  # noqa: E402
 from tests.train.conftest import OVERFIT, config  # noqa: E402
 
 
@@ -41,7 +41,7 @@ def test_overfitting_4_samples_reaches_full_action_token_accuracy_and_the_checkp
     result = train(cfg)
     p = prepare(cfg)
     loader = make_loader(p, result.train_indices, cfg, epoch=0, train=False, batch_size=4)
-    metrics = validate(result.model, p.adapter, loader, p.actions, 1.0, "cpu")
+    metrics = validation_metrics(result.model, p.adapter, loader, p.actions, 1.0, "cpu")
     assert metrics["action_token_accuracy"] == 1.0, metrics
     assert result.losses[-1] < result.losses[0] / 10
 
