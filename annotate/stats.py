@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .episode import Episode
+from .errors import SourceError
 
 if TYPE_CHECKING:
     from .sources.base import EpisodeSource
@@ -61,11 +62,17 @@ def rel2abs_gripper(actions: np.ndarray) -> np.ndarray:
 
 
 def auto_transform(source: EpisodeSource) -> str:
-    """The transform `--transform auto` means for `source`: Fractal by name, Bridge by layout, else `none`.
+    """The transform `--transform auto` means for `source`: what the dataset declares, else Fractal by name,
+    Bridge by layout, else `none`.
 
     One rule for `refine-data stats` and `refine-train`: statistics and the training table must agree
     on the transform, or the model is normalised with bounds of actions it never saw.
     """
+    declared = getattr(source, "declared", {}).get("transform")
+    if declared is not None:  # the dataset says what its actions need (e.g. `refine-eval demos`: none)
+        if declared not in TRANSFORMS:
+            raise SourceError(f"{source.name} declares transform {declared!r}; known: {', '.join(TRANSFORMS)}")
+        return str(declared)
     if source.name == "fractal20220817_data":
         return "fractal"
     # Bridge's layout: an RLDS source reading `observation/state` and `action` (bridge_orig, the sample, ...)

@@ -18,7 +18,7 @@ import typer
 from ..annotate.cli import split_keys
 from ..annotate.cli_options import Flags, options_from
 from ..annotate.exits import user_errors
-from .config import DEVICE, POLICY, REASONING, OnOff, RunArgs
+from .config import DEVICE, POLICY, REASONING, DemosArgs, OnOff, RunArgs
 
 app = typer.Typer(
     name="refine-eval",
@@ -62,6 +62,23 @@ def run(
 
         files = write_report([args.out])
         typer.echo(f"report: {files.markdown}, {files.chart}")
+
+
+@app.command()
+@user_errors
+@options_from(DemosArgs)
+def demos(flags: Flags) -> None:
+    """Scripted demonstrations in SimplerEnv's WidowX scenes, kept when they succeed, as Bridge-layout RLDS."""
+    from .demos import record_demos
+
+    args = DemosArgs(**flags)
+    summary = record_demos(
+        args.suite, args.tasks, args.episodes, args.out, seed=args.seed, noise=args.noise, progress=typer.echo
+    )
+    for task, tried in summary.tried.items():
+        kept = summary.kept.get(task, 0)
+        typer.echo(f"  {task}: {kept}/{tried} tries kept ({100.0 * kept / tried:.1f}%)")
+    typer.echo(f"wrote {args.out}: {sum(summary.kept.values())} episodes (read it as rlds:{args.out})")
 
 
 @app.command("report")

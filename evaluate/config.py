@@ -65,3 +65,19 @@ class RunArgs:
     control_mode: str | None = option(None, "maniskill:ENV_ID: a 7-d controller (default pd_ee_delta_pose).")
     robot: str | None = option(None, "Override the checkpoint's robot conventions: widowx | google_robot.")
     device: str | None = option(None, DEVICE)
+
+
+@dataclass
+class DemosArgs:
+    """`refine-eval demos`: scripted demonstrations in the WidowX scenes, written as BridgeData V2 RLDS."""
+
+    out: Path = option(help="New folder for the dataset (features.json, TFRecord shards, refinevla_source.json).")
+    suite: str = option("widowx", "The suite whose scenes are recorded (widowx).")
+    tasks: list[str] | None = option(
+        None,
+        "Comma-separated WidowX tasks (carrot_on_plate, spoon_on_towel, ...); default all four.",
+        conversion=COMMA_LIST,
+    )
+    episodes: int = option(24, "Tries per task: every configuration in turn, a new seed each round; failures dropped.")
+    seed: int = option(0, "Seed of the first round of resets (round r uses seed + r).")
+    noise: float = option(0.01, "Waypoint noise in metres (uniform, x and y), so demos of a scene differ.")

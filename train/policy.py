@@ -160,7 +160,7 @@ def policy_description(
         "transform": transform,
         "camera": table_meta["camera"],
         "image_size": list(image_size),
-        "robot": ROBOT_BY_TRANSFORM.get(transform),
+        "robot": table_meta.get("robot") or ROBOT_BY_TRANSFORM.get(transform),
         "dataset": table_meta["dataset"],
         "training": {
             "step": step,

@@ -389,6 +389,7 @@ def build_table(
             "dataset": ds.name,
             "source_name": src.name,
             "transform": transform,
+            "robot": getattr(src, "declared", {}).get("robot"),  # a dataset may declare the robot it drives
             "camera": camera or camera_name,
             "schema_id": ds.schema_id,
             "serialisation": ser.describe(),

@@ -17,6 +17,7 @@ and without decoding frames nobody looks at.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -374,10 +375,31 @@ def _decode_task(
         note(exc)
 
 
+DECLARATION_FILE = "refinevla_source.json"  # beside features.json: what a dataset declares about itself
+
+
+def read_declaration(directory: str) -> dict[str, Any]:
+    """What the dataset in `directory` declares about itself (`refinevla_source.json`: e.g. the transform
+    its actions need and the robot they drive — `refine-eval demos` writes one); {} where there is none."""
+    from etils import epath
+
+    path = epath.Path(directory) / DECLARATION_FILE
+    try:
+        if not path.exists():
+            return {}
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: expected a JSON object")
+    return data
+
+
 class RldsSource:
     """Streams Episodes from a TFDS builder directory.
 
-    One episode (or, with workers, a bounded window of chunks) is in memory at a time.
+    One episode (or, with workers, a bounded window of chunks) is in memory at a time. `declared` is
+    what the directory's `refinevla_source.json` says about the data (see `read_declaration`).
     """
 
     def __init__(self, directory: str, mapping: RldsMapping, split: str = "train") -> None:
@@ -388,6 +410,7 @@ class RldsSource:
         self.decoder = RecordDecoder(self.builder.flat_features, mapping, directory)
         self.counters = ReadCounters()
         self.name = mapping.dataset
+        self.declared = read_declaration(directory)
 
     def __len__(self) -> int:
         return self.builder.num_episodes

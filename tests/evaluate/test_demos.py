@@ -1,0 +1,123 @@
+"""`refine-eval demos`: the scripted expert in SimplerEnv's own WidowX scene, written as BridgeData V2
+RLDS that TFDS and refinevla read, whose stored actions replay to success through refine-eval's
+WidowX conventions, and whose declared transform and robot reach training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+CARROT = "PutCarrotOnPlateInScene-v1"
+
+
+@pytest.fixture(scope="module")
+def demos_dir(sim_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("demos") / "carrot"
+    cmd = [sys.executable, "-m", "refinevla.evaluate", "demos", "--tasks", "carrot_on_plate", "--episodes", "2"]
+    r = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=sim_env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "carrot_on_plate: 2/2 tries kept" in r.stdout
+    return out
+
+
+def test_demos_are_bridge_rlds_that_tfds_and_refinevla_read(demos_dir: Path) -> None:
+    import tensorflow_datasets as tfds
+
+    from refinevla.annotate.sources import ReadOptions, open_source
+    from refinevla.evaluate.demos import parse_episode_path
+
+    assert (demos_dir / "features.json").is_file()  # the builder files are in DIR itself
+    info = tfds.builder_from_directory(str(demos_dir)).info
+    steps = info.features["steps"]
+    assert steps["observation"]["image_0"].shape == (256, 256, 3)
+    assert steps["observation"]["state"].shape == (7,) and steps["action"].shape == (7,)
+    assert info.splits["train"].num_examples == 2
+
+    episodes = list(open_source(f"rlds:{demos_dir}").iter_episodes(ReadOptions()))
+    pairs = set()
+    for ep in episodes:
+        parsed = parse_episode_path(ep.metadata["file_path"])
+        assert parsed is not None, ep.metadata
+        pairs.add(parsed)
+        assert ep.instruction == "put carrot on plate"
+        assert ep.actions.shape == (60, 7) and ep.states.shape == (60, 7)
+        assert set(np.unique(ep.actions[:, 6])) == {0.0, 1.0}  # absolute open gripper, closed then open
+        assert np.asarray(ep.frames["image_0"][0]).shape == (256, 256, 3)
+    assert pairs == {(CARROT, 0, 0), (CARROT, 1, 0)}
+
+
+def test_stored_actions_replay_to_success_through_the_widowx_conventions(
+    demos_dir: Path, sim_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from refinevla.annotate.sources import ReadOptions, open_source
+    from refinevla.evaluate.backends.maniskill import ManiSkillSim
+    from refinevla.evaluate.demos import ScriptedExpert, Waypoints, parse_episode_path
+    from refinevla.evaluate.robots import GripperState, env_actions, flat_env_action
+
+    for key in ("MS_ASSET_DIR", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.setenv(key, sim_env[key])
+    sim = ManiSkillSim(CARROT, 1, "cpu")
+    try:
+        for ep in open_source(f"rlds:{demos_dir}").iter_episodes(ReadOptions()):
+            parsed = parse_episode_path(ep.metadata["file_path"])
+            assert parsed is not None
+            _, config, seed = parsed
+            sim.reset([seed], [config])
+            # the stored first state is the end effector in the robot's base frame, as the scene starts
+            start = ScriptedExpert(sim.env, Waypoints(), np.random.default_rng(0), 0.0).state()
+            np.testing.assert_allclose(ep.states[0][:6], start[:6], atol=1e-5)
+            gripper = GripperState("widowx", 1)
+            for action in ep.actions:
+                out = sim.step(flat_env_action(env_actions(action[None], gripper)))
+            assert out.infos[0]["success"], f"config {config} seed {seed} did not replay"
+    finally:
+        sim.close()
+
+
+def test_the_declared_transform_and_robot_reach_training(demos_dir: Path, tmp_path: Path) -> None:
+    from refinevla.annotate.commands.annotate import AnnotateArgs, run_annotate
+    from refinevla.annotate.sources import open_source
+    from refinevla.annotate.stats import auto_transform
+    from refinevla.train.trainer import train
+    from tests.train.conftest import build_paligemma, config
+
+    assert auto_transform(open_source(f"rlds:{demos_dir}")) == "none"  # Bridge's layout, but declared
+    assert auto_transform(open_source("sample")) == "bridge_orig"  # undeclared Bridge layout: as before
+    published = tmp_path / "published"
+    assert run_annotate(AnnotateArgs(source=f"rlds:{demos_dir}", out=published, progress="none", license="mit")) == 0
+    model = build_paligemma(tmp_path / "model")
+    cfg = config(published, model, tmp_path / "ckpt", tmp_path / "cache", max_steps=1)
+    train(cfg)
+    policy = json.loads((tmp_path / "ckpt" / "refinevla_policy.json").read_text())
+    assert (policy["transform"], policy["robot"]) == ("none", "widowx")  # refine-eval needs no --robot
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--tasks", "carrot"], "unknown widowx task(s) carrot"),
+        (["--suite", "google-vm"], "demonstrations are recorded in the widowx suite's scenes only"),
+        (["--episodes", "0"], "--episodes 0: must be at least 1"),
+    ],
+)
+def test_bad_demos_flags_are_one_line(tmp_path: Path, args: list[str], needle: str) -> None:
+    from refinevla.evaluate.cli import app
+
+    result = CliRunner().invoke(app, ["demos", *args, "--out", str(tmp_path / "d")])
+    assert result.exit_code == 1 and needle in result.output and "Traceback" not in result.output
+
+
+def test_a_folder_with_data_is_never_written_over(tmp_path: Path, sim_env: dict[str, str]) -> None:
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "features.json").write_text("{}")
+    cmd = [sys.executable, "-m", "refinevla.evaluate", "demos", "--tasks", "carrot_on_plate", "--out", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=sim_env, timeout=120)
+    assert r.returncode == 1 and "exists and is not empty" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "features.json").read_text() == "{}"
