@@ -36,7 +36,7 @@ COMMA_LIST = Conversion(  # a list of names that the command line spells a,b,c
     to_cli=lambda value: ",".join(value) if value else None,
 )
 
-POLICY = Flag("refine-train checkpoint folder (refinevla_policy.json).")
+POLICY = Flag("refine-train checkpoint folder (refinevla_policy.json); run: or replay:DEMOS_DIR (a perfect imitator).")
 REASONING = Flag("on: the policy writes its rationale, then the action; off: the action only.", conversion=ON_OFF)
 DEVICE = Flag("torch device of the policy; default cuda if there.")
 
@@ -59,6 +59,12 @@ class RunArgs:
     video: bool = option(False, "Write an mp4 per episode under videos/.")
     log_actions: bool = option(False, "Keep each step's raw_action and env_action in episodes.jsonl.")
     seed: int = option(0, "Base seed of the env resets.")
+    episodes_from: Path | None = option(
+        None, "A refine-eval demos folder: run exactly its (configuration, seed) pairs (overfit / replay checks)."
+    )
+    held_out_from: Path | None = option(
+        None, "A refine-eval demos folder: run only the task's configurations it does not contain (held out)."
+    )
     instruction: str | None = option(None, "maniskill:ENV_ID: the instruction given to the policy.")
     sim_backend: str | None = option(None, "ManiSkill3 physics: cpu | gpu (default gpu when CUDA is there).")
     camera: str | None = option(None, "maniskill:ENV_ID: the camera the policy sees (default the first).")

@@ -113,6 +113,42 @@ def parse_episode_path(path: str) -> tuple[str, int, int] | None:
         return None
 
 
+@dataclass(frozen=True)
+class DemoPairs:
+    """The (configuration, seed) pairs a demos folder holds, per simulator task."""
+
+    folder: Path
+    by_env: dict[str, list[tuple[int, int]]]
+
+    def pairs(self, env_id: str) -> list[tuple[int, int]]:
+        return sorted(self.by_env.get(env_id, []))
+
+
+def read_demo_pairs(folder: Path, flag: str) -> DemoPairs:
+    """Read which scenes a `refine-eval demos` folder recorded; one line if it is no such folder."""
+    from ..annotate.errors import RefineError
+    from ..annotate.sources import ReadOptions, open_source
+
+    try:
+        source = open_source(f"rlds:{folder}")
+        by_env: dict[str, list[tuple[int, int]]] = {}
+        for episode in source.iter_episodes(ReadOptions()):
+            path = str(episode.metadata.get("file_path", ""))
+            parsed = parse_episode_path(path)
+            if parsed is None:
+                raise EvalError(
+                    f"{flag} {folder}: episode {episode.episode_id} has file_path {path!r}, not a refine-eval demos "
+                    "path (simpler/<ENV_ID>/episode_<k>/seed_<s>)"
+                )
+            env_id, config, seed = parsed
+            by_env.setdefault(env_id, []).append((config, seed))
+    except EvalError:
+        raise
+    except RefineError as exc:
+        raise EvalError(f"{flag} {folder}: not a refine-eval demos folder ({exc})") from None
+    return DemoPairs(folder, by_env)
+
+
 def schedule(n_configs: int, episodes: int, base_seed: int) -> list[tuple[int, int]]:
     """(configuration, seed) of each try: every configuration in turn, a new seed each round."""
     return [(i % n_configs, base_seed + i // n_configs) for i in range(episodes)]

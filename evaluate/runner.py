@@ -24,8 +24,10 @@ import numpy as np
 from ..annotate.outputs import hold_output
 from .backends.base import Simulator
 from .config import RunArgs
+from .demos import DemoPairs, read_demo_pairs
 from .errors import EvalError
 from .policy import RefinePolicy
+from .replay import ReplayPolicy, is_replay
 from .results import (
     RESULTS_FORMAT,
     RUN_FILE,
@@ -41,7 +43,7 @@ from .suites import Task, suite_tasks
 
 # run.json fields that must agree between a results folder and a rerun into it
 # (--episodes-per-config may grow: repeat r of config c keeps its seed, so earlier episodes stay valid)
-SAME_RUN = ("policy_digest", "reasoning", "seed", "max_rationale_tokens")
+SAME_RUN = ("policy_digest", "reasoning", "seed", "max_rationale_tokens", "episodes_from", "held_out_from")
 DIGEST_SAMPLE = 1 << 20  # bytes read from each end of a weight file for the checkpoint digest
 
 
@@ -96,12 +98,32 @@ def preflight(task: Task) -> None:
         import_simpler()
 
 
-def schedule(task: Task, n_configs: int, args: RunArgs, done: set[str]) -> tuple[list[tuple[int, int]], int]:
-    """(the (config, repeat) pairs still to run, how many of the first --max-episodes are done)."""
-    pairs = [(c, r) for r in range(args.episodes_per_config) for c in range(n_configs)]
+Planned = tuple[int, int, int]  # (configuration, repeat, reset seed) of one episode
+
+
+def schedule(
+    task: Task, n_configs: int, args: RunArgs, done: set[str], demos: DemoPairs | None = None
+) -> tuple[list[Planned], int]:
+    """(the episodes still to run, how many of the first --max-episodes are done).
+
+    By default every configuration `--episodes-per-config` times, repeat r of config c with seed
+    `--seed + r * n_configs + c`. `--episodes-from`: exactly the demos' (configuration, seed) pairs of this
+    task (repeat = the pair's rank among its configuration's seeds). `--held-out-from`: the default
+    schedule without the configurations the demos hold — a configuration fixes the objects' placement,
+    so another seed of a seen configuration would not be held out.
+    """
+    pairs: list[Planned] = [
+        (c, r, args.seed + r * n_configs + c) for r in range(args.episodes_per_config) for c in range(n_configs)
+    ]
+    if demos is not None and args.episodes_from is not None:
+        seen = demos.pairs(task.env_id)
+        pairs = [(c, [s for cc, s in seen if cc == c].index(s), s) for c, s in seen]
+    elif demos is not None:
+        configs = {c for c, _ in demos.pairs(task.env_id)}
+        pairs = [p for p in pairs if p[0] not in configs]
     if args.max_episodes is not None:
         pairs = pairs[: args.max_episodes]
-    todo = [p for p in pairs if episode_key(task.suite, task.name, *p) not in done]
+    todo = [p for p in pairs if episode_key(task.suite, task.name, p[0], p[1]) not in done]
     return todo, len(pairs) - len(todo)
 
 
@@ -142,23 +164,50 @@ def run_eval(args: RunArgs, progress: Callable[[str], None] = print) -> RunSumma
             raise EvalError(f"{name} {value}: must be at least 1")
     for task in tasks:
         preflight(task)  # a missing simulator or asset is reported before minutes of model loading
+    demos = selected_demos(args, tasks)
     command = "refine-eval " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "refine-eval run"
     with hold_output(Path(args.out), command):  # before minutes of model loading, too
-        return _run_held(args, tasks, progress)
+        return _run_held(args, tasks, progress, demos)
 
 
-def _run_held(args: RunArgs, tasks: list[Task], progress: Callable[[str], None]) -> RunSummary:
+def selected_demos(args: RunArgs, tasks: list[Task]) -> DemoPairs | None:
+    """The demos folder of --episodes-from / --held-out-from (read and checked), or None."""
+    if args.episodes_from is not None and args.held_out_from is not None:
+        raise EvalError("--episodes-from runs a demos folder's scenes, --held-out-from the others: give one")
+    folder, flag = (
+        (args.episodes_from, "--episodes-from") if args.episodes_from else (args.held_out_from, "--held-out-from")
+    )
+    if folder is None:
+        return None
+    demos = read_demo_pairs(Path(folder), flag)
+    if not any(demos.pairs(task.env_id) for task in tasks):
+        held = ", ".join(sorted(demos.by_env)) or "none"
+        raise EvalError(f"{flag} {folder}: holds no episode of {', '.join(t.env_id for t in tasks)} (it holds: {held})")
+    return demos
+
+
+def _run_held(
+    args: RunArgs, tasks: list[Task], progress: Callable[[str], None], demos: DemoPairs | None = None
+) -> RunSummary:
     """The run proper, while this process holds --out."""
-    policy = RefinePolicy(args.policy, args.robot, args.reasoning, args.max_rationale_tokens, args.device)
+    policy: RefinePolicy | ReplayPolicy
+    if is_replay(args.policy):
+        policy = ReplayPolicy(args.policy, args.robot)
+        digest = policy.digest()
+    else:
+        policy = RefinePolicy(args.policy, args.robot, args.reasoning, args.max_rationale_tokens, args.device)
+        digest = policy_digest(Path(args.policy))
     run = {
         "format": RESULTS_FORMAT,
         "policy": policy.describe(),
-        "policy_digest": policy_digest(Path(args.policy)),
+        "policy_digest": digest,
         "suite": args.suite,
         "reasoning": policy.reasoning,
         "seed": args.seed,
         "episodes_per_config": args.episodes_per_config,
         "max_rationale_tokens": args.max_rationale_tokens if policy.reasoning else None,
+        "episodes_from": str(args.episodes_from) if args.episodes_from else None,
+        "held_out_from": str(args.held_out_from) if args.held_out_from else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     check_same_run(args.out, run)
@@ -173,7 +222,7 @@ def _run_held(args: RunArgs, tasks: list[Task], progress: Callable[[str], None])
         try:
             check_same_assets(args.out, task, sim.description)
             _record_run_fields(args.out, sim.description)
-            todo, already = schedule(task, sim.n_configs, args, log.done)
+            todo, already = schedule(task, sim.n_configs, args, log.done, demos)
             summary.skipped += already
             progress(f"{task.name} ({task.env_id}): {len(todo)} episodes to run, {already} already done")
             for start in range(0, len(todo), sim.n_envs):
@@ -206,18 +255,20 @@ def _record_run_fields(out: Path, description: dict[str, Any]) -> None:
 
 def run_batch(
     sim: Simulator,
-    policy: RefinePolicy,
+    policy: RefinePolicy | ReplayPolicy,
     task: Task,
-    batch: Sequence[tuple[int, int]],
+    batch: Sequence[Planned],
     args: RunArgs,
     summary: RunSummary,
 ) -> list[EpisodeResult]:
     """Run len(batch) episodes in lock step (padded to the sim's n_envs; the padding is dropped)."""
     n = len(batch)
     padded = list(batch) + [batch[-1]] * (sim.n_envs - n)
-    configs = [c for c, _ in padded]
-    seeds = [args.seed + r * sim.n_configs + c for c, r in padded]
+    configs = [c for c, _, _ in padded]
+    seeds = [s for _, _, s in padded]
     t0 = time.monotonic()
+    if isinstance(policy, ReplayPolicy):  # it plays the recorded episode of each scene
+        policy.begin(task.env_id, list(zip(configs, seeds, strict=True)))
     out = sim.reset(seeds, configs)
     instructions = [args.instruction] * sim.n_envs if args.instruction else out.instructions
     if len(instructions) != sim.n_envs:
@@ -252,7 +303,7 @@ def run_batch(
             break
     wall = (time.monotonic() - t0) / max(n, 1)
     results = []
-    for i, (config, repeat) in enumerate(batch):
+    for i, (config, repeat, _) in enumerate(batch):
         info = out.infos[i]
         video = write_video(args.out, task, config, repeat, frames[i], sim.control_freq) if args.video else None
         results.append(

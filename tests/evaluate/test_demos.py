@@ -121,3 +121,46 @@ def test_a_folder_with_data_is_never_written_over(tmp_path: Path, sim_env: dict[
     r = subprocess.run(cmd, capture_output=True, text=True, env=sim_env, timeout=120)
     assert r.returncode == 1 and "exists and is not empty" in r.stderr and "Traceback" not in r.stderr
     assert (out / "features.json").read_text() == "{}"
+
+
+def test_replay_of_the_demos_own_scenes_succeeds(demos_dir: Path, sim_env: dict[str, str], tmp_path: Path) -> None:
+    """A perfect imitator of the training view (transform + tokenizer round trip) on the demos' own scenes."""
+    out = tmp_path / "replay"
+    cmd = [sys.executable, "-m", "refinevla.evaluate", "run", "--policy", f"replay:{demos_dir}", "--suite", "widowx"]
+    cmd += ["--tasks", "carrot_on_plate", "--episodes-from", str(demos_dir), "--out", str(out), "--no-report"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=sim_env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert sorted((rec["config"], rec["seed"]) for rec in records) == [(0, 0), (1, 0)]  # exactly the demos' scenes
+    assert all(rec["success"] for rec in records)
+    run = json.loads((out / "run.json").read_text())
+    assert run["episodes_from"] == str(demos_dir) and run["policy"]["transform"] == "none"
+
+
+def test_the_schedule_follows_the_demos_folder() -> None:
+    from refinevla.evaluate.config import RunArgs
+    from refinevla.evaluate.demos import DemoPairs
+    from refinevla.evaluate.runner import schedule
+    from refinevla.evaluate.suites import suite_tasks
+
+    task = suite_tasks("widowx", ["carrot_on_plate"])[0]
+    demos = DemoPairs(Path("d"), {CARROT: [(3, 7), (0, 0), (3, 8)], "OtherTask-v1": [(5, 0)]})
+    base = {"policy": Path("p"), "suite": "widowx", "out": Path("o")}
+    own, _ = schedule(task, 24, RunArgs(**base, episodes_from=Path("d")), set(), demos)
+    assert own == [(0, 0, 0), (3, 0, 7), (3, 1, 8)]  # (config, repeat, seed): exactly the recorded scenes
+    held, _ = schedule(task, 24, RunArgs(**base, held_out_from=Path("d"), episodes_per_config=2), set(), demos)
+    assert {c for c, _, _ in held} == set(range(24)) - {0, 3} and len(held) == 44
+    assert (1, 1, 25) in held  # the default seeds (seed + repeat * n_configs + config) elsewhere
+
+
+def test_a_folder_that_is_no_demos_is_one_line(sim_env: dict[str, str], tmp_path: Path) -> None:
+    from refinevla.annotate.sources.presets import sample_dir
+
+    base = [sys.executable, "-m", "refinevla.evaluate", "run", "--suite", "widowx", "--tasks", "carrot_on_plate"]
+    for extra, needle in (
+        (["--policy", "ckpt", "--episodes-from", sample_dir()], "not a refine-eval demos path"),
+        (["--policy", f"replay:{sample_dir()}"], "is not a refine-eval demos episode"),
+        (["--policy", f"replay:{tmp_path / 'nothing'}"], "not a refine-eval demos folder"),
+    ):
+        r = subprocess.run([*base, *extra, "--out", str(tmp_path / "o")], capture_output=True, text=True, env=sim_env)
+        assert r.returncode == 1 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

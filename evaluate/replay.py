@@ -1,0 +1,117 @@
+"""`--policy replay:DIR`: a perfect imitator of the training view of a demos folder.
+
+For each episode the runner starts, it plays the recorded episode of the same (configuration, seed)
+as refine-train would have taught it: the actions after the transform `--transform auto` picks for
+the folder (what it declares), then through the action tokenizer's round trip with the folder's own
+statistics (q01/q99 bounds, 256 bins). Its success is what a policy that learned the training data
+exactly can reach — a bound that exposes a convention mismatch (transform, frames, gripper) before
+anyone spends GPU time on training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..annotate.stats import auto_transform, compute_statistics, transform_episode
+from ..train.policy import ActionTokenizer, Generated
+from .demos import parse_episode_path
+from .errors import EvalError
+from .robots import ROBOTS, GripperState, env_actions, raw_action_dict
+
+PREFIX = "replay:"
+TOKENIZER_VOCAB = 32_000  # any vocabulary above the 256 bins gives the same round trip
+
+
+def is_replay(policy: str | Path) -> bool:
+    return str(policy).startswith(PREFIX)
+
+
+class ReplayPolicy:
+    """Plays each episode's training view; the runner tells it which episodes it starts (`begin`)."""
+
+    reasoning = False
+
+    def __init__(self, spec: str | Path, robot: str | None = None) -> None:
+        from ..annotate.errors import RefineError
+        from ..annotate.sources import ReadOptions, open_source
+
+        self.folder = Path(str(spec)[len(PREFIX) :])
+        try:
+            source = open_source(f"rlds:{self.folder}")
+            episodes = list(source.iter_episodes(ReadOptions()))
+            self.transform = auto_transform(source)
+        except RefineError as exc:
+            raise EvalError(f"--policy {spec}: not a refine-eval demos folder ({exc})") from None
+        self.robot = robot or getattr(source, "declared", {}).get("robot") or "widowx"
+        if self.robot not in ROBOTS:
+            raise EvalError(f"--policy {spec}: unknown robot {self.robot!r}")
+        tokenizer = ActionTokenizer.from_statistics(compute_statistics(episodes, self.transform), TOKENIZER_VOCAB)
+        self.views: dict[tuple[str, int, int], np.ndarray] = {}
+        for episode in episodes:
+            parsed = parse_episode_path(str(episode.metadata.get("file_path", "")))
+            if parsed is None:
+                raise EvalError(
+                    f"--policy {spec}: episode {episode.episode_id} is not a refine-eval demos episode "
+                    "(file_path simpler/<ENV_ID>/episode_<k>/seed_<s>)"
+                )
+            actions, _ = transform_episode(episode, self.transform)
+            self.views[parsed] = tokenizer.decode(tokenizer.encode(actions))
+        self.playing: list[np.ndarray] = []
+        self.t = 0
+        self.gripper = GripperState(self.robot, 1)
+        self.last: list[Generated] = []
+
+    def begin(self, env_id: str, scenes: Sequence[tuple[int, int]]) -> None:
+        """The (configuration, seed) of each env of the episodes about to start."""
+        missing = [s for s in scenes if (env_id, *s) not in self.views]
+        if missing:
+            raise EvalError(
+                f"--policy replay:{self.folder} has no episode of {env_id} configuration {missing[0][0]} seed "
+                f"{missing[0][1]}; run it with --episodes-from {self.folder}"
+            )
+        self.playing = [self.views[(env_id, *s)] for s in scenes]
+        self.t = 0
+
+    def reset(self, instructions: str | Sequence[str]) -> None:
+        n = 1 if isinstance(instructions, str) else len(instructions)
+        self.gripper = GripperState(self.robot, n)
+        self.last = []
+
+    def step(self, image: np.ndarray, instructions: Any = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        if not self.playing:
+            raise EvalError("replay: no episode begun (the runner calls begin before each batch)")
+        rows = []
+        for view in self.playing:
+            if self.t < len(view):
+                rows.append(view[self.t])
+            else:  # after its last recorded step an episode holds still, the gripper as it was
+                rows.append(np.concatenate([np.zeros(6), view[-1][6:]]))
+        raw = np.stack(rows)
+        self.t += 1
+        self.last = [Generated("", [], row, False, 0) for row in raw]
+        return raw_action_dict(raw), env_actions(raw, self.gripper)
+
+    @property
+    def rationales(self) -> list[str]:
+        return ["" for _ in self.last]
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": str(self.folder.resolve()),
+            "name": f"replay:{self.folder.name}",
+            "robot": self.robot,
+            "transform": self.transform,
+            "reasoning_trained": False,
+        }
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for path in sorted(self.folder.glob("*")):
+            if path.is_file():
+                h.update(f"{path.name}:{path.stat().st_size}".encode())
+        return h.hexdigest()
