@@ -269,16 +269,15 @@ def record_demos(
     progress: Callable[[str], None] = print,
 ) -> DemosSummary:
     """Try `episodes` demonstrations per task, keep the successful ones, write them to `out` as Bridge RLDS."""
-    from .backends.maniskill import ManiSkillSim
-    from .runner import preflight
+    from .backends.maniskill import ManiSkillSim, check_assets
 
     if suite != "widowx":
         raise EvalError(f"--suite {suite!r}: demonstrations are recorded in the widowx suite's scenes only")
     if episodes < 1:
         raise EvalError(f"--episodes {episodes}: must be at least 1")
     chosen = suite_tasks(suite, tasks)
-    for task in chosen:
-        preflight(task)
+    for task in chosen:  # the WidowX scenes are ManiSkill3's: a missing simulator or asset is one line now
+        check_assets(task.env_id)
     if out.exists() and any(p.name != ".refine" for p in out.iterdir()):
         raise EvalError(f"--out {out}: exists and is not empty; demonstrations are written to a new folder")
     summary = DemosSummary(out=out)

@@ -20,7 +20,7 @@ from refinevla.annotate import cli as data_cli
 from refinevla.annotate.cli_options import Flag, cli_default, field_default, flag_fields, flag_of, option, options_from
 from refinevla.annotate.part import AnnotateArgs
 from refinevla.evaluate import cli as eval_cli
-from refinevla.evaluate.config import RunArgs
+from refinevla.evaluate.config import DemosArgs, RunArgs
 from refinevla.train import cli as train_cli
 from refinevla.train.config import TrainConfig
 
@@ -33,6 +33,7 @@ def _commands() -> dict[str, Any]:
         "train": train,  # the training command is the app's callback
         "preview": train.commands["preview"],
         "run": run.commands["run"],
+        "demos": run.commands["demos"],
     }
 
 
@@ -42,6 +43,7 @@ COMMANDS: dict[str, tuple[type, tuple[str, ...] | None, set[str]]] = {
     "train": (TrainConfig, None, {"config"}),
     "preview": (TrainConfig, train_cli.PREVIEW_FIELDS, {"n", "as_json"}),
     "run": (RunArgs, None, {"report"}),
+    "demos": (DemosArgs, None, set()),
 }
 
 
