@@ -226,9 +226,11 @@ class ScriptedExpert:
                 break
             assert goal is not None
             delta = goal - _pose(self.ee.pose)[0]
-            if np.linalg.norm(delta) < REACHED_M and self.phase < len(self.plan) - 1:
-                self.phase += 1
-                continue
+            if np.linalg.norm(delta) < REACHED_M:
+                if self.phase < len(self.plan) - 1:
+                    self.phase += 1
+                    continue
+                delta = np.zeros(3)  # done: hold still (no creeping residuals a policy could not tell apart)
             move = np.clip(delta, -MAX_STEP_M, MAX_STEP_M)
             break
         yaw = 0.0
