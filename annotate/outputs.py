@@ -181,7 +181,7 @@ def _is_held(path: Path) -> bool:
 
 
 def _busy_message(path: Path, out: Path, flag: str) -> str:
-    holders = [read_holder(path)] if read_holder(path) is not None else []
+    holders = [read_holder(path)]
     if path.name == LOCK_NAME:  # held shared by shards: name the live ones
         holders += [read_holder(part) for part in sorted(path.parent.glob(f"{LOCK_NAME}-*")) if _is_held(part)]
     named = "; ".join(h.describe() for h in holders if h is not None) or "another process"
@@ -226,10 +226,7 @@ def filesystem_type(path: Path) -> str | None:
 def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) is a full disk or quota: ENOSPC, EDQUOT, SQLite's SQLITE_FULL,
     and the libraries that report it in words only (pyarrow, safetensors, torch.save)."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
+    for current in _causes(exc):
         if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if isinstance(current, sqlite3.OperationalError) and (
@@ -239,7 +236,6 @@ def is_disk_full(exc: BaseException) -> bool:
         text = str(current)
         if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
             return True
-        current = current.__cause__ or current.__context__
     return False
 
 
@@ -262,12 +258,20 @@ def disk_full_message(exc: BaseException, path: Path | None = None) -> str:
 
 
 def _filename(exc: BaseException) -> Path | None:
-    current: BaseException | None = exc
-    while current is not None:
+    for current in _causes(exc):
         if isinstance(current, OSError) and current.filename:
             return Path(os.fsdecode(current.filename))
-        current = current.__cause__ or current.__context__
     return None
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what caused it (`raise … from`, or the error being handled), each once."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
 
 
 def _size(n: float) -> str:

@@ -34,6 +34,7 @@ from ..annotate.outputs import hold_output
 from ..annotate.sources.rlds import DECLARATION_FILE
 from ..annotate.sources.rlds_writer import encode_jpeg, write_rlds
 from ..annotate.sources.specs import bridge_example, bridge_features
+from ..schemas.dataset_layout import PRIVATE_DIR
 from ..train.policy import resize_image
 from .errors import EvalError
 from .robots import GripperState, env_actions, flat_env_action
@@ -124,32 +125,49 @@ class DemoPairs:
         return sorted(self.by_env.get(env_id, []))
 
 
-def read_demo_pairs(folder: Path, flag: str) -> DemoPairs:
-    """Read which scenes a `refine-eval demos` folder recorded; one line if it is no such folder."""
+Scene = tuple[str, int, int]  # (env id, configuration, seed) of a demonstration
+
+
+def open_demos(folder: Path, what: str) -> Any:
+    """The RLDS source of a demos folder; one line naming `what` asked for it if it is none."""
     from ..annotate.errors import RefineError
-    from ..annotate.sources import ReadOptions, open_source
+    from ..annotate.sources import open_source
 
     try:
-        source = open_source(f"rlds:{folder}")
-        by_env: dict[str, list[tuple[int, int]]] = {}
+        return open_source(f"rlds:{folder}")
+    except RefineError as exc:
+        raise EvalError(f"{what}: not a refine-eval demos folder ({exc})") from None
+
+
+def demo_episodes(source: Any, what: str) -> Iterator[tuple[Scene, Any]]:
+    """Each episode of an opened demos folder with its scene; one line for an episode that is no demo."""
+    from ..annotate.errors import RefineError
+    from ..annotate.sources import ReadOptions
+
+    try:
         for episode in source.iter_episodes(ReadOptions()):
             path = str(episode.metadata.get("file_path", ""))
-            parsed = parse_episode_path(path)
-            if parsed is None:
+            scene = parse_episode_path(path)
+            if scene is None:
                 raise EvalError(
-                    f"{flag} {folder}: episode {episode.episode_id} has file_path {path!r}, not a refine-eval demos "
-                    "path (simpler/<ENV_ID>/episode_<k>/seed_<s>)"
+                    f"{what}: episode {episode.episode_id} is not a refine-eval demos episode: its file_path {path!r} "
+                    "is not a refine-eval demos path (simpler/<ENV_ID>/episode_<k>/seed_<s>)"
                 )
-            env_id, config, seed = parsed
-            by_env.setdefault(env_id, []).append((config, seed))
-    except EvalError:
-        raise
+            yield scene, episode
     except RefineError as exc:
-        raise EvalError(f"{flag} {folder}: not a refine-eval demos folder ({exc})") from None
+        raise EvalError(f"{what}: not a refine-eval demos folder ({exc})") from None
+
+
+def read_demo_pairs(folder: Path, flag: str) -> DemoPairs:
+    """Read which scenes a `refine-eval demos` folder recorded; one line if it is no such folder."""
+    what = f"{flag} {folder}"
+    by_env: dict[str, list[tuple[int, int]]] = {}
+    for (env_id, config, seed), _ in demo_episodes(open_demos(folder, what), what):
+        by_env.setdefault(env_id, []).append((config, seed))
     return DemoPairs(folder, by_env)
 
 
-def schedule(n_configs: int, episodes: int, base_seed: int) -> list[tuple[int, int]]:
+def demo_tries(n_configs: int, episodes: int, base_seed: int) -> list[tuple[int, int]]:
     """(configuration, seed) of each try: every configuration in turn, a new seed each round."""
     return [(i % n_configs, base_seed + i // n_configs) for i in range(episodes)]
 
@@ -280,7 +298,7 @@ def record_demos(
     chosen = suite_tasks(suite, tasks)
     for task in chosen:  # the WidowX scenes are ManiSkill3's: a missing simulator or asset is one line now
         check_assets(task.env_id)
-    if out.exists() and any(p.name != ".refine" for p in out.iterdir()):
+    if out.exists() and any(p.name != PRIVATE_DIR for p in out.iterdir()):
         raise EvalError(f"--out {out}: exists and is not empty; demonstrations are written to a new folder")
     summary = DemosSummary(out=out)
     kept: list[Demo] = []
@@ -288,7 +306,7 @@ def record_demos(
         for task in chosen:
             sim = ManiSkillSim(task.env_id, 1, "cpu")
             try:
-                for config, s in schedule(sim.n_configs, episodes, seed):
+                for config, s in demo_tries(sim.n_configs, episodes, seed):
                     demo = record(sim, task, config, s, noise)
                     summary.tried[task.name] = summary.tried.get(task.name, 0) + 1
                     if demo.success:
@@ -318,7 +336,7 @@ def _examples(demos: list[Demo]) -> Iterator[dict[str, Any]]:
 def write_demos(demos: list[Demo], out: Path) -> None:
     """The TFDS builder files in `out` itself (features.json, dataset_info.json, TFRecord shards), and the
     declaration of their transform and robot."""
-    staging = out / ".refine" / "demos.partial"
+    staging = out / PRIVATE_DIR / "demos.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         built = Path(

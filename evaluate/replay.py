@@ -19,7 +19,7 @@ import numpy as np
 
 from ..annotate.stats import auto_transform, compute_statistics, transform_episode
 from ..train.policy import ActionTokenizer, Generated
-from .demos import parse_episode_path
+from .demos import Scene, demo_episodes, open_demos
 from .errors import EvalError
 from .robots import ROBOTS, GripperState, env_actions, raw_action_dict
 
@@ -38,29 +38,24 @@ class ReplayPolicy:
 
     def __init__(self, spec: str | Path, robot: str | None = None) -> None:
         from ..annotate.errors import RefineError
-        from ..annotate.sources import ReadOptions, open_source
 
         self.folder = Path(str(spec)[len(PREFIX) :])
+        what = f"--policy {spec}"
+        source = open_demos(self.folder, what)
+        scenes = list(demo_episodes(source, what))
+        episodes = [episode for _, episode in scenes]
         try:
-            source = open_source(f"rlds:{self.folder}")
-            episodes = list(source.iter_episodes(ReadOptions()))
             self.transform = auto_transform(source)
         except RefineError as exc:
-            raise EvalError(f"--policy {spec}: not a refine-eval demos folder ({exc})") from None
+            raise EvalError(f"{what}: {exc}") from None
         self.robot = robot or getattr(source, "declared", {}).get("robot") or "widowx"
         if self.robot not in ROBOTS:
             raise EvalError(f"--policy {spec}: unknown robot {self.robot!r}")
         tokenizer = ActionTokenizer.from_statistics(compute_statistics(episodes, self.transform), TOKENIZER_VOCAB)
-        self.views: dict[tuple[str, int, int], np.ndarray] = {}
-        for episode in episodes:
-            parsed = parse_episode_path(str(episode.metadata.get("file_path", "")))
-            if parsed is None:
-                raise EvalError(
-                    f"--policy {spec}: episode {episode.episode_id} is not a refine-eval demos episode "
-                    "(file_path simpler/<ENV_ID>/episode_<k>/seed_<s>)"
-                )
+        self.views: dict[Scene, np.ndarray] = {}
+        for scene, episode in scenes:
             actions, _ = transform_episode(episode, self.transform)
-            self.views[parsed] = tokenizer.decode(tokenizer.encode(actions))
+            self.views[scene] = tokenizer.decode(tokenizer.encode(actions))
         self.playing: list[np.ndarray] = []
         self.t = 0
         self.gripper = GripperState(self.robot, 1)

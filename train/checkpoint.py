@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
+CHECKPOINTS_DIR = "checkpoints"  # OUTPUT/checkpoints/step-N
 
 
 @dataclass
@@ -38,9 +39,14 @@ def write_trainer_state(directory: Path, state: TrainerState) -> None:
     tmp.replace(directory / STATE_FILE)
 
 
+def checkpoint_dir(output: Path, step: int) -> Path:
+    """Where the checkpoint of optimizer step `step` goes: OUTPUT/checkpoints/step-NNNNNN."""
+    return output / CHECKPOINTS_DIR / f"step-{step:06d}"
+
+
 def latest_checkpoint(output: Path) -> Path | None:
     """The complete checkpoint with the highest step under OUTPUT/checkpoints, if any."""
-    done = [d for d in (output / "checkpoints").glob("step-*") if (d / STATE_FILE).is_file()]
+    done = [d for d in (output / CHECKPOINTS_DIR).glob("step-*") if (d / STATE_FILE).is_file()]
     return max(done, key=lambda d: int(d.name.split("-")[1])) if done else None
 
 

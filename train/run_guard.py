@@ -24,14 +24,15 @@ import torch
 
 from ..annotate.errors import Interrupted
 from ..annotate.outputs import hold_output
-from .checkpoint import latest_checkpoint
+from .callbacks import LOG_FILE
+from .checkpoint import CHECKPOINTS_DIR, latest_checkpoint
 from .config import TrainConfig
 from .errors import RefineError, TrainError
 from .policy import POLICY_FILE, STATS_FILE
 
 # What a training run writes into --output (all of it goes with --overwrite; nothing else does).
-RUN_DIRS = ("checkpoints", "logs", "trace")
-RUN_FILES = ("train_log.jsonl", POLICY_FILE, STATS_FILE)
+RUN_DIRS = (CHECKPOINTS_DIR, "logs", "trace")
+RUN_FILES = (LOG_FILE, POLICY_FILE, STATS_FILE)
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "adapter_config.json")
 
 
@@ -40,8 +41,7 @@ def earlier_run(output: Path) -> str | None:
     found = []
     if (output / POLICY_FILE).is_file():
         found.append("a trained policy")
-    steps = sorted((output / "checkpoints").glob("step-*")) if (output / "checkpoints").is_dir() else []
-    if steps:
+    if any((output / CHECKPOINTS_DIR).glob("step-*")):
         latest = latest_checkpoint(output)
         found.append(f"checkpoints (latest complete: {latest.name if latest else 'none'})")
     return " and ".join(found) or None

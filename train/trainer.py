@@ -28,7 +28,7 @@ import torch
 
 from .actions import ActionTokenizer
 from .callbacks import PeriodicValidation, TrainingLog, format_metrics, log, trace_samples
-from .checkpoint import TrainerState, latest_checkpoint, read_trainer_state, write_trainer_state
+from .checkpoint import TrainerState, checkpoint_dir, latest_checkpoint, read_trainer_state, write_trainer_state
 from .config import TrainConfig
 from .data import epoch_order, to_device
 from .errors import TrainError
@@ -144,30 +144,27 @@ def _train_held(cfg: TrainConfig, accelerator: Any, stop: StopRequest) -> TrainR
 
     def save(directory: Path, with_state: bool) -> None:
         try:
-            save_now(directory, with_state)
+            accelerator.wait_for_everyone()
+            full = accelerator.get_state_dict(model)  # a collective under FSDP: every rank takes part
+            if accelerator.is_main_process:
+                save_policy(
+                    directory,
+                    accelerator.unwrap_model(model),
+                    p.processor,
+                    p.statistics,
+                    policy(state.global_step),
+                    state_dict=full,
+                )
+            if with_state:
+                accelerator.save_state(str(directory / "state"))
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    write_trainer_state(directory, state)
+            accelerator.wait_for_everyone()
         except BaseException:  # a full disk: no incomplete checkpoint is left to mistake for one
             if with_state and accelerator.is_main_process:
                 shutil.rmtree(directory, ignore_errors=True)
             raise
-
-    def save_now(directory: Path, with_state: bool) -> None:
-        accelerator.wait_for_everyone()
-        full = accelerator.get_state_dict(model)  # a collective under FSDP: every rank takes part
-        if accelerator.is_main_process:
-            save_policy(
-                directory,
-                accelerator.unwrap_model(model),
-                p.processor,
-                p.statistics,
-                policy(state.global_step),
-                state_dict=full,
-            )
-        if with_state:
-            accelerator.save_state(str(directory / "state"))
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                write_trainer_state(directory, state)
-        accelerator.wait_for_everyone()
 
     training_log = TrainingLog(output, total_steps, state.global_step, cfg.log_every, accelerator)
     val_loader = make_loader(p, p.val_indices[rank::world], cfg, epoch=0, train=False) if p.val_indices else None
@@ -219,12 +216,12 @@ def _train_held(cfg: TrainConfig, accelerator: Any, stop: StopRequest) -> TrainR
             step_losses, parts_now, parts = [], parts, torch.zeros(2)
             training_log.step(state, float(loss), parts_now, scheduler.get_last_lr()[0])
             validation.after_step(model, state.global_step)
+            ckpt = checkpoint_dir(output, state.global_step)
             saved = bool(cfg.save_every) and state.global_step % cfg.save_every == 0
             if saved:
-                save(output / "checkpoints" / f"step-{state.global_step:06d}", with_state=True)
+                save(ckpt, with_state=True)
             signum = stop.agreed(accelerator)  # every rank, every step: they stop at the same one
             if signum is not None:
-                ckpt = output / "checkpoints" / f"step-{state.global_step:06d}"
                 if not saved:
                     save(ckpt, with_state=True)
                 training_log.close()
