@@ -13,6 +13,7 @@ import io
 import os
 from fractions import Fraction
 from functools import cache
+from pathlib import Path
 
 import numpy as np
 
@@ -94,3 +95,18 @@ class VideoEncoder:
         for packet in self._stream.encode():
             self._container.mux(packet)
         self._container.close()
+
+
+def write_mp4(path: Path, frames: list[np.ndarray], fps: float) -> None:
+    """One finished mp4 at `path` from whole frames (rollouts, demonstrations): written beside it as
+    `.partial.mp4` and moved in when complete, so a stopped run never leaves a truncated video under
+    the final name. Odd sides lose their last row/column (yuv420p needs even sides)."""
+    h, w = frames[0].shape[:2]
+    h2, w2 = h - h % 2, w - w % 2
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial.mp4")
+    enc = VideoEncoder(partial, fps, w2, h2, pick_codec(w2, h2))
+    for img in frames:
+        enc.add(img[:h2, :w2])
+    enc.close()
+    partial.replace(path)

@@ -73,7 +73,14 @@ def demos(flags: Flags) -> None:
 
     args = DemosArgs(**flags)
     summary = record_demos(
-        args.suite, args.tasks, args.episodes, args.out, seed=args.seed, noise=args.noise, progress=typer.echo
+        args.suite,
+        args.tasks,
+        args.episodes,
+        args.out,
+        seed=args.seed,
+        noise=args.noise,
+        video=args.video,
+        progress=typer.echo,
     )
     for task, tried in summary.tried.items():
         kept = summary.kept.get(task, 0)

@@ -87,3 +87,4 @@ class DemosArgs:
     episodes: int = option(24, "Tries per task: every configuration in turn, a new seed each round; failures dropped.")
     seed: int = option(0, "Seed of the first round of resets (round r uses seed + r).")
     noise: float = option(0.01, "Waypoint noise in metres (uniform, x and y), so demos of a scene differ.")
+    video: bool = option(False, "Write an mp4 of every try under OUT/videos/TASK/ (dropped ones under failed/).")

@@ -2,10 +2,16 @@
 
 SimplerEnv ships no demonstrations and ManiSkill's motion planners drive the Panda, so a closed loop
 (demos -> `refine-data annotate` -> `refine-train` -> `refine-eval`) needs an expert of our own. It
-reads the privileged object poses and drives the task's own controller
-(`arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos`) through the same waypoints a person
-would: above the source object (turning the gripper to the object's yaw) -> down -> close -> up ->
-above the target -> down -> open -> up. Each waypoint gets a little noise from the episode's seed, so
+reads the privileged object poses once, at reset, and plans the waypoints a person would: above the
+source object (turning the gripper across the object's yaw on the way) -> down -> close -> up -> above
+the target -> down -> open -> up, then holds still. Each leg is cut into equal steps (at most 3 cm per
+axis) and sent open loop through the task's own controller
+(`arm_pd_ee_target_delta_pose_align2_gripper_pd_joint_pos`, which adds each delta to its target, so the
+target lands on every waypoint exactly). Open loop on purpose: the action is then constant along a leg
+and changes only where the arm has visibly moved on, so a policy that sees one frame can learn it. A
+closed-loop expert (P-control, a 'waypoint reached' tolerance, slowing down near it) switched phase on
+sub-pixel differences and crept at the end: frames that look alike with different actions, which a
+single-frame policy cannot imitate. Each waypoint gets a little noise from the episode's seed, so
 demonstrations of one configuration are not one trajectory. Only successful episodes are kept.
 
 Every action is written in Bridge's conventions — world vector (the translation command, in the
@@ -34,6 +40,7 @@ from ..annotate.outputs import hold_output
 from ..annotate.sources.rlds import DECLARATION_FILE
 from ..annotate.sources.rlds_writer import encode_jpeg, write_rlds
 from ..annotate.sources.specs import bridge_example, bridge_features
+from ..annotate.video import write_mp4
 from ..schemas.dataset_layout import PRIVATE_DIR
 from ..train.policy import resize_image
 from .errors import EvalError
@@ -44,8 +51,7 @@ DATASET_NAME = "simpler_widowx"  # the RLDS builder name: episode ids read simpl
 IMAGE_SIZE = (256, 256)  # Bridge stores image_0 at 256x256
 MAX_STEP_M = 0.03  # translation per control step at most (Bridge's teleoperation moves about this fast)
 MAX_TURN_RAD = 0.2  # yaw per control step at most
-REACHED_M = 0.012  # a waypoint within this distance counts as reached
-GRIP_STEPS = 4  # steps spent closing or opening the gripper in place
+GRIP_STEPS = 2  # steps spent closing or opening the gripper in place (few: the frame barely changes meanwhile)
 DECLARATION = {
     "transform": "none",
     "robot": "widowx",
@@ -59,7 +65,7 @@ class Waypoints:
     """Heights (m) of the expert's waypoints relative to the objects' origins."""
 
     hover: float = 0.08  # above the source before descending
-    grasp: float = 0.015  # where the fingers close
+    grasp: float = 0.0  # where the fingers close (at the origin: the open-loop target lands exactly there)
     carry: float = 0.10  # lifted, above source and target
     place: float = 0.05  # above the target's origin where the gripper opens
     leave: float = 0.12  # where it rests after letting go
@@ -84,6 +90,7 @@ class Demo:
     frames: list[bytes] = field(default_factory=list)
     states: list[np.ndarray] = field(default_factory=list)
     actions: list[np.ndarray] = field(default_factory=list)
+    camera: list[np.ndarray] = field(default_factory=list)  # full-size frames, kept only for --video
     success: bool = False
 
     @property
@@ -183,8 +190,27 @@ def _rotation(q_wxyz: np.ndarray) -> Any:
     return Rotation.from_quat(q_wxyz[[1, 2, 3, 0]])
 
 
+@dataclass(frozen=True)
+class Segment:
+    """`steps` equal control steps: each moves the target by `move` (robot base frame, m) and turns it by
+    `yaw` (rad), with the gripper commanded to `grip` (1 open, 0 closed)."""
+
+    move: np.ndarray
+    yaw: float
+    grip: float
+    steps: int
+
+
 class ScriptedExpert:
-    """Waypoint following with privileged poses, in Bridge's action conventions (see the module doc)."""
+    """Waypoints planned once from the privileged poses, in Bridge's action conventions (see the module doc).
+
+    The plan is open loop: every leg between two waypoints is cut into equal steps of at most
+    MAX_STEP_M per axis, so an action is constant along a leg and a leg's length is fixed when the episode
+    starts. The controller accumulates commanded deltas into its target, so the target lands on each
+    waypoint exactly however the arm lags. This is what makes the demonstrations learnable from single
+    frames: the action changes only where the arm has visibly moved to a new leg, never by a sub-pixel
+    'reached' test or a pose-dependent slow-down, and a finished episode holds still.
+    """
 
     def __init__(self, env: Any, waypoints: Waypoints, rng: np.random.Generator, noise: float) -> None:
         u = env.unwrapped
@@ -199,28 +225,36 @@ class ScriptedExpert:
             out: np.ndarray = p + shift
             return out
 
-        w = waypoints
-        self.plan: list[tuple[str, np.ndarray | None, float]] = [  # (kind, world position, open gripper)
-            ("move", above(src_p, w.hover, noisy=True), 1.0),
-            ("move", above(src_p, w.grasp), 1.0),
-            ("grip", None, 0.0),
-            ("move", above(src_p, w.carry, noisy=True), 0.0),
-            ("move", above(tgt_p, w.carry, noisy=True), 0.0),
-            ("move", above(tgt_p, w.place), 0.0),
-            ("grip", None, 1.0),
-            ("move", above(tgt_p, w.leave), 1.0),
-        ]
         # turn the fingers across the object: its yaw relative to the gripper's start, folded to [-pi/2, pi/2]
         object_yaw = float(_rotation(src_q).as_euler("xyz")[2])
         turn = (object_yaw - np.pi) % np.pi
         turn = turn - np.pi if turn > np.pi / 2 else turn
-        self.target_yaw = self._ee_yaw() + turn
-        self.phase = 0
-        self.held = 0
+        w = waypoints
+        self.plan: list[Segment] = []
+        self._at = _pose(self.ee.pose)[0]
+        self._leg(above(src_p, w.hover, noisy=True), 1.0, turn)  # the whole turn on the way over
+        self._leg(above(src_p, w.grasp), 1.0)
+        self.plan.append(Segment(np.zeros(3), 0.0, 0.0, GRIP_STEPS))
+        self._leg(above(src_p, w.carry, noisy=True), 0.0)
+        self._leg(above(tgt_p, w.carry, noisy=True), 0.0)
+        self._leg(above(tgt_p, w.place), 0.0)
+        self.plan.append(Segment(np.zeros(3), 0.0, 1.0, GRIP_STEPS))
+        self._leg(above(tgt_p, w.leave), 1.0)
+        self.segment = 0
+        self.taken = 0  # steps taken in the current segment
         self.open = 1.0
 
-    def _ee_yaw(self) -> float:
-        return float(_rotation(_pose(self.ee.pose)[1]).as_euler("xyz")[2])
+    def _leg(self, goal: np.ndarray, grip: float, turn: float = 0.0) -> None:
+        """Plan the straight leg from the last waypoint to `goal` (world frame) in equal steps."""
+        delta = goal - self._at
+        steps = max(1, int(np.ceil(max(np.abs(delta).max() / MAX_STEP_M, abs(turn) / MAX_TURN_RAD) - 1e-9)))
+        self.plan.append(Segment(self.root.inv().apply(delta / steps), turn / steps, grip, steps))
+        self._at = goal
+
+    @property
+    def steps(self) -> int:
+        """How many control steps the plan takes (after them the expert holds still)."""
+        return sum(s.steps for s in self.plan)
 
     def state(self) -> np.ndarray:
         """[x, y, z, roll, pitch, yaw, gripper] of the end effector in the robot's base frame (Bridge's
@@ -233,34 +267,19 @@ class ScriptedExpert:
 
     def action(self) -> np.ndarray:
         """The next Bridge action: world vector (base frame), roll/pitch/yaw delta, open gripper."""
-        while True:
-            kind, goal, grip = self.plan[min(self.phase, len(self.plan) - 1)]
-            if kind == "grip":
-                self.held += 1
-                if self.held > GRIP_STEPS:
-                    self.phase, self.held = self.phase + 1, 0
-                    continue
-                move = np.zeros(3)
-                break
-            assert goal is not None
-            delta = goal - _pose(self.ee.pose)[0]
-            if np.linalg.norm(delta) < REACHED_M:
-                if self.phase < len(self.plan) - 1:
-                    self.phase += 1
-                    continue
-                delta = np.zeros(3)  # done: hold still (no creeping residuals a policy could not tell apart)
-            move = np.clip(delta, -MAX_STEP_M, MAX_STEP_M)
-            break
-        yaw = 0.0
-        if self.phase <= 1:  # turn on the way down, so the fingers close across the object
-            error = (self.target_yaw - self._ee_yaw() + np.pi) % (2 * np.pi) - np.pi
-            yaw = float(np.clip(error, -MAX_TURN_RAD, MAX_TURN_RAD))
-        self.open = grip
-        return np.array([*self.root.inv().apply(move), 0.0, 0.0, yaw, grip], dtype=np.float32)
+        while self.segment < len(self.plan) and self.taken >= self.plan[self.segment].steps:
+            self.segment, self.taken = self.segment + 1, 0
+        if self.segment == len(self.plan):  # done: hold still, gripper as last commanded
+            return np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, self.open], dtype=np.float32)
+        seg = self.plan[self.segment]
+        self.taken += 1
+        self.open = seg.grip
+        return np.array([*seg.move, 0.0, 0.0, seg.yaw, seg.grip], dtype=np.float32)
 
 
-def record(sim: Any, task: Task, config: int, seed: int, noise: float) -> Demo:
-    """Run the expert once in `sim` (a one-env `ManiSkillSim`) and record what the camera saw."""
+def record(sim: Any, task: Task, config: int, seed: int, noise: float, video: bool = False) -> Demo:
+    """Run the expert once in `sim` (a one-env `ManiSkillSim`) and record what the camera saw (and, for
+    `video`, the full-size frames too)."""
     rng = np.random.default_rng([seed, config])
     out = sim.reset([seed], [config])
     expert = ScriptedExpert(sim.env, WAYPOINTS[task.name], rng, noise)
@@ -270,13 +289,24 @@ def record(sim: Any, task: Task, config: int, seed: int, noise: float) -> Demo:
         state = expert.state()
         action = expert.action()
         demo.frames.append(encode_jpeg(resize_image(out.images[0], IMAGE_SIZE), quality=95))
+        if video:
+            demo.camera.append(out.images[0])
         demo.states.append(state)
         demo.actions.append(action)
         out = sim.step(flat_env_action(env_actions(action[None], gripper)))
         if out.done:
             break
+    if video:
+        demo.camera.append(out.images[0])  # the video ends on the outcome, after the last action
     demo.success = bool(out.infos[0].get("success", False))
     return demo
+
+
+def video_path(demo: Demo) -> Path:
+    """Where `--video` puts a try's mp4, relative to the demos folder: dropped tries apart, so a user
+    looking at why the expert failed finds them, and a kept one is named by its scene like its episode."""
+    name = f"config-{demo.config:03d}_seed-{demo.seed}.mp4"
+    return Path("videos") / demo.task.name / ("" if demo.success else "failed") / name
 
 
 def record_demos(
@@ -286,9 +316,11 @@ def record_demos(
     out: Path,
     seed: int = 0,
     noise: float = 0.01,
+    video: bool = False,
     progress: Callable[[str], None] = print,
 ) -> DemosSummary:
-    """Try `episodes` demonstrations per task, keep the successful ones, write them to `out` as Bridge RLDS."""
+    """Try `episodes` demonstrations per task, keep the successful ones, write them to `out` as Bridge RLDS
+    (and, with `video`, an mp4 of every try under `out/videos/`)."""
     from .backends.maniskill import ManiSkillSim, check_assets
 
     if suite != "widowx":
@@ -307,7 +339,10 @@ def record_demos(
             sim = ManiSkillSim(task.env_id, 1, "cpu")
             try:
                 for config, s in demo_tries(sim.n_configs, episodes, seed):
-                    demo = record(sim, task, config, s, noise)
+                    demo = record(sim, task, config, s, noise, video)
+                    if video:
+                        write_mp4(out / video_path(demo), demo.camera, sim.control_freq)
+                        demo.camera = []  # ~55 MB per try at 640x480: not held until the dataset is written
                     summary.tried[task.name] = summary.tried.get(task.name, 0) + 1
                     if demo.success:
                         kept.append(demo)

@@ -337,16 +337,8 @@ def _flags(infos: Sequence[dict[str, Any]], key: str) -> np.ndarray:
 
 def write_video(out: Path, task: Task, config: int, repeat: int, frames: list[np.ndarray], fps: float) -> str:
     """videos/TASK/config-C_repeat-R.mp4 (relative to the results folder)."""
-    from ..annotate.video import VideoEncoder, pick_codec
+    from ..annotate.video import write_mp4
 
     rel = Path("videos") / task.name / f"config-{config:03d}_repeat-{repeat}.mp4"
-    path = out / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    h, w = frames[0].shape[:2]
-    h2, w2 = h - h % 2, w - w % 2  # yuv420p needs even sides
-    enc = VideoEncoder(str(path) + ".partial.mp4", fps, w2, h2, pick_codec(w2, h2))
-    for img in frames:
-        enc.add(img[:h2, :w2])
-    enc.close()
-    Path(str(path) + ".partial.mp4").replace(path)
+    write_mp4(out / rel, frames, fps)
     return rel.as_posix()

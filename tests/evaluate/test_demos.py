@@ -20,7 +20,7 @@ CARROT = "PutCarrotOnPlateInScene-v1"
 def demos_dir(sim_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demos") / "carrot"
     cmd = [sys.executable, "-m", "refinevla.evaluate", "demos", "--tasks", "carrot_on_plate", "--episodes", "2"]
-    r = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, env=sim_env, timeout=600)
+    r = subprocess.run([*cmd, "--video", "--out", str(out)], capture_output=True, text=True, env=sim_env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "carrot_on_plate: 2/2 tries kept" in r.stdout
     return out
@@ -50,6 +50,20 @@ def test_demos_are_bridge_rlds_that_tfds_and_refinevla_read(demos_dir: Path) -> 
         assert set(np.unique(ep.actions[:, 6])) == {0.0, 1.0}  # absolute open gripper, closed then open
         assert np.asarray(ep.frames["image_0"][0]).shape == (256, 256, 3)
     assert pairs == {(CARROT, 0, 0), (CARROT, 1, 0)}
+
+
+def test_video_shows_every_step_of_each_try(demos_dir: Path) -> None:
+    """--video: one mp4 per try, named by its scene, holding the frame before each action and the outcome."""
+    import av
+
+    for config in (0, 1):
+        path = demos_dir / "videos" / "carrot_on_plate" / f"config-{config:03d}_seed-0.mp4"
+        with av.open(str(path)) as container:
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        assert len(frames) == 61 and frames[0].shape == (480, 640, 3)
+        assert np.abs(frames[0].astype(int) - frames[30].astype(int)).mean() > 1.0  # the arm moved
+    assert not list(demos_dir.glob("videos/**/*.partial.mp4"))
+    assert not (demos_dir / "videos" / "carrot_on_plate" / "failed").exists()  # both tries were kept
 
 
 REPLAY_STORED = """

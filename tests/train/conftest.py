@@ -90,7 +90,9 @@ def tiny_llama(vocab_size: int, **ids: int) -> dict[str, object]:
     }
 
 
-def build_paligemma(path: Path) -> Path:
+def build_paligemma(path: Path, image: int = IMAGE, hidden: int = 64, layers: int = 2, patch: int = 8) -> Path:
+    """A PaliGemma with random weights: `layers` SigLIP and Gemma layers of width `hidden`, `image`-pixel
+    square frames cut into `patch`-pixel patches."""
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
@@ -100,33 +102,33 @@ def build_paligemma(path: Path) -> Path:
         text_config={
             "model_type": "gemma",
             "vocab_size": VOCAB,
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
             "num_attention_heads": 2,
             "num_key_value_heads": 1,
-            "head_dim": 32,
+            "head_dim": hidden // 2,
             "pad_token_id": tok.pad_token_id,
         },
         vision_config={
             "model_type": "siglip_vision_model",
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "hidden_size": hidden,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
             "num_attention_heads": 2,
-            "image_size": IMAGE,
-            "patch_size": 8,
-            "projection_dim": 64,
+            "image_size": image,
+            "patch_size": patch,
+            "projection_dim": hidden,
         },
         image_token_index=image_id,
-        projection_dim=64,
+        projection_dim=hidden,
         vocab_size=VOCAB,
     )
     import torch
 
     torch.manual_seed(0)
     model = PaliGemmaForConditionalGeneration(cfg)
-    ip = SiglipImageProcessorPil(size={"height": IMAGE, "width": IMAGE}, image_seq_length=(IMAGE // 8) ** 2)
+    ip = SiglipImageProcessorPil(size={"height": image, "width": image}, image_seq_length=(image // patch) ** 2)
     PaliGemmaProcessor(image_processor=ip, tokenizer=tok).save_pretrained(path)
     model.save_pretrained(path)
     return path
