@@ -7,8 +7,9 @@ rule-based teacher, `refine-train`, `refine-eval run`), so a convention mismatch
 - expert: the scripted expert's tries kept (`refine-eval demos`);
 - replay: `--policy replay:DEMOS` on the demos' own scenes, the success of a perfect imitator of the
   training view (transform + action-token round trip);
-- imitation: free-running decoding (`Policy.predict`, the one decoder refine-eval uses) on the
-  training frames, the fraction of frames whose 7 action bins all equal the training target's.
+- imitation: free-running decoding (the one decoder refine-eval uses) on the training frames, the
+  fraction of frames whose 6 movement bins equal the training target's and whose gripper command
+  (open > 0.5, as WidowX reads it) is the same.
   Teacher-forced accuracy flatters: later tokens are copied from the true earlier ones;
 - policy: the trained policy in refine-eval, on the demos' own scenes (`--mode overfit`) or on the
   task's scenes the demos do not hold (`--mode heldout`).
@@ -32,13 +33,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIONALE_BUDGET = 256  # refine-eval run's default --max-rationale-tokens
 sys.path.insert(0, str(ROOT))  # the test factories build the tiny model
+# The tiny recipe that memorises 2 carrot demonstrations on 2 CPU cores (see the README's figures).
+TINY: dict[str, Any] = {"image": 32, "hidden": 64, "layers": 2, "steps": 4000, "batch_size": 8, "learning_rate": 2e-3}
 
 
 @dataclass
@@ -71,9 +74,9 @@ class Loop:
     final_loss: float | None = None
 
 
-def sh(cmd: list[str], what: str, env: dict[str, str] | None = None) -> str:
+def sh(cmd: list[str], what: str) -> str:
     """Run one CLI stage; its stderr tail on failure (the stage's own one-line error)."""
-    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"{what} failed (exit {r.returncode}):\n{(r.stderr or r.stdout)[-3000:]}")
     return r.stdout
@@ -265,11 +268,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# The tiny recipe that memorises 2 carrot demonstrations on 2 CPU cores (see the README's figures).
-TINY: dict[str, Any] = {"image": 32, "hidden": 64, "layers": 2, "steps": 4000, "batch_size": 8, "learning_rate": 2e-3}
-
 if __name__ == "__main__":
     raise SystemExit(main())
-
-
-__all__ = ["Loop", "Rate", "asdict", "main"]

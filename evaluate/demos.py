@@ -251,11 +251,6 @@ class ScriptedExpert:
         self.plan.append(Segment(self.root.inv().apply(delta / steps), turn / steps, grip, steps))
         self._at = goal
 
-    @property
-    def steps(self) -> int:
-        """How many control steps the plan takes (after them the expert holds still)."""
-        return sum(s.steps for s in self.plan)
-
     def state(self) -> np.ndarray:
         """[x, y, z, roll, pitch, yaw, gripper] of the end effector in the robot's base frame (Bridge's
         `observation/state`); gripper = the open command in force (1 open, 0 closed)."""
