@@ -210,8 +210,12 @@ class Engine:
         return limit is not None and self._spent() + self._reserved + extra > limit
 
     # ----------------------------------------------------------------- the run
-    async def run(self, episodes: Iterable[Episode], total: int | None = None) -> Counters:
-        """Annotate every episode (or until stopped). Returns this run's counters."""
+    async def run(self, episodes: Iterable[Episode | PreparedRequest], total: int | None = None) -> Counters:
+        """Annotate every episode (or until stopped). Returns this run's counters.
+
+        `episodes` may also yield requests prepared already (by `ray_backend` on a cluster): they
+        are dispatched as they are, with this engine's limits, store and checks.
+        """
         self.counters.total = total
         if self.options.max_cost is not None:
             self._prior_cost = (await self._db(self.store.spend)).cost
@@ -244,7 +248,8 @@ class Engine:
                 for episode in episodes:
                     if producer_stop.is_set():
                         return
-                    item = self.prepare(episode)
+                    # prepared elsewhere (`--backend ray` prepares on the cluster), or here
+                    item = episode if isinstance(episode, PreparedRequest) else self.prepare(episode)
                     if reader is not None:
                         item.stored = reader.lookup(item.key)
                     if not hand_over(item):
@@ -261,7 +266,8 @@ class Engine:
         producer.start()
         sem = asyncio.Semaphore(self.options.concurrency)
         try:
-            await self.teacher.start()
+            if self.options.ask:  # settling from the store needs no teacher (nor a vLLM engine loaded)
+                await self.teacher.start()
             while not self._stop.is_set():
                 if queue.empty():  # the producer fell behind: wait for it, or for a stop
                     get = asyncio.ensure_future(queue.get())

@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,16 @@ class AnnotateArgs:
     progress: str = option("auto", "auto | rich | plain | none.")
     license: str | None = option(None, "Card license (Hub id); required where the source's is not known.")
     processes: int = option(1, "Engine processes on this machine (for fast local servers; limits are shared).")
+    backend: str = option(
+        "local",
+        "local | ray. ray: episodes are read and requests prepared (frames decoded, keyframes encoded) on a Ray "
+        "cluster's CPUs; this process asks the teacher and commits every answer to OUT's store, as local does. "
+        "Needs the [ray] extra.",
+    )
+    ray_address: str | None = option(
+        None, "--backend ray: the cluster (HOST:PORT of the head, or auto); default: a private one on this machine."
+    )
+    ray_workers: int | None = option(None, "--backend ray: preparation tasks at once (default: the cluster's CPUs).")
     schema_detail: str | None = option(
         None,
         "static | episode. What the structured-output schema says: static = every constraint of the "
@@ -86,6 +97,18 @@ class AnnotateArgs:
     max_resubmits: int = option(3, "--batch: times a request whose line expired or failed is resent.")
     batch_requests: int | None = option(None, "--batch: requests per batch file (default: the provider's limit).")
     argv: list[str] = field(default_factory=list)  # not a flag: the command line, for the resume command
+
+    def source_args(self) -> tuple[Any, ...]:
+        """`open_cli_source`'s arguments: the source as the user named and laid it out (picklable, for workers)."""
+        return (
+            self.source,
+            self.data_dir,
+            self.split,
+            self.camera,
+            self.instruction_key,
+            self.state_key,
+            self.action_key,
+        )
 
 
 def parse_shard(value: str) -> tuple[int, int]:
@@ -163,15 +186,18 @@ def setup_run(args: AnnotateArgs) -> RunSetup:
     ):
         if value < 1:
             raise RefineError(f"{name} must be at least 1")
-    source = open_cli_source(
-        args.source,
-        args.data_dir,
-        args.split,
-        args.camera,
-        args.instruction_key,
-        args.state_key,
-        args.action_key,
-    )
+    if args.backend not in ("local", "ray"):
+        raise RefineError(f"--backend must be local or ray, not {args.backend!r}")
+    if args.backend == "ray":
+        if args.processes > 1:
+            raise RefineError("--processes is for the local backend; on Ray the cluster prepares (--ray-workers)")
+        if args.batch:
+            raise RefineError("--batch asks through the provider's Batch API; it does not run on --backend ray")
+        if args.ray_workers is not None and args.ray_workers < 1:
+            raise RefineError("--ray-workers must be at least 1")
+    elif args.ray_address or args.ray_workers:
+        raise RefineError("--ray-address and --ray-workers need --backend ray")
+    source = open_cli_source(*args.source_args())
     start, stop = shard_range(len(source), shard, args.limit)
     teacher = make_teacher(
         args.teacher,
@@ -225,12 +251,14 @@ def run_part(
     live_progress: bool,
     stop_signal: int = signal.SIGINT,
     on_counters: Any = None,
+    items: Iterable[Any] | None = None,
 ) -> PartResult:
     """Annotate episodes [start, stop) into `rows_root`'s Parquet files; answers go to the run's store.
 
     `stop_signal` is the signal that asks for a clean stop (SIGINT in the foreground process;
     worker processes get theirs from the parent). `on_counters`, when given, is called with the live
-    Counters about twice a second (the parent of worker processes aggregates them).
+    Counters about twice a second (the parent of worker processes aggregates them). `items`, when
+    given, replaces the source's episodes [start, stop): the same episodes, prepared on a cluster.
     """
     from dataclasses import asdict
 
@@ -239,7 +267,7 @@ def run_part(
     from .store import ResultStore
     from .writer import DatasetWriter
 
-    episodes = setup.source.iter_episodes(ReadOptions(start=start, stop=stop))
+    episodes = items if items is not None else setup.source.iter_episodes(ReadOptions(start=start, stop=stop))
     store = ResultStore(setup.store_path)
     writer = DatasetWriter(rows_root, args.schema_id, setup.teacher.name, setup.teacher.model, setup.shard)
     engine = Engine(setup.teacher, store, setup.options, setup.prices, sink=writer.add)

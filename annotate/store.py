@@ -297,6 +297,22 @@ class ResultStore:
         ).fetchone()
         return Reject(*row) if row else None
 
+    def settled_keys(self) -> frozenset[str]:
+        """Keys with a final outcome (an answer or a reject): nothing more is asked for them."""
+        rows = self._db.execute("SELECT key FROM answers UNION SELECT key FROM rejects").fetchall()
+        return frozenset(r[0] for r in rows)
+
+    def open_attempts(self) -> dict[str, list[tuple[str, list[str]]]]:
+        """(raw, errors) of each stored attempt of keys with no outcome yet: re-ask sequences a run left unfinished."""
+        rows = self._db.execute(
+            "SELECT key, raw, errors FROM attempts WHERE key NOT IN (SELECT key FROM answers) "
+            "AND key NOT IN (SELECT key FROM rejects) ORDER BY key, attempt"
+        ).fetchall()
+        out: dict[str, list[tuple[str, list[str]]]] = {}
+        for key, raw, errors in rows:
+            out.setdefault(key, []).append((raw, json.loads(errors)))
+        return out
+
     def rejects(self) -> list[Reject]:
         rows = self._db.execute(
             "SELECT key, episode_id, reason, raw, attempts FROM rejects ORDER BY created"

@@ -100,9 +100,12 @@ def tiny_model(path: Path, image: int, hidden: int, layers: int) -> Path:
     return factories.build_paligemma(path, image=image, hidden=hidden, layers=layers)
 
 
-def imitation(policy_dir: Path, demos: Path) -> Rate:
+def imitation(policy_dir: Path, demos: Path, episodes: int) -> Rate:
     """Training frames where the policy's free-running action is the training target's: the same bin in
-    each of the 6 movement dimensions and the same gripper command (open > 0.5, as WidowX reads it)."""
+    each of the 6 movement dimensions and the same gripper command (open > 0.5, as WidowX reads it).
+
+    At most `episodes` demos (0: all): with a rationale decoded before every action, each frame costs
+    a full generation, and a few episodes already tell memorisation from the mode."""
     import numpy as np
 
     from refinevla.annotate.sources import ReadOptions, open_source
@@ -112,7 +115,9 @@ def imitation(policy_dir: Path, demos: Path) -> Rate:
     policy = Policy(policy_dir)
     reasoning = bool(policy.info.get("reasoning", True))  # as Policy.predict decodes
     match = total = 0
-    for ep in open_source(f"rlds:{demos}").iter_episodes(ReadOptions()):
+    for i, ep in enumerate(open_source(f"rlds:{demos}").iter_episodes(ReadOptions())):
+        if episodes and i >= episodes:
+            break
         frames = [np.asarray(f) for f in ep.frames["image_0"]]
         for gen, target in zip(
             generate(policy, frames, [ep.instruction] * len(frames), reasoning, RATIONALE_BUDGET),
@@ -191,7 +196,7 @@ def run(args: argparse.Namespace, work: Path) -> Loop:
     loop.final_loss = losses[-1] if losses else None
 
     t = time.time()
-    loop.imitation = imitation(ckpt, demos)
+    loop.imitation = imitation(ckpt, demos, args.imitation_episodes)
     loop.seconds["imitation"] = time.time() - t
 
     t = time.time()
@@ -239,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--train-vision", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--eval-episodes", type=int, default=0, help="heldout: at most this many held-out scenes (0: all)")
+    p.add_argument("--imitation-episodes", type=int, default=4, help="demos decoded for the imitation row (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, help="keep every stage's output here (default: a temporary folder)")
     args = p.parse_args(argv)

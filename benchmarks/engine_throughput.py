@@ -15,6 +15,7 @@ hundreds of thousands of episodes sees.
     python benchmarks/engine_throughput.py                 # 2560 requests, C=64, L=0.2 s, 1 and 2 processes
     python benchmarks/engine_throughput.py --requests 2000 --concurrency 128 --processes 1 2 4
     python benchmarks/engine_throughput.py --cli           # and `refine-data annotate` over RLDS shards
+    python benchmarks/engine_throughput.py --processes 1 --ray 1 2 4   # local vs --backend ray, by workers
 
 Each configuration runs the engine in worker processes (1 = the plain single-process engine)
 sharing the concurrency and one SQLite store, as `refine-data annotate --processes P` does.
@@ -206,25 +207,53 @@ def write_source(directory: str, n: int, steps: int) -> str:
     return write_rlds(directory, features, (example(i) for i in range(n)), name="bridge_orig", num_shards=8)
 
 
-def measure_cli(port: int, args: argparse.Namespace, processes: int, source: str, tmp: str) -> dict[str, float]:
-    """`refine-data annotate rlds:SOURCE --teacher openai-compatible` as a user runs it (reading included)."""
+def measure_cli(
+    port: int, args: argparse.Namespace, processes: int, source: str, tmp: str, *extra: str, env: Any = None
+) -> dict[str, float]:
+    """`refine-data annotate rlds:SOURCE --teacher openai-compatible` as a user runs it (reading included).
+
+    `cpu` is the command's own CPU (its process and the processes it waited for): with `--backend ray`
+    against a running cluster, the driver's, since the cluster's workers are not its children.
+    """
+    import resource
     import subprocess
     import sys
 
-    out = f"{tmp}/cli-p{processes}"
+    out = f"{tmp}/cli-p{processes}-{len(os.listdir(tmp))}"
     cmd = [
         *(sys.executable, "-m", "refinevla.annotate.cli", "annotate", f"rlds:{source}"),
         *("--teacher", "openai-compatible", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "bench-model"),
         *("--concurrency", str(args.concurrency), "--frames", str(args.frames), "--processes", str(processes)),
-        *("--out", out, "--license", "mit", "--progress", "none"),
+        *("--out", out, "--license", "mit", "--progress", "none", *extra),
     ]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True)
+    subprocess.run(cmd, check=True, capture_output=True, env=env)
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     manifest = json.loads(Path(out, "refinevla.json").read_text())
     run = manifest["this_run"]
     assert manifest["counts"]["episodes"] == args.requests and run["requests"] == args.requests
-    return {"command": wall, "seconds": run["seconds"], "requests": run["requests"]}
+    return {"command": wall, "seconds": run["seconds"], "requests": run["requests"], "cpu": cpu}
+
+
+def measure_ray(port: int, args: argparse.Namespace, source: str, tmp: str) -> list[tuple[str, dict[str, float]]]:
+    """The local command beside `--backend ray` on a one-node cluster on 127.0.0.1, per preparation worker count."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.annotate.ray_cluster import start_cluster
+
+    rows = [("local", measure_cli(port, args, 1, source, tmp))]
+    cluster = start_cluster(head_cpus=max(args.ray), worker_cpus=0)
+    try:
+        for workers in args.ray:
+            flags = ("--backend", "ray", "--ray-address", cluster.address, "--ray-workers", str(workers))
+            rows.append((f"ray, {workers} workers", measure_cli(port, args, 1, source, tmp, *flags, env=cluster.env)))
+    finally:
+        cluster.stop()
+    return rows
 
 
 def run_engine(
@@ -360,6 +389,14 @@ def main() -> None:
         action="store_true",
         help="also run `refine-data annotate` on the same episodes written as RLDS shards (reading included)",
     )
+    ap.add_argument(
+        "--ray",
+        type=int,
+        nargs="+",
+        metavar="WORKERS",
+        help="also run `refine-data annotate --backend ray` (a Ray head on 127.0.0.1) with these preparation "
+        "worker counts, beside the local command on the same RLDS shards",
+    )
     args = ap.parse_args()
 
     ctx = mp.get_context("spawn")
@@ -373,10 +410,13 @@ def main() -> None:
         for processes in args.processes:
             r = measure(ctx, port, args, processes, tmp)
             rows.append((processes, r))
-        cli_rows = []
-        if args.cli:
+        cli_rows, ray_rows = [], []
+        if args.cli or args.ray:
             source = write_source(f"{tmp}/src", args.requests, args.steps)
+        if args.cli:
             cli_rows = [(p, measure_cli(port, args, p, source, tmp)) for p in args.processes]
+        if args.ray:
+            ray_rows = measure_ray(port, args, source, tmp)
     stop.set()
     server_cpu = cpu_q.get(timeout=120)
     proc.join(timeout=10)
@@ -410,6 +450,24 @@ def main() -> None:
         for processes, r in cli_rows:
             rate = r["requests"] / r["seconds"]
             print(f"{processes:>9} {r['command']:>10.2f} {r['seconds']:>9.2f} {rate:>7.1f} {rate / ideal:>9.3f}")
+    if ray_rows:
+        local = ray_rows[0][1]
+        print(
+            "\n`refine-data annotate ... --backend ray` against a Ray head on this machine (preparation on its "
+            "workers, asking and storing in the driver) beside the local command; engine s as above; "
+            "driver CPU: the command's own process (the cluster's workers are not its children)"
+        )
+        print(
+            f"\n{'backend':<16} {'command s':>10} {'engine s':>9} {'req/s':>7} {'vs local':>9} "
+            f"{'driver CPU ms/req':>18}"
+        )
+        for name, r in ray_rows:
+            rate = r["requests"] / r["seconds"]
+            vs = rate / (local["requests"] / local["seconds"])
+            print(
+                f"{name:<16} {r['command']:>10.2f} {r['seconds']:>9.2f} {rate:>7.1f} {vs:>9.2f} "
+                f"{1000 * r['cpu'] / r['requests']:>18.2f}"
+            )
 
 
 if __name__ == "__main__":

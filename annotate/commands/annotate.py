@@ -97,16 +97,31 @@ def _run_held(args: AnnotateArgs, setup: RunSetup) -> int:
         )
         if summary.stop_reason == "max-cost":
             typer.secho(f"--max-cost ${args.max_cost} reached: no more batches submitted", fg="yellow", err=True)
-    if args.processes > 1 and setup.total > 1:
+    backend: dict[str, Any] = {"name": "local", "processes": args.processes}
+    if args.backend == "ray":
+        from ..ray_backend import run_on_ray
+
+        part, cluster = run_on_ray(args, setup)
+        backend = cluster.manifest()
+        typer.echo(
+            f"ray: {cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.workers} preparation workers", err=True
+        )
+    elif args.processes > 1 and setup.total > 1:
         from ..parallel import run_processes
 
         part = run_processes(args, setup)
     else:
         part = run_part(args, setup, setup.start, setup.stop, setup.out, live_progress=True)
-    return _finalize(args, setup, part, batch)
+    return _finalize(args, setup, part, batch, backend)
 
 
-def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult, batch: dict[str, Any] | None = None) -> int:
+def _finalize(
+    args: AnnotateArgs,
+    setup: RunSetup,
+    part: PartResult,
+    batch: dict[str, Any] | None = None,
+    backend: dict[str, Any] | None = None,
+) -> int:
     """Rejects file, manifest and card for the whole run; the summary and the exit code."""
     from ...schemas import backend_for, schema_digest
     from ...schemas.dataset_layout import write_manifest
@@ -200,6 +215,7 @@ def _finalize(args: AnnotateArgs, setup: RunSetup, part: PartResult, batch: dict
             "seconds": round(part.seconds, 2),
             "processes": args.processes,
         },
+        "backend": backend or {"name": "local", "processes": args.processes},
         "complete": part.stop_reason is None and c.failed == 0,
         "stop_reason": part.stop_reason,
     }

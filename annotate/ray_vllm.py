@@ -1,0 +1,249 @@
+"""`--teacher vllm --backend ray`: vLLM engine replicas on a GPU cluster through `ray.data.llm`.
+
+The open teacher runs where the GPUs are: one engine replica per GPU (or per
+`--tensor-parallel-size` group), fed by the cluster's prepared requests (`ray_backend`), each
+request constrained to its own schema (`structured_outputs: {"json": schema}`, as the local vllm
+teacher asks), images included (`prepare_multimodal_stage`). A request that fails in the engine
+becomes a row with `__inference_error__` (`should_continue_on_error=True`), never the job's end.
+
+Every answer streams back to the driver, which checks it and commits it to the run's store before
+anything uses it, exactly as the engine does; an invalid answer is re-asked with its errors in the
+next pass (new replicas: a pass is one Ray Data job), up to `--max-attempts`, then rejected with
+its reason. The dataset is then written from the store by the ordinary engine (ask=False), so it
+is the same dataset a local vllm run writes for the same answers. A request whose key has earlier
+attempts (an interrupted run) continues its re-ask sequence where it stopped.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .errors import RefineError
+
+if TYPE_CHECKING:
+    from .store import ResultStore
+    from .teacher_requests import PreparedRequest
+
+ERROR_COLUMN = "__inference_error__"  # ray.data.llm's per-row error (should_continue_on_error=True)
+BATCH_SIZE = 16  # requests per engine call: small batches lose little when a replica dies
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The run's sampling, as every request carries it (the schema is per request)."""
+
+    temperature: float
+    max_tokens: int
+
+
+def replicas_for(gpus: float, tensor_parallel_size: int) -> int:
+    """Engine replicas the cluster holds: one per `tensor_parallel_size` GPUs."""
+    replicas = int(gpus) // max(1, tensor_parallel_size)
+    if replicas < 1:
+        raise RefineError(
+            f"--teacher vllm --backend ray needs GPUs: the cluster has {gpus:g}, and one replica needs "
+            f"--tensor-parallel-size {tensor_parallel_size}; on CPUs serve the model elsewhere and use "
+            "--teacher openai-compatible --base-url URL"
+        )
+    return replicas
+
+
+def processor_config(model: str, tensor_parallel_size: int, replicas: int, images_per_prompt: int) -> Any:
+    """The `vLLMEngineProcessorConfig` of the run (imports ray.data.llm, not vllm: buildable on any machine)."""
+    from ray.data.llm import vLLMEngineProcessorConfig
+
+    return vLLMEngineProcessorConfig(
+        model_source=model,
+        engine_kwargs={
+            "tensor_parallel_size": tensor_parallel_size,
+            "limit_mm_per_prompt": {"image": images_per_prompt},
+        },
+        concurrency=replicas,
+        batch_size=BATCH_SIZE,
+        prepare_multimodal_stage={"enabled": True},  # the keyframes, as OpenAI-style image_url parts
+        should_continue_on_error=True,
+    )
+
+
+def request_row(
+    item: PreparedRequest, messages: list[dict[str, Any]], attempt: int, sampling: Sampling
+) -> dict[str, Any]:
+    """One request as the processor's input row: chat messages, and sampling with this request's schema."""
+    return {
+        "key": item.key,
+        "attempt": attempt,
+        "payload": pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL),
+        "messages": messages,
+        "sampling_params": {
+            "temperature": sampling.temperature,
+            "max_tokens": sampling.max_tokens,
+            "structured_outputs": {"json": item.response_format["json_schema"]["schema"]},
+        },
+    }
+
+
+def postprocess(row: dict[str, Any]) -> dict[str, Any]:
+    """An engine output row reduced to what the driver commits (error rows never reach here)."""
+    return {
+        "key": row["key"],
+        "attempt": int(row["attempt"]),
+        "payload": row["payload"],
+        "text": row.get("generated_text") or "",
+        "prompt_tokens": int(row.get("num_input_tokens") or 0),
+        "completion_tokens": int(row.get("num_generated_tokens") or 0),
+        ERROR_COLUMN: "",
+    }
+
+
+@dataclass
+class PassSummary:
+    """What the replicas did in this run (all passes)."""
+
+    passes: int = 0
+    answers: int = 0  # valid answers committed
+    invalid: int = 0  # answers that failed the checks (re-asked or rejected)
+    rejected: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # engine errors by message (episodes left for a rerun)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def ask_in_passes(
+    first: Iterable[dict[str, Any]],
+    process: Callable[[Any], Any],
+    from_rows: Callable[[list[dict[str, Any]]], Any],
+    store: ResultStore,
+    *,
+    model: str,
+    schema_id: str,
+    template: Any,
+    max_attempts: int,
+    sampling: Sampling,
+) -> PassSummary:
+    """Run the processor over the requests, commit every answer, re-ask the invalid ones in later passes.
+
+    `first` is the first pass's dataset (or rows), `process` the processor (dataset -> output rows),
+    `from_rows` makes a dataset of re-ask rows. Nothing is used before it is committed.
+    """
+    from .prompts import reask_messages
+    from .records import check_answer, commit_response, invalid_reason
+    from .teachers.base import TeacherResponse
+
+    summary = PassSummary()
+    pending: Any = first
+    while pending is not None:
+        summary.passes += 1
+        reasks: list[dict[str, Any]] = []
+        for row in _rows(process(pending)):
+            item: PreparedRequest = pickle.loads(row["payload"])
+            attempt = int(row["attempt"])
+            if row.get(ERROR_COLUMN):
+                summary.errors[str(row[ERROR_COLUMN]).strip().splitlines()[-1][:200]] += 1
+                continue
+            response = TeacherResponse(
+                text=row["text"],
+                finish_reason=None,
+                prompt_tokens=row["prompt_tokens"],
+                completion_tokens=row["completion_tokens"],
+                model=model,
+            )
+            answer, errors = check_answer(response, item.context, schema_id)
+            commit_response(store, item.key, item.episode_id, model, attempt, response, answer, errors, 0.0)
+            summary.prompt_tokens += response.prompt_tokens
+            summary.completion_tokens += response.completion_tokens
+            if answer is not None:
+                summary.answers += 1
+                continue
+            summary.invalid += 1
+            if attempt >= max_attempts:
+                store.commit_reject(item.key, item.episode_id, invalid_reason(attempt, errors), response.text, attempt)
+                summary.rejected += 1
+                continue
+            messages = _messages_with_history(item, store, template) + reask_messages(template, response.text, errors)
+            reasks.append(request_row(item, messages, attempt + 1, sampling))
+        pending = from_rows(reasks) if reasks else None
+    return summary
+
+
+def _messages_with_history(item: PreparedRequest, store: ResultStore, template: Any) -> list[dict[str, Any]]:
+    """The request's messages with the re-ask turns of its stored attempts (all but the last)."""
+    from .prompts import reask_messages
+
+    messages = list(item.bundle.messages)
+    for att in store.attempts(item.key)[:-1]:
+        messages += reask_messages(template, att.raw, att.errors)
+    return messages
+
+
+def _rows(output: Any) -> Iterator[dict[str, Any]]:
+    return iter(output.iter_rows()) if hasattr(output, "iter_rows") else iter(output)
+
+
+def first_requests(
+    batch: dict[str, Any], settled: Any, history: Any, sampling: Sampling, template: str
+) -> dict[str, list[Any]]:
+    """Prepared rows -> the first pass's request rows (on the cluster): settled keys dropped, an interrupted
+    re-ask sequence continued from its stored attempts (`history`: key -> [(raw, errors), ...])."""
+    from .prompts import load_template, reask_messages
+
+    if not isinstance(settled, frozenset):
+        import ray
+
+        settled, history = ray.get(settled), ray.get(history)
+    tmpl = load_template(template)
+    out: dict[str, list[Any]] = {"key": [], "attempt": [], "payload": [], "messages": [], "sampling_params": []}
+    for payload, error in zip(batch["payload"], batch["error"], strict=True):
+        if error:
+            raise RefineError(str(error))
+        item = pickle.loads(payload)
+        if item.key in settled:
+            continue
+        messages = list(item.bundle.messages)
+        for raw, errors in history.get(item.key, []):
+            messages += reask_messages(tmpl, raw, list(errors))
+        row = request_row(item, messages, len(history.get(item.key, [])) + 1, sampling)
+        for k in out:
+            out[k].append(row[k])
+    return out
+
+
+def run_replicas(ray: Any, args: Any, setup: Any, prepared: Any) -> PassSummary:
+    """Ask every unsettled request of `prepared` (the cluster's prepared rows) through vLLM replicas."""
+    from ray.data.llm import build_processor
+
+    from .prompts import load_template
+    from .store import ResultStore
+
+    teacher = setup.teacher
+    replicas = replicas_for(float(ray.cluster_resources().get("GPU", 0.0)), args.tensor_parallel_size)
+    # keyframes + gripper-event frames: at most `--frames` + the events; room for a busy episode's events
+    config = processor_config(teacher.model, args.tensor_parallel_size, replicas, args.frames + 8)
+    processor = build_processor(config, postprocess=postprocess)
+    sampling = Sampling(args.temperature, args.max_tokens)
+    with ResultStore(setup.store_path) as store:
+        first = prepared.map_batches(
+            first_requests,
+            batch_size=8,
+            fn_kwargs={
+                "settled": ray.put(store.settled_keys()),
+                "history": ray.put(store.open_attempts()),
+                "sampling": sampling,
+                "template": setup.options.template,
+            },
+            num_cpus=0.1,  # CPU stages ask for little, or a fixed pool can wait forever on a small cluster
+        )
+        return ask_in_passes(
+            first,
+            processor,
+            lambda rows: ray.data.from_items(rows),
+            store,
+            model=teacher.model,
+            schema_id=setup.options.schema_id,
+            template=load_template(setup.options.template),
+            max_attempts=setup.options.max_attempts,
+            sampling=sampling,
+        )
