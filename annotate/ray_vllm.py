@@ -17,6 +17,8 @@ attempts (an interrupted run) continues its re-ask sequence where it stopped.
 from __future__ import annotations
 
 import pickle
+import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 ERROR_COLUMN = "__inference_error__"  # ray.data.llm's per-row error (should_continue_on_error=True)
 BATCH_SIZE = 16  # requests per engine call: small batches lose little when a replica dies
+REPORT_EVERY = 5.0  # seconds between progress lines while the replicas answer
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,17 @@ class PassSummary:
     errors: Counter[str] = field(default_factory=Counter)  # engine errors by message (episodes left for a rerun)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def line(self, total: int) -> str:
+        """The progress line while the replicas answer (the engine's own line follows, settling from the store)."""
+        done = self.answers + self.rejected + sum(self.errors.values())
+        rate = (self.answers + self.invalid) / max(1e-6, time.monotonic() - self.started)
+        return (
+            f"vllm replicas, pass {self.passes}: episodes {done}/{total} | answers {self.answers}, invalid "
+            f"{self.invalid}, rejected {self.rejected}, engine errors {sum(self.errors.values())} | tokens "
+            f"{self.prompt_tokens}+{self.completion_tokens} | {rate:.1f} req/s"
+        )
 
 
 def ask_in_passes(
@@ -123,6 +137,7 @@ def ask_in_passes(
     template: Any,
     max_attempts: int,
     sampling: Sampling,
+    report: Callable[[PassSummary], None] | None = None,
 ) -> PassSummary:
     """Run the processor over the requests, commit every answer, re-ask the invalid ones in later passes.
 
@@ -135,10 +150,14 @@ def ask_in_passes(
 
     summary = PassSummary()
     pending: Any = first
+    shown = time.monotonic()
     while pending is not None:
         summary.passes += 1
         reasks: list[dict[str, Any]] = []
         for row in _rows(process(pending)):
+            if report is not None and time.monotonic() - shown >= REPORT_EVERY:
+                report(summary)
+                shown = time.monotonic()
             item: PreparedRequest = pickle.loads(row["payload"])
             attempt = int(row["attempt"])
             if row.get(ERROR_COLUMN):
@@ -166,6 +185,8 @@ def ask_in_passes(
             messages = _messages_with_history(item, store, template) + reask_messages(template, response.text, errors)
             reasks.append(request_row(item, messages, attempt + 1, sampling))
         pending = from_rows(reasks) if reasks else None
+    if report is not None:
+        report(summary)
     return summary
 
 
@@ -246,4 +267,5 @@ def run_replicas(ray: Any, args: Any, setup: Any, prepared: Any) -> PassSummary:
             template=load_template(setup.options.template),
             max_attempts=setup.options.max_attempts,
             sampling=sampling,
+            report=None if args.progress == "none" else lambda r: print(r.line(setup.total), file=sys.stderr),
         )

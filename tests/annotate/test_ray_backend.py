@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ import polars as pl
 import pytest
 
 from tests.annotate.conftest import SECRET, answered, start_annotate
+from tests.annotate.test_crash_resume import seed
 
 pytest.importorskip("ray.data", reason="needs the [ray] extra")
 
@@ -215,3 +217,23 @@ def test_vllm_replicas_on_a_cluster_without_gpus_is_one_line(tiny_rlds, cluster,
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "needs GPUs: the cluster has 0" in lines[0], proc.stderr
+
+
+def test_ctrl_c_stops_a_ray_run_cleanly_and_the_rerun_resumes(tiny_rlds, teacher_server, cluster, tmp_path):
+    uri = tiny_rlds(16)
+    out = tmp_path / "out"
+    teacher_server.latency = 0.3
+    proc = on_ray(uri, teacher_server.url, out, cluster)
+    wait_until(lambda: len(answered(out)) >= 2, "the first answers")
+    proc.send_signal(signal.SIGINT)
+    stopped = finish(proc, timeout=60)
+    assert stopped.returncode == 130, stopped.stderr
+    assert "Resume with: refine-data annotate" in stopped.stderr and "Traceback" not in stopped.stderr
+    committed = answered(out)
+    assert json.loads((out / "refinevla.json").read_text())["stop_reason"] == "interrupted"
+    before = len(teacher_server.requests)
+    teacher_server.latency = 0.0
+    rerun = finish(on_ray(uri, teacher_server.url, out, cluster))
+    assert rerun.returncode == 0, rerun.stderr
+    assert not {q.seed for q in teacher_server.requests[before:]} & {seed(e) for e in committed}
+    assert read(out, "episodes").height == 16

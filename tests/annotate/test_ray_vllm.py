@@ -114,7 +114,7 @@ def replicas(monkeypatch: pytest.MonkeyPatch) -> FakeReplicas:
     return fake
 
 
-def annotate(uri: str, out: Path) -> int:
+def annotate(uri: str, out: Path, progress: str = "none") -> int:
     from refinevla.annotate.commands.annotate import AnnotateArgs, run_annotate
 
     args = AnnotateArgs(
@@ -124,20 +124,20 @@ def annotate(uri: str, out: Path) -> int:
         out=out,
         backend="ray",
         ray_workers=1,
-        progress="none",
+        progress=progress,
         license="mit",
     )
     return run_annotate(args)
 
 
 def test_replicas_answer_into_the_store_and_invalid_answers_are_re_asked_in_the_next_pass(
-    tiny_rlds, replicas, tmp_path, monkeypatch
+    tiny_rlds, replicas, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     uri = tiny_rlds(5)
     replicas.scripts = {1: ["invalid", "ok"], 2: ["invalid", "invalid", "invalid"], 3: ["error"]}
     out = tmp_path / "out"
-    assert annotate(uri, out) == 1  # one episode failed in the engine: a rerun asks it again
+    assert annotate(uri, out, progress="plain") == 1  # one episode failed in the engine: a rerun asks it again
     (config,) = replicas.built
     assert config.concurrency == 2 and config.engine_kwargs["tensor_parallel_size"] == 1  # 2 GPUs, TP 1
 
@@ -162,6 +162,8 @@ def test_replicas_answer_into_the_store_and_invalid_answers_are_re_asked_in_the_
     assert manifest["this_run"]["requests"] == 7 and manifest["counts"]["annotated_this_run"] == 3
     episodes = pl.read_parquet(out / "episodes")
     assert episodes.height == 3
+    progress = capsys.readouterr().err
+    assert "vllm replicas, pass 3: episodes 5/5 | answers 3, invalid 4, rejected 1, engine errors 1" in progress
 
     replicas.seen.clear()
     assert annotate(uri, out) == 0  # the rerun asks the failed episode only
