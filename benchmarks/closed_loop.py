@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-RATIONALE_BUDGET = 256  # refine-eval run's default --max-rationale-tokens
 sys.path.insert(0, str(ROOT))  # the test factories build the tiny model
 # The tiny recipe that memorises 2 carrot demonstrations on 2 CPU cores (see the README's figures).
 TINY: dict[str, Any] = {"image": 32, "hidden": 64, "layers": 2, "steps": 4000, "batch_size": 8, "learning_rate": 2e-3}
@@ -110,9 +109,10 @@ def imitation(policy_dir: Path, demos: Path, episodes: int) -> Rate:
 
     from refinevla.annotate.sources import ReadOptions, open_source
     from refinevla.train.decoding import generate
-    from refinevla.train.policy import Policy
+    from refinevla.train.policy import Policy, rationale_budget
 
     policy = Policy(policy_dir)
+    budget = rationale_budget(policy.info)  # refine-eval run's default --max-rationale-tokens
     reasoning = bool(policy.info.get("reasoning", True))  # as Policy.predict decodes
     match = total = 0
     for i, ep in enumerate(open_source(f"rlds:{demos}").iter_episodes(ReadOptions())):
@@ -120,7 +120,7 @@ def imitation(policy_dir: Path, demos: Path, episodes: int) -> Rate:
             break
         frames = [np.asarray(f) for f in ep.frames["image_0"]]
         for gen, target in zip(
-            generate(policy, frames, [ep.instruction] * len(frames), reasoning, RATIONALE_BUDGET),
+            generate(policy, frames, [ep.instruction] * len(frames), reasoning, budget),
             ep.actions,
             strict=True,
         ):

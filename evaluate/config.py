@@ -55,7 +55,11 @@ class RunArgs:
         1, "Parallel envs, one policy forward pass for all (GPU: one scene batch; CPU: one process each)."
     )
     reasoning: bool = option(True, REASONING)
-    max_rationale_tokens: int = option(256, "Rationale budget per step; then ACTION: is forced.")
+    max_rationale_tokens: int | None = option(
+        None,
+        "Rationale budget per step; then ACTION: is forced. Default: the policy's longest training rationale "
+        "+ 25% (recorded in policy.json; 256 for checkpoints that do not record it).",
+    )
     video: bool = option(False, "Write an mp4 per episode under videos/.")
     log_actions: bool = option(False, "Keep each step's raw_action and env_action in episodes.jsonl.")
     seed: int = option(0, "Base seed of the env resets.")

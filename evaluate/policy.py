@@ -29,10 +29,10 @@ class RefinePolicy:
         checkpoint: str | Path,
         robot: str | None = None,
         reasoning: bool = True,
-        max_rationale_tokens: int = 256,
+        max_rationale_tokens: int | None = None,
         device: str | None = None,
     ) -> None:
-        from ..train.policy import Policy
+        from ..train.policy import Policy, rationale_budget
 
         if device is None:
             import torch
@@ -49,7 +49,14 @@ class RefinePolicy:
         if reasoning and not self.info.get("reasoning", True):
             reasoning = False  # an action-only policy writes no rationale: nothing to ask for
         self.reasoning = reasoning
-        self.max_rationale_tokens = max_rationale_tokens
+        self.max_rationale_tokens = rationale_budget(self.info, max_rationale_tokens)
+        longest = (self.info.get("rationale_tokens") or {}).get("max")
+        self.budget_warning = (
+            f"--max-rationale-tokens {max_rationale_tokens} is below the {longest} tokens of the policy's longest "
+            "training rationale: ACTION: will be forced before such a rationale ends"
+            if self.reasoning and longest and max_rationale_tokens is not None and max_rationale_tokens < longest
+            else None
+        )
         self.image_size = (int(self.info["image_size"][0]), int(self.info["image_size"][1]))
         self.instructions: list[str] = []
         self.gripper = GripperState(self.robot, 1)

@@ -197,6 +197,9 @@ def _run_held(
     else:
         policy = RefinePolicy(args.policy, args.robot, args.reasoning, args.max_rationale_tokens, args.device)
         digest = policy_digest(Path(args.policy))
+        if policy.budget_warning:
+            progress(f"warning: {policy.budget_warning}")
+    budget = policy.max_rationale_tokens if isinstance(policy, RefinePolicy) and policy.reasoning else None
     run = {
         "format": RESULTS_FORMAT,
         "policy": policy.describe(),
@@ -205,7 +208,7 @@ def _run_held(
         "reasoning": policy.reasoning,
         "seed": args.seed,
         "episodes_per_config": args.episodes_per_config,
-        "max_rationale_tokens": args.max_rationale_tokens if policy.reasoning else None,
+        "max_rationale_tokens": budget,
         "episodes_from": str(args.episodes_from) if args.episodes_from else None,
         "held_out_from": str(args.held_out_from) if args.held_out_from else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -145,7 +145,9 @@ def policy_description(
     reasoning: bool,
     config: dict[str, Any],
     step: int,
+    rationale_tokens: int | None = None,
 ) -> dict[str, Any]:
+    """policy.json. `rationale_tokens`: the longest training rationale in tokens (the decoding budget's floor)."""
     transform = table_meta["transform"]
     return {
         "format": POLICY_FORMAT,
@@ -153,6 +155,7 @@ def policy_description(
         "base_model": base_model,
         "prompt_format": PROMPT_TEMPLATE,
         "reasoning": reasoning,  # False: the policy writes ACTION: and the tokens straight away
+        "rationale_tokens": {"max": rationale_tokens} if reasoning and rationale_tokens is not None else None,
         "serialisation": table_meta["serialisation"],
         "action_tokenizer": actions.settings(),
         "schema_id": table_meta["schema_id"],
@@ -169,6 +172,18 @@ def policy_description(
             },
         },
     }
+
+
+DEFAULT_RATIONALE_BUDGET = 256  # for checkpoints that do not record their longest training rationale
+
+
+def rationale_budget(info: dict[str, Any], given: int | None = None) -> int:
+    """Tokens a policy may write before `ACTION:` is forced: `given`, else its longest training rationale
+    with a quarter more room (a rationale is free text: the model may run a little longer), else 256."""
+    if given is not None:
+        return given
+    recorded = (info.get("rationale_tokens") or {}).get("max")
+    return int(recorded * 1.25) + 16 if recorded else DEFAULT_RATIONALE_BUDGET
 
 
 class Policy:

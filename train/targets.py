@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,21 +106,52 @@ def drop_parts(parts: Sequence[Sequence[str]], p: float, rng: random.Random) -> 
     return [part for part in parts if rng.random() >= p]
 
 
+def rationale_text(parts: Sequence[Sequence[str]]) -> str:
+    """The rationale as the model writes it: one `TAG: text` line per part."""
+    return "".join(f"{t}: {text}\n" for t, text in parts)
+
+
 def target_text(parts: Sequence[Sequence[str]]) -> str:
     """The rationale as the model writes it, up to and including `ACTION:`."""
-    return "".join(f"{t}: {text}\n" for t, text in parts) + ACTION_TAG
+    return rationale_text(parts) + ACTION_TAG
 
 
 def target_ids(
     tokenizer: Any, parts: Sequence[Sequence[str]], action_ids: Sequence[int]
 ) -> tuple[list[int], list[int]]:
     """(token ids, kinds) of the target: rationale text, `ACTION:`, the action ids, EOS."""
-    rationale = "".join(f"{t}: {text}\n" for t, text in parts)
+    rationale = rationale_text(parts)
     r_ids = tokenizer(rationale, add_special_tokens=False)["input_ids"] if rationale else []
     a_ids = tokenizer(ACTION_TAG, add_special_tokens=False)["input_ids"] + [int(i) for i in action_ids]
     if tokenizer.eos_token_id is not None:
         a_ids.append(int(tokenizer.eos_token_id))
     return list(r_ids) + a_ids, [RATIONALE] * len(r_ids) + [ACTION] * len(a_ids)
+
+
+def longest_rationale(tokenizer: Any, parts_column: Iterable[str]) -> int:
+    """The longest rationale of the training rows in tokens (`parts` as the table stores them, JSON).
+
+    The policy records it: decoding must give the model at least this many tokens before it forces
+    `ACTION:`, or every step's action follows a rationale cut short, a context it was never trained on.
+    """
+    longest = 0
+    batch: list[str] = []
+
+    def flush() -> None:
+        nonlocal longest
+        if batch:
+            ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+            longest = max(longest, *(len(i) for i in ids))
+            batch.clear()
+
+    for text in dict.fromkeys(parts_column):  # steps of one segment share their parts
+        parts = loads_parts(text)
+        if parts:
+            batch.append(rationale_text(parts))
+        if len(batch) >= 512:
+            flush()
+    flush()
+    return longest
 
 
 def action_positions(kinds: Sequence[int], n_actions: int = 7, has_eos: bool = True) -> list[int]:

@@ -37,6 +37,7 @@ from .loss import joint_loss
 from .policy import policy_description, save_policy
 from .preparation import make_loader, prepare
 from .run_guard import StopRequest, hold_training_output, interrupted
+from .targets import longest_rationale
 
 __all__ = ["TrainResult", "mixed_precision", "train"]
 
@@ -128,6 +129,8 @@ def _train_held(cfg: TrainConfig, accelerator: Any, stop: StopRequest) -> TrainR
         state.processes, state.batch_size = world, cfg.batch_size
     family = p.adapter.family
     image_size = p.adapter.image_size(p.processor)
+    tok = p.adapter.tokenizer(p.processor)
+    rationale_tokens = longest_rationale(tok, p.table.column("parts")) if cfg.reasoning else None
 
     def policy(step: int) -> dict[str, Any]:
         return policy_description(
@@ -140,6 +143,7 @@ def _train_held(cfg: TrainConfig, accelerator: Any, stop: StopRequest) -> TrainR
             reasoning=cfg.reasoning,
             config=cfg.as_dict(),
             step=step,
+            rationale_tokens=rationale_tokens,
         )
 
     def save(directory: Path, with_state: bool) -> None:

@@ -254,3 +254,15 @@ def test_reasoning_is_off_for_a_policy_trained_without_it(paligemma_policy: Path
     assert reasoning.reasoning is True
     reasoning.step(frame(0), INSTRUCTION)
     assert reasoning.last[0].forced_tag is True and reasoning.last[0].new_tokens > 7
+
+
+def test_the_rationale_budget_defaults_to_the_policys_longest_training_rationale(paligemma_policy: Path) -> None:
+    """A budget below the training rationales forces ACTION: mid-rationale on every step (measured in the
+    closed loop: λ = 1 with the old fixed 256 imitated 0/240 frames), so the default comes from the policy."""
+    longest = json.loads((paligemma_policy / "refinevla_policy.json").read_text())["rationale_tokens"]["max"]
+    default = RefinePolicy(paligemma_policy)
+    assert default.max_rationale_tokens > longest and default.budget_warning is None
+    short = RefinePolicy(paligemma_policy, max_rationale_tokens=3)
+    assert short.max_rationale_tokens == 3 and short.budget_warning is not None
+    assert f"below the {longest} tokens" in short.budget_warning
+    assert RefinePolicy(paligemma_policy, reasoning=False, max_rationale_tokens=3).budget_warning is None

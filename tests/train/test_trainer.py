@@ -12,8 +12,9 @@ torch = pytest.importorskip("torch")
 
 from refinevla.train.checkpoint import latest_checkpoint  # noqa: E402
 from refinevla.train.data import StepSamples  # noqa: E402
-from refinevla.train.policy import POLICY_FILE, STATS_FILE, Policy  # noqa: E402
+from refinevla.train.policy import POLICY_FILE, STATS_FILE, Policy, rationale_budget  # noqa: E402
 from refinevla.train.preparation import make_loader, prepare  # noqa: E402
+from refinevla.train.targets import loads_parts, rationale_text  # noqa: E402
 from refinevla.train.trainer import train  # noqa: E402
 from refinevla.train.validation import predict_action_ids, validation_metrics  # noqa: E402
 from tests.train.conftest import OVERFIT, config  # noqa: E402
@@ -51,6 +52,11 @@ def test_overfitting_4_samples_reaches_full_action_token_accuracy_and_the_checkp
     assert policy["model_family"] == "paligemma" and policy["unnorm_key"] == "bridge_orig"
     assert policy["robot"] == "widowx" and policy["camera"] == "image_0" and policy["image_size"] == [32, 32]
     assert policy["serialisation"]["step_parts"] == ["subtask", "subtask_reason", "move", "move_reason"]
+    tok = p.adapter.tokenizer(p.processor)
+    rationales = [rationale_text(loads_parts(p.table.row(i)["parts"])) for i in range(len(p.table))]
+    longest = max(len(tok(r, add_special_tokens=False)["input_ids"]) for r in rationales)
+    assert policy["rationale_tokens"] == {"max": longest} and longest > 50
+    assert rationale_budget(policy) > longest and rationale_budget(policy, 7) == 7  # the decoder's default budget
     assert json.loads((out / STATS_FILE).read_text()) == p.statistics
     reloaded = Policy(out)
     batch = next(iter(loader))
@@ -136,7 +142,8 @@ def test_action_only_baseline_generates_its_actions_from_the_checkpoint(publishe
         reasoning_weight=0.0,
     )
     train(cfg)
-    assert json.loads((tmp_path / "ckpt" / POLICY_FILE).read_text())["reasoning"] is False
+    info = json.loads((tmp_path / "ckpt" / POLICY_FILE).read_text())
+    assert info["reasoning"] is False and info["rationale_tokens"] is None
     policy = Policy(tmp_path / "ckpt")
     p = prepare(cfg)
     for index in p.train_indices[:2]:
