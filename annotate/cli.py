@@ -191,6 +191,34 @@ def stats(
         typer.secho(f"skipped: {line}", fg=typer.colors.YELLOW, err=True)
 
 
+@app.command()
+@user_errors
+def view(
+    out: Annotated[str, typer.Argument(help="An annotate output folder, or a Hub dataset ORG/NAME.")],
+    episodes: Annotated[
+        str | None, typer.Option("--episodes", help="Episode index range START:STOP of the source (default: 0).")
+    ] = None,
+    save: Annotated[Path | None, typer.Option("--save", help="Write a Rerun recording (.rrd) instead.")] = None,
+    serve: Annotated[bool, typer.Option("--serve", help="Serve Rerun's web viewer (for a remote machine).")] = False,
+    data_dir: DataDirOpt = None,
+) -> None:
+    """Frames, states, actions and the rationale (text, boxes, segments) of episodes on one timeline in Rerun."""
+    from .view import view_dataset
+
+    summary = view_dataset(out, episodes, save, serve, data_dir)
+    typer.echo(
+        f"logged {summary.episodes} episode(s), {summary.steps} steps, {summary.boxes} box(es) to {summary.where}"
+    )
+    if serve:
+        import time
+
+        try:
+            while True:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+
+
 def _register_optional_commands() -> None:
     """Commands that live in their own modules (`commands.annotate`, `commands.publish`) add themselves here."""
     from importlib import import_module

@@ -1,0 +1,164 @@
+"""`refine-data view --save`: read the recording back with Rerun's own reader and check what is in it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+pytest.importorskip("rerun", reason="needs the [viz] extra")
+
+from tests.annotate.conftest import SECRET, start_annotate
+from tests.sources.conftest import lerobot_episodes, write_lerobot_dataset  # noqa: F401  (fixtures)
+
+
+def view(out: Path, rrd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "refinevla.annotate.cli", "view", str(out), "--save", str(rrd), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def read_rrd(path: Path) -> dict[str, list[dict[str, Any]]]:
+    """entity path -> rows (column name -> value), in log order, from Rerun's own reader."""
+    from rerun.chunk import RrdReader
+
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for chunk in RrdReader(str(path)).stream():
+        for row in chunk.to_record_batch().to_pylist():  # a text component is a one-element list per row
+            rows[chunk.entity_path].append(
+                {k: v[0] if k.endswith(":text") and isinstance(v, list) and len(v) == 1 else v for k, v in row.items()}
+            )
+    return rows
+
+
+def annotated_with_boxes(tiny_rlds, teacher_server, tmp_path: Path, *extra: str) -> Path:
+    out = tmp_path / "out"
+    proc = start_annotate(tiny_rlds(3), teacher_server.url, out, *extra)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return out
+
+
+def test_an_episode_is_its_frames_scalars_step_rationale_boxes_and_document(tiny_rlds, teacher_server, tmp_path):
+    # the teacher saw 32-px keyframes of the 64-px frames: its box [4, 4, 20, 20] is [8, 8, 40, 40] on the frame
+    out = annotated_with_boxes(tiny_rlds, teacher_server, tmp_path, "--image-size", "32")
+    r = view(out, tmp_path / "v.rrd", "--episodes", "1")
+    assert r.returncode == 0, r.stderr
+    assert "logged 1 episode(s)" in r.stdout and "1 box(es)" in r.stdout
+    rec = read_rrd(tmp_path / "v.rrd")
+    steps = pl.read_parquet(out / "data").filter(pl.col("episode_id").str.ends_with("#1")).sort("step")
+    episode = pl.read_parquet(out / "episodes").filter(pl.col("episode_id").str.ends_with("#1")).to_dicts()[0]
+    n = steps.height
+    assert n > 5 and not any(k.startswith("/episodes/0/") or k.startswith("/episodes/2/") for k in rec)
+
+    frames = rec["/episodes/1/camera/image_0"]
+    assert [f["step"] for f in frames] == list(range(n))  # one frame per step
+    texts = [row["TextDocument:text"] for row in rec["/episodes/1/rationale/step"]]
+    assert len(texts) == n
+    for text, row in zip(texts, steps.to_dicts(), strict=True):
+        assert f"SUBTASK: {row['subtask']}\n" in text and f"MOVE REASON: {row['move_reason']}" in text
+    actions = [row["Scalars:scalars"] for row in rec["/episodes/1/action"] if row.get("Scalars:scalars") is not None]
+    assert len(actions) == n and all(len(a) == 7 for a in actions)
+    np.testing.assert_allclose(np.array(actions), np.stack(steps["action"].to_list()), rtol=1e-6)
+
+    (boxes,) = [row for row in rec["/episodes/1/camera/image_0/objects"] if row.get("Boxes2D:centers")]
+    assert boxes["step"] == 0 and boxes["Boxes2D:labels"] == ["spoon"]
+    np.testing.assert_allclose(boxes["Boxes2D:centers"], [[24.0, 24.0]])
+    np.testing.assert_allclose(boxes["Boxes2D:half_sizes"], [[16.0, 16.0]])
+
+    (doc,) = rec["/episodes/1/rationale/episode"]
+    assert (
+        episode["observation"] in doc["TextDocument:text"] and episode["spatial_reasoning"] in doc["TextDocument:text"]
+    )
+    events = [(row["step"], row["TextLog:text"]) for row in rec["/episodes/1/events"]]
+    moves, grips = steps["move"].to_list(), steps["gripper"].to_list()
+    starts = [t for t in range(n) if t == 0 or moves[t] != moves[t - 1]]
+    changes = [t for t in range(1, n) if grips[t] != grips[t - 1]]
+    assert [t for t, e in events if e.startswith("segment: ")] == starts
+    assert [t for t, e in events if e.startswith("gripper: ")] == changes
+    assert SECRET not in (tmp_path / "v.rrd").read_bytes().decode("latin-1")
+
+
+def test_a_rejected_episode_is_shown_with_its_reason(tiny_rlds, teacher_server, tmp_path):
+    teacher_server.scripts = {0: ["400"]}
+    out = tmp_path / "out"
+    proc = start_annotate(tiny_rlds(2), teacher_server.url, out)
+    proc.communicate(timeout=120)
+    r = view(out, tmp_path / "v.rrd", "--episodes", "0:2")
+    assert r.returncode == 0, r.stderr
+    rec = read_rrd(tmp_path / "v.rrd")
+    (doc,) = rec["/episodes/0/rationale/episode"]
+    reason = json.loads((out / ".refine" / "rejects.jsonl").read_text().splitlines()[0])["reason"]
+    assert doc["TextDocument:text"] == f"**Rejected**: {reason}"
+    assert "/episodes/0/rationale/step" not in rec and len(rec["/episodes/0/camera/image_0"]) > 0  # frames still shown
+    assert len(rec["/episodes/1/rationale/step"]) > 0
+
+
+def test_a_lerobot_video_dataset_shows_the_decoded_frames(write_lerobot_dataset, tmp_path):  # noqa: F811
+    root, episodes = write_lerobot_dataset("v3.0", camera_storage="video", n=3)
+    out = tmp_path / "out"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "refinevla.annotate.cli",
+            "annotate",
+            f"lerobot:{root}",
+            "--out",
+            str(out),
+            "--license",
+            "mit",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert r.returncode == 0, r.stderr
+    v = view(out, tmp_path / "v.rrd", "--episodes", "2")  # the second episode of a shared video file
+    assert v.returncode == 0, v.stderr
+    rec = read_rrd(tmp_path / "v.rrd")
+    from refinevla.annotate.sources import ReadOptions, open_source
+
+    source = next(open_source(f"lerobot:{root}").iter_episodes(ReadOptions(start=2, stop=3)))
+    ep = episodes[2]
+    assert source.num_steps == ep.num_steps and source.cameras
+    for camera in source.cameras:
+        frames = rec[f"/episodes/2/camera/{camera}"]
+        assert len(frames) == ep.num_steps, sorted(rec)
+        h, w = np.asarray(source.frames[camera][0]).shape[:2]
+        for t in (0, ep.num_steps - 1):  # the frame training reads, pixel for pixel
+            logged = np.asarray(frames[t]["Image:buffer"], np.uint8).reshape(h, w, 3)
+            np.testing.assert_array_equal(logged, np.asarray(source.frames[camera][t]))
+    assert len(rec["/episodes/2/rationale/step"]) == ep.num_steps
+
+
+def test_a_selection_that_matches_nothing_is_one_line(tiny_rlds, teacher_server, tmp_path):
+    out = annotated_with_boxes(tiny_rlds, teacher_server, tmp_path)
+    r = view(out, tmp_path / "v.rrd", "--episodes", "7:9")
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "selects no episode" in lines[0] and "it has 3" in lines[0], r.stderr
+    assert not (tmp_path / "v.rrd").exists() or (tmp_path / "v.rrd").stat().st_size < 10_000
+
+
+def test_without_the_extra_it_says_how_to_get_it(tmp_path):
+    blocker = tmp_path / "blocker" / "rerun"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError(\"No module named 'rerun'\")\n")
+    env = {**os.environ, "PYTHONPATH": f"{blocker.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    r = subprocess.run(
+        [sys.executable, "-m", "refinevla.annotate.cli", "view", "sample", "--save", str(tmp_path / "v.rrd")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "pip install 'refinevla[viz]'" in lines[0], r.stderr
