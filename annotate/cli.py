@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -25,6 +25,7 @@ from .cli_options import (
 )
 from .errors import RefineError
 from .exits import user_errors
+from .source_args import open_cli_source, parse_range
 
 app = typer.Typer(
     name="refine-data",
@@ -48,48 +49,6 @@ WorkersOpt = Annotated[int, typer.Option("--workers", help="Reader processes (0 
 SkipCorruptOpt = Annotated[
     bool, typer.Option("--skip-corrupt", help="Skip and count records that fail their CRC instead of stopping.")
 ]
-
-
-def split_keys(value: str | None) -> tuple[str, ...]:
-    return tuple(k.strip() for k in value.split(",") if k.strip()) if value else ()
-
-
-def parse_range(value: str | None, limit: int | None = None) -> tuple[int, int | None]:
-    """ "START:STOP" (either side optional) plus --limit -> (start, stop)."""
-    start, stop = 0, None
-    if value:
-        lo, sep, hi = value.partition(":")
-        try:
-            start = int(lo) if lo else 0
-            stop = int(hi) if hi else None
-            if not sep:
-                stop = start + 1
-        except ValueError:
-            raise RefineError(f"--episodes {value!r}: expected START:STOP, e.g. 0:100") from None
-    if limit is not None:
-        stop = start + limit if stop is None else min(stop, start + limit)
-    return start, stop
-
-
-def open_cli_source(
-    source: str,
-    data_dir: str | None,
-    split: str,
-    camera: list[str] | None,
-    instruction_key: str | None,
-    state_key: str | None,
-    action_key: str | None,
-) -> Any:
-    """Open a source with the user's layout overrides applied."""
-    from .sources import SourceOverrides, open_source
-
-    overrides = SourceOverrides(
-        cameras=tuple(camera or ()),
-        instruction_key=instruction_key,
-        state_key=split_keys(state_key),
-        action_key=split_keys(action_key),
-    )
-    return open_source(source, data_dir=data_dir, split=split, overrides=overrides)
 
 
 @app.command()

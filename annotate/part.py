@@ -171,10 +171,10 @@ class PartResult:
 def setup_run(args: AnnotateArgs) -> RunSetup:
     """Validate flags, open the source, build the teacher and engine options (no request sent)."""
     from ..schemas import SCHEMA_DETAILS, default_detail
-    from .cli import open_cli_source
     from .engine import EngineOptions
     from .pricing import PriceTable
     from .prompts import FrameOptions
+    from .source_args import open_cli_source
     from .teachers import make_teacher
 
     shard = parse_shard(args.shard)

@@ -170,8 +170,8 @@ def prepare_chunk(batch: dict[str, Any], spec: PrepareSpec, settled: Any) -> dic
     keyframes: the driver only assembles its record. An episode the engine cannot ask (a bad
     state) becomes an error row, raised as the local backend would raise it, in one line.
     """
-    from .cli import open_cli_source
     from .prompts import load_template
+    from .source_args import open_cli_source
     from .sources import ReadOptions
     from .teacher_requests import prepare_request
 

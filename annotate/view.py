@@ -122,7 +122,7 @@ class Selection:
 
 def select(data: Annotated, selection: str | None, data_dir: str | None) -> Selection:
     """The selection, checked before anything is written (one line when it matches nothing)."""
-    from .cli import open_cli_source, parse_range
+    from .source_args import open_cli_source, parse_range
 
     src = data.manifest.get("source") or {}
     if not src.get("uri"):

@@ -63,10 +63,10 @@ def main() -> None:
     os.environ["OPENAI_API_KEY"] = SECRET
 
     from refinevla.annotate.batch.runner import BatchOptions, BatchRunner
-    from refinevla.annotate.cli import open_cli_source
     from refinevla.annotate.commands.batch import make_batch_provider
     from refinevla.annotate.engine import Engine, EngineOptions
     from refinevla.annotate.pricing import PriceTable
+    from refinevla.annotate.source_args import open_cli_source
     from refinevla.annotate.sources import ReadOptions
     from refinevla.annotate.store import ResultStore
     from refinevla.annotate.teachers import make_teacher

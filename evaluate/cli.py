@@ -15,9 +15,9 @@ from typing import Annotated
 
 import typer
 
-from ..annotate.cli import split_keys
 from ..annotate.cli_options import Flags, options_from
 from ..annotate.exits import user_errors
+from ..annotate.source_args import split_keys
 from .config import DEVICE, POLICY, REASONING, DemosArgs, OnOff, RunArgs
 
 app = typer.Typer(
@@ -137,6 +137,26 @@ def attention(
         raise EvalError(f"--layers {layers!r}: expected comma-separated integers such as 0,-1") from None
     maps = run_attention(policy, image, instruction, out, chosen, reasoning is OnOff.on, device, max_rationale_tokens)
     typer.echo(f"wrote {out} (layers {', '.join(str(i) for i in maps.layers)})")
+
+
+@app.command("view")
+@user_errors
+def view_command(
+    results: Annotated[Path, typer.Argument(help="A refine-eval results folder.")],
+    episodes: Annotated[
+        str | None,
+        typer.Option("--episodes", help="Episode index range START:STOP (episodes.jsonl order; default all)."),
+    ] = None,
+    save: Annotated[Path | None, typer.Option("--save", help="Write a Rerun recording (.rrd) instead.")] = None,
+    frames: Annotated[
+        bool, typer.Option("--frames", help="Require the frames (every selected episode run with --video).")
+    ] = False,
+) -> None:
+    """Each evaluated episode in Rerun: frames, the policy's rationale every step, raw and env actions, the outcome."""
+    from .view import view_results
+
+    summary = view_results(results, episodes, save, frames)
+    typer.echo(f"logged {summary.episodes} episode(s), {summary.frames} frames to {summary.where}")
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ class OnOff(str, Enum):
 
 
 def _task_list(value: str | None) -> list[str] | None:
-    from ..annotate.cli import split_keys
+    from ..annotate.source_args import split_keys
 
     return list(split_keys(value)) or None
 
@@ -61,6 +61,9 @@ class RunArgs:
         "+ 25% (recorded in policy.json; 256 for checkpoints that do not record it).",
     )
     video: bool = option(False, "Write an mp4 per episode under videos/.")
+    video_rationale: bool = option(
+        False, "With --video: write each step's rationale in a panel under its frame (ECoT style)."
+    )
     log_actions: bool = option(False, "Keep each step's raw_action and env_action in episodes.jsonl.")
     seed: int = option(0, "Base seed of the env resets.")
     episodes_from: Path | None = option(

@@ -162,6 +162,8 @@ def run_eval(args: RunArgs, progress: Callable[[str], None] = print) -> RunSumma
     for name, value in (("--num-envs", args.num_envs), ("--episodes-per-config", args.episodes_per_config)):
         if value < 1:
             raise EvalError(f"{name} {value}: must be at least 1")
+    if args.video_rationale and not args.video:
+        raise EvalError("--video-rationale writes the rationale under the frames of --video: give both")
     for task in tasks:
         preflight(task)  # a missing simulator or asset is reported before minutes of model loading
     demos = selected_demos(args, tasks)
@@ -308,7 +310,8 @@ def run_batch(
     results = []
     for i, (config, repeat, _) in enumerate(batch):
         info = out.infos[i]
-        video = write_video(args.out, task, config, repeat, frames[i], sim.control_freq) if args.video else None
+        texts = rationales[i] if args.video_rationale else None
+        video = write_video(args.out, task, config, repeat, frames[i], sim.control_freq, texts) if args.video else None
         results.append(
             EpisodeResult(
                 suite=task.suite,
@@ -338,10 +341,23 @@ def _flags(infos: Sequence[dict[str, Any]], key: str) -> np.ndarray:
     return np.array([bool(info.get(key, False)) for info in infos], dtype=bool)
 
 
-def write_video(out: Path, task: Task, config: int, repeat: int, frames: list[np.ndarray], fps: float) -> str:
-    """videos/TASK/config-C_repeat-R.mp4 (relative to the results folder)."""
+def write_video(
+    out: Path,
+    task: Task,
+    config: int,
+    repeat: int,
+    frames: list[np.ndarray],
+    fps: float,
+    rationales: list[str] | None = None,
+) -> str:
+    """videos/TASK/config-C_repeat-R.mp4 (relative to the results folder); with `rationales`, frame k carries
+    the rationale the policy wrote looking at it (the last frame, the outcome, has none)."""
     from ..annotate.video import write_mp4
 
+    if rationales is not None:
+        from .overlay import with_rationale
+
+        frames = [with_rationale(f, rationales[k] if k < len(rationales) else "") for k, f in enumerate(frames)]
     rel = Path("videos") / task.name / f"config-{config:03d}_repeat-{repeat}.mp4"
     write_mp4(out / rel, frames, fps)
     return rel.as_posix()

@@ -220,3 +220,73 @@ def test_missing_assets_name_the_download_command(
     assert "python -m mani_skill.utils.download_asset bridge_v2_real2sim" in result.stderr
     assert "MS_ASSET_DIR" in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_view_shows_each_episodes_frames_rationales_actions_and_outcome(carrot_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("rerun", reason="needs the [viz] extra")
+    from rerun.chunk import RrdReader
+
+    rrd = tmp_path / "eval.rrd"
+    result = subprocess.run(
+        [sys.executable, "-m", "refinevla.evaluate", "view", str(carrot_run), "--episodes", "1", "--save", str(rrd)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"logged 1 episode(s), {CARROT_STEPS + 1} frames" in result.stdout
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for chunk in RrdReader(str(rrd)).stream():
+        rows.setdefault(chunk.entity_path, []).extend(chunk.to_record_batch().to_pylist())
+    ep = episodes(carrot_run)[1]
+    assert not any(k.startswith("/episodes/0/") for k in rows)
+    assert len(rows["/episodes/1/camera"]) == CARROT_STEPS + 1
+    written = [r["TextDocument:text"][0] for r in rows["/episodes/1/rationale"]]
+    assert (
+        written == [text or "(no rationale: action-only)" for text in ep["rationales"]] and len(written) == CARROT_STEPS
+    )
+    for name in ("raw_action", "env_action"):
+        values = [r["Scalars:scalars"] for r in rows[f"/episodes/1/{name}"] if r.get("Scalars:scalars") is not None]
+        np.testing.assert_allclose(np.array(values), np.array([a[name] for a in ep["actions"]]), rtol=1e-6)
+    (doc,) = rows["/episodes/1/result"]
+    assert f"configuration {ep['config']}, seed {ep['seed']}" in doc["TextDocument:text"][0]
+    assert f"**Success**: {'yes' if ep['success'] else 'no'}" in doc["TextDocument:text"][0]
+
+    bare = tmp_path / "bare"  # the same results without their videos, asked for frames
+    bare.mkdir()
+    for name in ("run.json", "episodes.jsonl"):
+        (bare / name).write_bytes((carrot_run / name).read_bytes())
+    refused = subprocess.run(
+        [sys.executable, "-m", "refinevla.evaluate", "view", str(bare), "--frames", "--save", str(tmp_path / "b.rrd")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode != 0 and len(lines) == 1 and "have no video" in lines[0], refused.stderr
+    assert "--video" in lines[0]
+
+
+def test_video_rationale_writes_each_steps_rationale_under_its_frame(
+    paligemma_policy: Path, sim_env: dict[str, str], tmp_path: Path
+) -> None:
+    import av
+
+    out = tmp_path / "results"
+    args = ["run", "--policy", str(paligemma_policy), "--suite", "widowx", "--tasks", "carrot_on_plate"]
+    args += ["--max-episodes", "1", "--max-rationale-tokens", "12", "--video", "--video-rationale", "--out", str(out)]
+    result = refine_eval(sim_env, *args, "--no-report")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (ep,) = episodes(out)
+    with av.open(str(out / ep["video"])) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == CARROT_STEPS + 1 and frames[0].shape[0] > 480 and frames[0].shape[1] == 640
+    from refinevla.evaluate.overlay import PANEL_LINES, with_rationale
+
+    assert frames[0].shape[0] == with_rationale(frames[0][:480], "").shape[0] == 480 + PANEL_LINES * 14 + 8
+    panel = frames[0][488:, :8].astype(int)  # left margin of the panel: dark, whatever the text
+    assert panel.mean() < 40
+    without_video = [a for a in args[:-2] if a != "--video"]  # --video-rationale alone
+    alone = refine_eval(sim_env, *without_video, "--out", str(tmp_path / "r2"))
+    lines = alone.stderr.strip().splitlines()
+    assert alone.returncode != 0 and "give both" in lines[-1] and "Traceback" not in alone.stderr
