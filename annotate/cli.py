@@ -158,24 +158,27 @@ def view(
         str | None, typer.Option("--episodes", help="Episode index range START:STOP of the source (default: 0).")
     ] = None,
     save: Annotated[Path | None, typer.Option("--save", help="Write a Rerun recording (.rrd) instead.")] = None,
-    serve: Annotated[bool, typer.Option("--serve", help="Serve Rerun's web viewer (for a remote machine).")] = False,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="Serve Rerun's web viewer on 127.0.0.1 (a remote machine: SSH tunnel).")
+    ] = False,
+    port: Annotated[int, typer.Option("--port", help="--serve: the web viewer's port.")] = 9090,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Frames, states, actions and the rationale (text, boxes, segments) of episodes on one timeline in Rerun."""
+    import tempfile
+
+    from .view import serve as serve_web
     from .view import view_dataset
 
-    summary = view_dataset(out, episodes, save, serve, data_dir)
+    if serve and save is None:
+        save = Path(tempfile.mkdtemp(prefix="refine-view-")) / "view.rrd"
+    summary = view_dataset(out, episodes, save, data_dir)
     typer.echo(
         f"logged {summary.episodes} episode(s), {summary.steps} steps, {summary.boxes} box(es) to {summary.where}"
     )
-    if serve:
-        import time
-
-        try:
-            while True:
-                time.sleep(1.0)
-        except KeyboardInterrupt:
-            pass
+    if serve and save is not None:
+        typer.echo(f"serving Rerun's web viewer at http://127.0.0.1:{port} (Ctrl-C to stop)", err=True)
+        raise typer.Exit(serve_web(save, port))
 
 
 def _register_optional_commands() -> None:

@@ -21,6 +21,7 @@ Rerun (`rerun-sdk`, the `[viz]` extra) is imported only here, when the command r
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,13 +254,13 @@ class ViewSummary:
     where: str
 
 
-def view_dataset(out: str, selection: str | None, save: Path | None, serve: bool, data_dir: str | None) -> ViewSummary:
-    """Log the selection of OUT (or ORG/NAME) to a .rrd file, a spawned viewer, or Rerun's web viewer."""
+def view_dataset(out: str, selection: str | None, save: Path | None, data_dir: str | None) -> ViewSummary:
+    """Log the selection of OUT (or ORG/NAME) to a .rrd file, or to a spawned native viewer."""
     rr = import_rerun()
     data = open_annotated(out)
     chosen = select(data, selection, data_dir)
     rec = rr.RecordingStream(APP_ID, recording_id=f"refine-data-view:{data.root.name}")
-    where = open_sink(rr, rec, save, serve)
+    where = open_sink(rr, rec, save)
     episodes = steps = boxes = 0
     for index, episode in chosen:
         boxes += log_episode(rec, rr, index, episode, data)
@@ -269,18 +270,34 @@ def view_dataset(out: str, selection: str | None, save: Path | None, serve: bool
     return ViewSummary(episodes, steps, boxes, where)
 
 
-def open_sink(rr: Any, rec: Any, save: Path | None, serve: bool) -> str:
-    """Where the recording goes: a file, Rerun's web viewer on 127.0.0.1, or a spawned native viewer."""
+def open_sink(rr: Any, rec: Any, save: Path | None) -> str:
+    """Where the recording goes: a file, or a spawned native viewer."""
     if save is not None:
         save.parent.mkdir(parents=True, exist_ok=True)
         rec.save(str(save))
         return str(save)
-    if serve:
-        uri = rec.serve_grpc(server_memory_limit="25%")
-        rr.serve_web_viewer(connect_to=uri, open_browser=False)
-        return f"Rerun's web viewer on http://127.0.0.1:9090 (data at {uri}); Ctrl-C to stop"
     try:
         rec.spawn()
     except Exception as exc:
         raise RefineError(f"cannot start the Rerun viewer here ({exc}); use --save FILE.rrd or --serve") from None
     return "the Rerun viewer"
+
+
+def serve(recording: Path, port: int) -> int:
+    """Rerun's web viewer for `recording`, on 127.0.0.1 only (reach it from elsewhere through an SSH tunnel).
+
+    The SDK's own `serve_web_viewer` listens on every interface; the `rerun` command binds where it is
+    told. Blocks until Ctrl-C; returns its exit code.
+    """
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "rerun", "--serve-web", "--bind", "127.0.0.1", "--web-viewer-port", str(port)]
+    env = {**os.environ, "RERUN_ANALYTICS": "0"}
+    proc = subprocess.Popen([*cmd, str(recording)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        proc.wait(timeout=10)
+        return 0

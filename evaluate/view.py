@@ -76,7 +76,7 @@ def view_results(results: Path, selection: str | None, save: Path | None, frames
     rec = rr.RecordingStream("refinevla", recording_id=f"refine-eval-view:{results.resolve().name}")
     from ..annotate.view import open_sink
 
-    where = open_sink(rr, rec, save, serve=False)
+    where = open_sink(rr, rec, save)
     logged_frames = 0
     for index, ep in chosen:
         logged_frames += log_episode(rec, rr, index, ep, run, results)

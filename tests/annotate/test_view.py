@@ -162,3 +162,55 @@ def test_without_the_extra_it_says_how_to_get_it(tmp_path):
     )
     lines = r.stderr.strip().splitlines()
     assert r.returncode != 0 and len(lines) == 1 and "pip install 'refinevla[viz]'" in lines[0], r.stderr
+
+
+def listening_addresses(port: int) -> set[str]:
+    """IPv4 addresses with a listening socket on `port` (/proc/net/tcp: hex address:port, state 0A)."""
+    out = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:
+            out.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return out
+
+
+def test_serve_hosts_the_web_viewer_on_127_0_0_1_only(tmp_path):
+    import signal
+    import time
+    import urllib.request
+
+    from tests.annotate.ray_cluster import free_port
+
+    out = tmp_path / "sample"
+    made = subprocess.run(
+        [sys.executable, "-m", "refinevla.annotate.cli", "annotate", "sample", "--out", str(out), "--progress", "none"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert made.returncode == 0, made.stderr
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "refinevla.annotate.cli", "view", str(out), "--serve", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline, status = time.monotonic() + 60, None
+        while status != 200:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            try:
+                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status
+            except OSError:
+                time.sleep(0.3)
+        assert listening_addresses(port) == {"127.0.0.1"}
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate()
+    assert "logged 1 episode(s)" in stdout and f"http://127.0.0.1:{port}" in stderr
