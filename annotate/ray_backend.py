@@ -203,8 +203,10 @@ def prepare_chunk(batch: dict[str, Any], spec: PrepareSpec, settled: Any) -> dic
                 rows["payload"].append(b"")
                 rows["error"].append(str(exc))
                 continue
-            if item.key in settled:
-                item.bundle = replace(item.bundle, messages=[], keyframes=[])
+            # the keyframes' bytes are in the messages already (base64): never ship them twice; a settled
+            # request needs neither, only the facts its record is assembled from
+            messages = [] if item.key in settled else item.bundle.messages
+            item.bundle = replace(item.bundle, keyframes=[], messages=messages)
             rows["payload"].append(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
             rows["error"].append("")
     return rows

@@ -189,12 +189,15 @@ def make_episode(i: int, pool: list[bytes], steps: int) -> Episode:
     )
 
 
-def write_source(directory: str, n: int, steps: int) -> str:
-    """The same episodes as `make_episode`, written as a Bridge-layout RLDS dataset (8 TFRecord shards)."""
+def write_source(directory: str, n: int, steps: int, size: int = 256) -> str:
+    """The same episodes as `make_episode`, written as a Bridge-layout RLDS dataset (8 TFRecord shards).
+
+    `size` above the prompt's 256-px keyframes makes every keyframe a decode + resize + JPEG encode
+    (a LeRobot or DROID camera), where at 256 (Bridge) the stored JPEG is sent as it is."""
     from refinevla.annotate.sources import specs
     from refinevla.annotate.sources.rlds_writer import write_rlds
 
-    pool = frame_pool()
+    pool = frame_pool(size=size)
 
     def example(i: int) -> dict[str, Any]:
         ep = make_episode(i, pool, steps)
@@ -203,7 +206,7 @@ def write_source(directory: str, n: int, steps: int) -> str:
             i, ep.states, ep.actions, {"image_0": frames}, instruction=ep.instruction, file_path=f"bench/{i}.pkl"
         )
 
-    features = specs.bridge_features(cameras=1, image_size=(256, 256))
+    features = specs.bridge_features(cameras=1, image_size=(size, size))
     return write_rlds(directory, features, (example(i) for i in range(n)), name="bridge_orig", num_shards=8)
 
 
@@ -390,6 +393,12 @@ def main() -> None:
         help="also run `refine-data annotate` on the same episodes written as RLDS shards (reading included)",
     )
     ap.add_argument(
+        "--frame-size",
+        type=int,
+        default=256,
+        help="--cli/--ray: side of the stored frames (above 256 every keyframe is re-encoded when preparing)",
+    )
+    ap.add_argument(
         "--ray",
         type=int,
         nargs="+",
@@ -412,7 +421,7 @@ def main() -> None:
             rows.append((processes, r))
         cli_rows, ray_rows = [], []
         if args.cli or args.ray:
-            source = write_source(f"{tmp}/src", args.requests, args.steps)
+            source = write_source(f"{tmp}/src", args.requests, args.steps, args.frame_size)
         if args.cli:
             cli_rows = [(p, measure_cli(port, args, p, source, tmp)) for p in args.processes]
         if args.ray:

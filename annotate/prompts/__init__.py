@@ -56,6 +56,16 @@ class DataURL(str):
         url.json = b'"data:image/jpeg;base64,' + encoded + b'"'
         return url
 
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        # pickled once, not as the text and its JSON (a prepared request sent from a Ray task is half the size)
+        return (_data_url_from_json, (self.json,))
+
+
+def _data_url_from_json(raw: bytes) -> DataURL:
+    url = DataURL(raw[1:-1].decode("ascii"))
+    url.json = raw
+    return url
+
 
 @dataclass(frozen=True)
 class PromptTemplate:

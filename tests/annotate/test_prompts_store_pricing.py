@@ -153,3 +153,15 @@ def test_processes_opening_one_new_store_together_all_succeed(tmp_path):
             assert p.returncode == 0, err
         with sqlite3.connect(path) as db:
             assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_data_url_pickles_once_and_comes_back_whole() -> None:
+    """Prepared requests travel pickled from Ray tasks: the image once, not as its text and its JSON too."""
+    import pickle
+
+    from refinevla.annotate.prompts import DataURL
+
+    url = DataURL.jpeg(bytes(range(256)) * 40)
+    back = pickle.loads(pickle.dumps(url))
+    assert isinstance(back, DataURL) and back == url and back.json == url.json
+    assert len(pickle.dumps(url)) < 1.1 * len(url)
