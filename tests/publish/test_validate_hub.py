@@ -94,3 +94,22 @@ def test_missing_repo_is_one_line_error_without_the_token(fake_hub):
     assert len(r.output.strip().splitlines()) == 1
     assert "Traceback" not in r.output and TOKEN not in r.output
     assert fake_hub.calls("GET", "/api/datasets/org/nothing-here/revision/main")
+
+
+def test_view_reads_a_pushed_dataset_from_the_hub(pushed, tmp_path):
+    """`refine-data view ORG/NAME`: the rows come from the Hub, the frames from the source the manifest names."""
+    pytest.importorskip("rerun", reason="needs the [viz] extra")
+    from rerun.chunk import RrdReader
+
+    rrd = tmp_path / "hub.rrd"
+    r = cli("view", REPO, "--episodes", "0:2", "--save", str(rrd))
+    assert r.exit_code == 0, r.output
+    assert "logged 2 episode(s)" in r.output and TOKEN not in r.output
+    assert pushed.calls("GET", f"/api/datasets/{REPO}/revision/main")
+    rows: dict[str, int] = {}
+    for chunk in RrdReader(str(rrd)).stream():
+        rows[chunk.entity_path] = rows.get(chunk.entity_path, 0) + chunk.num_rows
+    for k in (0, 1):
+        frames = rows[f"/episodes/{k}/camera/image_0"]
+        assert frames > 0 and rows[f"/episodes/{k}/rationale/step"] == frames  # every step annotated, from the Hub
+        assert rows[f"/episodes/{k}/rationale/episode"] == 1
