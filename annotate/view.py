@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,6 +277,11 @@ def open_sink(rr: Any, rec: Any, save: Path | None) -> str:
         save.parent.mkdir(parents=True, exist_ok=True)
         rec.save(str(save))
         return str(save)
+    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        raise RefineError(
+            "no display to open the Rerun viewer on (DISPLAY is not set): use --save FILE.rrd, or --serve and "
+            "open the web viewer through an SSH tunnel"
+        )
     try:
         rec.spawn()
     except Exception as exc:
@@ -290,7 +296,6 @@ def serve(recording: Path, port: int) -> int:
     told. Blocks until Ctrl-C; returns its exit code.
     """
     import subprocess
-    import sys
 
     cmd = [sys.executable, "-m", "rerun", "--serve-web", "--bind", "127.0.0.1", "--web-viewer-port", str(port)]
     env = {**os.environ, "RERUN_ANALYTICS": "0"}

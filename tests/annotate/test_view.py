@@ -214,3 +214,23 @@ def test_serve_hosts_the_web_viewer_on_127_0_0_1_only(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     stdout, stderr = proc.communicate()
     assert "logged 1 episode(s)" in stdout and f"http://127.0.0.1:{port}" in stderr
+
+
+def test_without_a_display_spawning_the_viewer_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "sample"
+    subprocess.run(
+        [sys.executable, "-m", "refinevla.annotate.cli", "annotate", "sample", "--out", str(out), "--progress", "none"],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    r = subprocess.run(
+        [sys.executable, "-m", "refinevla.annotate.cli", "view", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1 and "--save FILE.rrd" in lines[0], r.stderr
