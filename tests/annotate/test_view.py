@@ -20,9 +20,27 @@ from tests.annotate.conftest import SECRET, start_annotate
 from tests.sources.conftest import lerobot_episodes, write_lerobot_dataset  # noqa: F401  (fixtures)
 
 
+def refine_data(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "refinevla.annotate.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+
+
 def view(out: Path, rrd: Path, *extra: str) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "refinevla.annotate.cli", "view", str(out), "--save", str(rrd), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    return refine_data("view", str(out), "--save", str(rrd), *extra)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str]) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode != 0 and len(lines) == 1, r.stderr
+    return lines[0]
+
+
+def sample_out(tmp_path: Path) -> Path:
+    """The embedded sample annotated by the rule-based teacher."""
+    out = tmp_path / "sample"
+    made = refine_data("annotate", "sample", "--out", str(out), "--progress", "none")
+    assert made.returncode == 0, made.stderr
+    return out
 
 
 def read_rrd(path: Path) -> dict[str, list[dict[str, Any]]]:
@@ -141,10 +159,8 @@ def test_a_lerobot_video_dataset_shows_the_decoded_frames(write_lerobot_dataset,
 
 def test_a_selection_that_matches_nothing_is_one_line(tiny_rlds, teacher_server, tmp_path):
     out = annotated_with_boxes(tiny_rlds, teacher_server, tmp_path)
-    r = view(out, tmp_path / "v.rrd", "--episodes", "7:9")
-    assert r.returncode != 0
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "selects no episode" in lines[0] and "it has 3" in lines[0], r.stderr
+    line = one_line_error(view(out, tmp_path / "v.rrd", "--episodes", "7:9"))
+    assert "selects no episode" in line and "it has 3" in line
     assert not (tmp_path / "v.rrd").exists() or (tmp_path / "v.rrd").stat().st_size < 10_000
 
 
@@ -153,15 +169,8 @@ def test_without_the_extra_it_says_how_to_get_it(tmp_path):
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError(\"No module named 'rerun'\")\n")
     env = {**os.environ, "PYTHONPATH": f"{blocker.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    r = subprocess.run(
-        [sys.executable, "-m", "refinevla.annotate.cli", "view", "sample", "--save", str(tmp_path / "v.rrd")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-    )
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode != 0 and len(lines) == 1 and "pip install 'refinevla[viz]'" in lines[0], r.stderr
+    r = refine_data("view", "sample", "--save", str(tmp_path / "v.rrd"), env=env)
+    assert "pip install 'refinevla[viz]'" in one_line_error(r)
 
 
 def listening_addresses(port: int) -> set[str]:
@@ -182,14 +191,7 @@ def test_serve_hosts_the_web_viewer_on_127_0_0_1_only(tmp_path):
 
     from tests.annotate.ray_cluster import free_port
 
-    out = tmp_path / "sample"
-    made = subprocess.run(
-        [sys.executable, "-m", "refinevla.annotate.cli", "annotate", "sample", "--out", str(out), "--progress", "none"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert made.returncode == 0, made.stderr
+    out = sample_out(tmp_path)
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "refinevla.annotate.cli", "view", str(out), "--serve", "--port", str(port)],
@@ -217,20 +219,6 @@ def test_serve_hosts_the_web_viewer_on_127_0_0_1_only(tmp_path):
 
 
 def test_without_a_display_spawning_the_viewer_is_refused_in_one_line(tmp_path):
-    out = tmp_path / "sample"
-    subprocess.run(
-        [sys.executable, "-m", "refinevla.annotate.cli", "annotate", "sample", "--out", str(out), "--progress", "none"],
-        capture_output=True,
-        timeout=120,
-        check=True,
-    )
+    out = sample_out(tmp_path)
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-    r = subprocess.run(
-        [sys.executable, "-m", "refinevla.annotate.cli", "view", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    lines = r.stderr.strip().splitlines()
-    assert r.returncode != 0 and len(lines) == 1 and "--save FILE.rrd" in lines[0], r.stderr
+    assert "--save FILE.rrd" in one_line_error(refine_data("view", str(out), env=env))
