@@ -237,3 +237,18 @@ def test_ctrl_c_stops_a_ray_run_cleanly_and_the_rerun_resumes(tiny_rlds, teacher
     assert rerun.returncode == 0, rerun.stderr
     assert not {q.seed for q in teacher_server.requests[before:]} & {seed(e) for e in committed}
     assert read(out, "episodes").height == 16
+
+
+def test_max_cost_holds_for_the_whole_cluster_and_the_rerun_continues(tiny_rlds, teacher_server, cluster, tmp_path):
+    uri = tiny_rlds(12)
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"fake-model": {"input": 1.0, "output": 2.0}}))  # $0.0014 an answer here
+    out = tmp_path / "out"
+    capped = finish(on_ray(uri, teacher_server.url, out, cluster, "--prices", str(prices), "--max-cost", "0.008"))
+    assert capped.returncode == 0, capped.stderr
+    manifest = json.loads((out / "refinevla.json").read_text())
+    assert manifest["stop_reason"] == "max-cost" and manifest["cost_usd"] <= 0.008
+    assert 0 < manifest["counts"]["episodes"] < 12
+    rest = finish(on_ray(uri, teacher_server.url, out, cluster, "--prices", str(prices), "--max-cost", "1"))
+    assert rest.returncode == 0, rest.stderr
+    assert read(out, "episodes").height == 12 and paid_twice(teacher_server) == 0
