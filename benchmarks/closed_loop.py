@@ -40,7 +40,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the test factories build the tiny model
 # The tiny recipe that memorises 2 carrot demonstrations on 2 CPU cores (see the README's figures).
-TINY: dict[str, Any] = {"image": 32, "hidden": 64, "layers": 2, "steps": 4000, "batch_size": 8, "learning_rate": 2e-3}
+TINY: dict[str, Any] = {"image": 32, "hidden": 64, "layers": 2, "steps": 4000, "batch_size": 8, "learning_rate": 3e-3}
 
 
 @dataclass
