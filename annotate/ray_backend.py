@@ -170,6 +170,7 @@ def prepare_chunk(batch: dict[str, Any], spec: PrepareSpec, settled: Any) -> dic
     keyframes: the driver only assembles its record. An episode the engine cannot ask (a bad
     state) becomes an error row, raised as the local backend would raise it, in one line.
     """
+    from ..schemas import teacher_response_format
     from .prompts import load_template
     from .source_args import open_cli_source
     from .sources import ReadOptions
@@ -179,15 +180,13 @@ def prepare_chunk(batch: dict[str, Any], spec: PrepareSpec, settled: Any) -> dic
         import ray
 
         settled = ray.get(settled)
-    from ..schemas import teacher_response_format
 
     source = open_cli_source(*spec.source)
     template = load_template(spec.template)
     response_format = teacher_response_format(spec.schema_id, spec.schema_backend)
-    rows: dict[str, list[Any]] = {"index": [], "payload": [], "error": []}
+    rows: dict[str, list[Any]] = {"payload": [], "error": []}
     for start, stop in zip(batch["start"], batch["stop"], strict=True):
-        for offset, episode in enumerate(source.iter_episodes(ReadOptions(start=int(start), stop=int(stop)))):
-            rows["index"].append(int(start) + offset)
+        for episode in source.iter_episodes(ReadOptions(start=int(start), stop=int(stop))):
             try:
                 item = prepare_request(
                     episode,
@@ -213,7 +212,7 @@ def prepare_chunk(batch: dict[str, Any], spec: PrepareSpec, settled: Any) -> dic
 
 
 def prepared_dataset(ray: Any, setup: RunSetup, args: AnnotateArgs, cluster: Cluster, settled: frozenset[str]) -> Any:
-    """The Ray dataset of the selection's prepared requests (rows: index, payload, error), or None if empty."""
+    """The Ray dataset of the selection's prepared requests (rows: payload, error), or None if empty."""
     from ..schemas import backend_for
 
     spec = PrepareSpec(

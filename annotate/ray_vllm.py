@@ -182,7 +182,8 @@ def ask_in_passes(
                 store.commit_reject(item.key, item.episode_id, invalid_reason(attempt, errors), response.text, attempt)
                 summary.rejected += 1
                 continue
-            messages = _messages_with_history(item, store, template) + reask_messages(template, response.text, errors)
+            earlier = [(a.raw, a.errors) for a in store.attempts(item.key)[:-1]]  # the last is this answer
+            messages = with_history(item, earlier, template) + reask_messages(template, response.text, errors)
             reasks.append(request_row(item, messages, attempt + 1, sampling))
         pending = from_rows(reasks) if reasks else None
     if report is not None:
@@ -190,13 +191,15 @@ def ask_in_passes(
     return summary
 
 
-def _messages_with_history(item: PreparedRequest, store: ResultStore, template: Any) -> list[dict[str, Any]]:
-    """The request's messages with the re-ask turns of its stored attempts (all but the last)."""
+def with_history(
+    item: PreparedRequest, attempts: Iterable[tuple[str, list[str]]], template: Any
+) -> list[dict[str, Any]]:
+    """The request's messages followed by the re-ask turn of each earlier (raw answer, errors)."""
     from .prompts import reask_messages
 
     messages = list(item.bundle.messages)
-    for att in store.attempts(item.key)[:-1]:
-        messages += reask_messages(template, att.raw, att.errors)
+    for raw, errors in attempts:
+        messages += reask_messages(template, raw, list(errors))
     return messages
 
 
@@ -209,7 +212,7 @@ def first_requests(
 ) -> dict[str, list[Any]]:
     """Prepared rows -> the first pass's request rows (on the cluster): settled keys dropped, an interrupted
     re-ask sequence continued from its stored attempts (`history`: key -> [(raw, errors), ...])."""
-    from .prompts import load_template, reask_messages
+    from .prompts import load_template
 
     if not isinstance(settled, frozenset):
         import ray
@@ -223,10 +226,8 @@ def first_requests(
         item = pickle.loads(payload)
         if item.key in settled:
             continue
-        messages = list(item.bundle.messages)
-        for raw, errors in history.get(item.key, []):
-            messages += reask_messages(tmpl, raw, list(errors))
-        row = request_row(item, messages, len(history.get(item.key, [])) + 1, sampling)
+        earlier = history.get(item.key, [])
+        row = request_row(item, with_history(item, earlier, tmpl), len(earlier) + 1, sampling)
         for k in out:
             out[k].append(row[k])
     return out

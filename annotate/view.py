@@ -55,19 +55,34 @@ def import_rerun() -> Any:
 
 @dataclass
 class Annotated:
-    """What an OUT holds for its episodes: rows by episode id, reject reasons, the manifest."""
+    """An OUT: its manifest and reject reasons; an episode's rows are read when it is logged (a dataset
+    of a million steps is never loaded to show a few episodes)."""
 
     root: Path
     manifest: dict[str, Any]
-    episodes: dict[str, dict[str, Any]]
-    steps: dict[str, list[dict[str, Any]]]
     rejects: dict[str, str]
+
+    def _rows(self, pattern: str, episode_id: str) -> list[dict[str, Any]]:
+        import polars as pl
+
+        files = sorted(self.root.glob(pattern))
+        if not files:
+            return []
+        rows = pl.scan_parquet(files).filter(pl.col("episode_id") == episode_id).collect()
+        return rows.sort("step").to_dicts() if "step" in rows.columns else rows.to_dicts()
+
+    def episode(self, episode_id: str) -> dict[str, Any] | None:
+        """The episode's row (the episode-level rationale), or None when OUT does not hold it."""
+        rows = self._rows(EPISODE_FILES, episode_id)
+        return rows[0] if rows else None
+
+    def steps(self, episode_id: str) -> list[dict[str, Any]]:
+        """The episode's step rows, in step order."""
+        return self._rows(STEP_FILES, episode_id)
 
 
 def open_annotated(name: str) -> Annotated:
     """A local OUT folder or a Hub dataset id ORG/NAME (its manifest and Parquet only)."""
-    import polars as pl
-
     root = Path(name)
     if not root.exists():
         if name.count("/") != 1 or name.startswith((".", "/")):
@@ -76,21 +91,13 @@ def open_annotated(name: str) -> Annotated:
     if not manifest_path(root).is_file():
         raise RefineError(f"{manifest_path(root)}: missing (not a refine-data dataset)")
     manifest = read_manifest(root)
-    episodes: dict[str, dict[str, Any]] = {}
-    steps: dict[str, list[dict[str, Any]]] = {}
-    for f in sorted(root.glob(EPISODE_FILES)):
-        for row in pl.read_parquet(f).to_dicts():
-            episodes[row["episode_id"]] = row
-    for f in sorted(root.glob(STEP_FILES)):
-        for row in pl.read_parquet(f).sort(["episode_id", "step"]).to_dicts():
-            steps.setdefault(row["episode_id"], []).append(row)
     rejects: dict[str, str] = {}
     for f in sorted((root / PRIVATE_DIR).glob("rejects*.jsonl")):
         for line in f.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 r = json.loads(line)
                 rejects[r["episode_id"]] = r["reason"]
-    return Annotated(root, manifest, episodes, steps, rejects)
+    return Annotated(root, manifest, rejects)
 
 
 def _download(repo: str) -> Path:
@@ -140,17 +147,6 @@ def select(data: Annotated, selection: str | None, data_dir: str | None) -> Sele
     return Selection(source, start, stop)
 
 
-def keyframe_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """The size the teacher's keyframe had (the prompt's rule: no side above max_side, aspect kept)."""
-    from PIL import Image
-
-    if max(width, height) <= max_side:
-        return width, height
-    img = Image.new("L", (width, height))
-    img.thumbnail((max_side, max_side))
-    return img.size
-
-
 def episode_document(record: dict[str, Any] | None, reject: str | None) -> str:
     """The episode-level rationale as one Markdown document."""
     if record is None:
@@ -184,8 +180,8 @@ def _image(rr: Any, frames: Any, t: int) -> Any:
 def log_episode(rec: Any, rr: Any, index: int, episode: Any, data: Annotated) -> int:
     """Log one episode under episodes/<index>; returns the boxes drawn."""
     root = f"episodes/{index}"
-    record = data.episodes.get(episode.episode_id)
-    rows = data.steps.get(episode.episode_id, [])
+    record = data.episode(episode.episode_id)
+    rows = data.steps(episode.episode_id)
     reject = data.rejects.get(episode.episode_id)
     rec.log(
         f"{root}/rationale/episode",
@@ -196,7 +192,7 @@ def log_episode(rec: Any, rr: Any, index: int, episode: Any, data: Annotated) ->
     for name in ("state", "action"):
         rec.log(f"{root}/{name}", rr.SeriesLines(names=list(DIMS)), static=True)
     primary = episode.cameras[0]
-    boxes = _boxes(record, episode, primary, data)
+    boxes = _boxes(rr, record, episode, primary, data)
     by_step = {int(r["step"]): r for r in rows}
     previous: dict[str, Any] | None = None
     for t in range(episode.num_steps):
@@ -228,16 +224,18 @@ def _events(previous: dict[str, Any] | None, row: dict[str, Any]) -> list[str]:
     return out
 
 
-def _boxes(record: dict[str, Any] | None, episode: Any, camera: str, data: Annotated) -> tuple[Any, int] | None:
+def _boxes(
+    rr: Any, record: dict[str, Any] | None, episode: Any, camera: str, data: Annotated
+) -> tuple[Any, int] | None:
     """The rationale's boxes on the primary camera's frame 0, in its pixels (None when there are none)."""
-    import rerun as rr
-
     objects = [o for o in (record or {}).get("objects") or [] if o.get("box") is not None]
     if not objects:
         return None
     frame = np.asarray(episode.frames[camera][0])
     height, width = frame.shape[:2]
     max_side = int((data.manifest.get("frames") or {}).get("max_side") or max(width, height))
+    from .prompts.keyframes import keyframe_size
+
     kw, kh = keyframe_size(width, height, max_side)
     scale = np.array([width / kw, height / kh, width / kw, height / kh])
     xyxy = np.array([o["box"] for o in objects], dtype=np.float64) * scale

@@ -246,16 +246,13 @@ def measure_ray(port: int, args: argparse.Namespace, source: str, tmp: str) -> l
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.annotate.ray_cluster import start_cluster
+    from tests.annotate.ray_cluster import running_cluster
 
     rows = [("local", measure_cli(port, args, 1, source, tmp))]
-    cluster = start_cluster(head_cpus=max(args.ray), worker_cpus=0)
-    try:
+    with running_cluster(head_cpus=max(args.ray), worker_cpus=0) as cluster:
         for workers in args.ray:
             flags = ("--backend", "ray", "--ray-address", cluster.address, "--ray-workers", str(workers))
             rows.append((f"ray, {workers} workers", measure_cli(port, args, 1, source, tmp, *flags, env=cluster.env)))
-    finally:
-        cluster.stop()
     return rows
 
 

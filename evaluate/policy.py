@@ -32,7 +32,7 @@ class RefinePolicy:
         max_rationale_tokens: int | None = None,
         device: str | None = None,
     ) -> None:
-        from ..train.policy import Policy, rationale_budget
+        from ..train.policy import Policy, longest_rationale_tokens, rationale_budget
 
         if device is None:
             import torch
@@ -50,7 +50,7 @@ class RefinePolicy:
             reasoning = False  # an action-only policy writes no rationale: nothing to ask for
         self.reasoning = reasoning
         self.max_rationale_tokens = rationale_budget(self.info, max_rationale_tokens)
-        longest = (self.info.get("rationale_tokens") or {}).get("max")
+        longest = longest_rationale_tokens(self.info)
         self.budget_warning = (
             f"--max-rationale-tokens {max_rationale_tokens} is below the {longest} tokens of the policy's longest "
             "training rationale: ACTION: will be forced before such a rationale ends"

@@ -21,14 +21,6 @@ from .results import read_episodes, read_run
 DIMS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 
 
-def import_rerun() -> Any:
-    try:
-        import rerun
-    except ImportError as exc:
-        raise EvalError(f"viewing needs the [viz] extra: pip install 'refinevla[viz]' ({exc})") from None
-    return rerun
-
-
 def video_frames(path: Path) -> list[np.ndarray]:
     """The frames of an episode's mp4, RGB."""
     import av
@@ -72,9 +64,10 @@ def view_results(results: Path, selection: str | None, save: Path | None, frames
             f"{missing[0]['task']} configuration {missing[0]['config']}); rerun refine-eval run with --video to keep "
             "the frames"
         )
+    from ..annotate.view import APP_ID, import_rerun, open_sink
+
     rr = import_rerun()
-    rec = rr.RecordingStream("refinevla", recording_id=f"refine-eval-view:{results.resolve().name}")
-    from ..annotate.view import open_sink
+    rec = rr.RecordingStream(APP_ID, recording_id=f"refine-eval-view:{results.resolve().name}")
 
     where = open_sink(rr, rec, save)
     logged_frames = 0

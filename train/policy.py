@@ -177,12 +177,17 @@ def policy_description(
 DEFAULT_RATIONALE_BUDGET = 256  # for checkpoints that do not record their longest training rationale
 
 
+def longest_rationale_tokens(info: dict[str, Any]) -> int | None:
+    """The longest training rationale a policy.json records, in tokens (None: not recorded, or action-only)."""
+    return (info.get("rationale_tokens") or {}).get("max")
+
+
 def rationale_budget(info: dict[str, Any], given: int | None = None) -> int:
     """Tokens a policy may write before `ACTION:` is forced: `given`, else its longest training rationale
     with a quarter more room (a rationale is free text: the model may run a little longer), else 256."""
     if given is not None:
         return given
-    recorded = (info.get("rationale_tokens") or {}).get("max")
+    recorded = longest_rationale_tokens(info)
     return int(recorded * 1.25) + 16 if recorded else DEFAULT_RATIONALE_BUDGET
 
 

@@ -67,6 +67,18 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def keyframe_size(width: int, height: int, max_side: int) -> tuple[int, int]:
+    """The size `encode_keyframe` sends a width x height frame at: as it is up to `max_side`, else PIL's
+    thumbnail of it (aspect kept). The teacher's boxes are in these pixels (`refine-data view` scales them)."""
+    from PIL import Image
+
+    if max(width, height) <= max_side:
+        return width, height
+    img = Image.new("L", (width, height))
+    img.thumbnail((max_side, max_side))
+    return img.size
+
+
 def encode_keyframe(frames: FrameSequence, step: int, max_side: int, quality: int = 85) -> Keyframe:
     """The step's frame as JPEG no larger than `max_side` on its longest side."""
     from PIL import Image

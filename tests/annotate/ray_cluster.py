@@ -15,6 +15,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,3 +117,13 @@ def start_cluster(head_cpus: int = 1, worker_cpus: int = 2) -> RayCluster:
         cluster.stop()
         raise
     return cluster
+
+
+@contextmanager
+def running_cluster(head_cpus: int = 1, worker_cpus: int = 2) -> Iterator[RayCluster]:
+    """`start_cluster`, stopped (by pid) however the block ends."""
+    cluster = start_cluster(head_cpus, worker_cpus)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

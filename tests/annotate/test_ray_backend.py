@@ -20,26 +20,20 @@ from tests.annotate.test_crash_resume import seed
 
 pytest.importorskip("ray.data", reason="needs the [ray] extra")
 
-from tests.annotate.ray_cluster import ENV, RayCluster, start_cluster
+from tests.annotate.ray_cluster import ENV, RayCluster, running_cluster
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[RayCluster]:
-    c = start_cluster()
-    try:
+    with running_cluster() as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture
 def own_cluster() -> Iterator[RayCluster]:
     """A cluster for one test that loses a node."""
-    c = start_cluster()
-    try:
+    with running_cluster() as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(autouse=True)
