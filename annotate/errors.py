@@ -6,6 +6,8 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class RefineError(Exception):
     """Base for errors a user can act on (bad input, bad flags, missing data)."""
@@ -38,3 +40,13 @@ class Interrupted(Exception):
     def __init__(self, message: str, signum: int = 2) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, then what caused it (`raise … from`, or the error being handled), each once (cycle-safe)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__

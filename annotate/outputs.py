@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO
 
 from ..schemas.dataset_layout import PRIVATE_DIR
-from .errors import RefineError
+from .errors import RefineError, causes
 
 LOCK_DIR = PRIVATE_DIR  # never uploaded; the annotate store and rejects live here too
 LOCK_NAME = "lock"
@@ -226,7 +226,7 @@ def filesystem_type(path: Path) -> str | None:
 def is_disk_full(exc: BaseException) -> bool:
     """Whether `exc` (or what caused it) is a full disk or quota: ENOSPC, EDQUOT, SQLite's SQLITE_FULL,
     and the libraries that report it in words only (pyarrow, safetensors, torch.save)."""
-    for current in _causes(exc):
+    for current in causes(exc):
         if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
         if isinstance(current, sqlite3.OperationalError) and (
@@ -258,20 +258,10 @@ def disk_full_message(exc: BaseException, path: Path | None = None) -> str:
 
 
 def _filename(exc: BaseException) -> Path | None:
-    for current in _causes(exc):
+    for current in causes(exc):
         if isinstance(current, OSError) and current.filename:
             return Path(os.fsdecode(current.filename))
     return None
-
-
-def _causes(exc: BaseException) -> Iterator[BaseException]:
-    """`exc`, then what caused it (`raise … from`, or the error being handled), each once."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        yield current
-        current = current.__cause__ or current.__context__
 
 
 def _size(n: float) -> str:

@@ -197,10 +197,12 @@ def merge_parts(parts: list[PartResult]) -> PartResult:
     counters["total"] = sum(p.counters.get("total") or 0 for p in parts)
     statuses: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
+    failures: Counter[str] = Counter()
     counts: Counter[str] = Counter()
     for p in parts:
         statuses.update(p.statuses)
         reasons.update(p.reject_reasons)
+        failures.update(p.failure_reasons)
         counts.update(p.counts)
     stops = [p.stop_reason for p in parts if p.stop_reason]
     stop_reason = next((r for r in ("interrupted", "max-cost") if r in stops), stops[0] if stops else None)
@@ -208,6 +210,7 @@ def merge_parts(parts: list[PartResult]) -> PartResult:
         counters=counters,
         statuses=dict(statuses),
         reject_reasons=dict(reasons),
+        failure_reasons=dict(failures),
         counts={"episodes": counts["episodes"], "steps": counts["steps"]},
         stop_reason=stop_reason,
         seconds=max((p.seconds for p in parts), default=0.0),

@@ -166,6 +166,7 @@ class PartResult:
     counts: dict[str, int]  # rows written: episodes, steps
     stop_reason: str | None
     seconds: float = 0.0  # how long the engine ran (the rate in the summary line is per this)
+    failure_reasons: dict[str, int] = field(default_factory=dict)  # why episodes failed this run (retry later)
 
 
 def setup_run(args: AnnotateArgs) -> RunSetup:
@@ -316,6 +317,7 @@ def run_part(
         seconds=seconds,
         statuses=dict(writer.statuses),
         reject_reasons=dict(writer.reject_reasons),
+        failure_reasons=dict(writer.failure_reasons),
         counts=counts,
         stop_reason=engine.stop_reason,
     )

@@ -222,11 +222,14 @@ class DatasetWriter:
         self.episodes = _PartWriter(self.out / EPISODES_DIR / name, episode_schema(schema_id))
         self.statuses: Counter[str] = Counter()
         self.reject_reasons: Counter[str] = Counter()
+        self.failure_reasons: Counter[str] = Counter()  # whole reasons: they name the URL, the status...
 
     def add(self, result: AnnotationOutcome) -> None:
         self.statuses[result.status] += 1
         if result.status == "rejected" and result.reason:
             self.reject_reasons[result.reason.split(":", 1)[0]] += 1
+        if result.status == "failed" and result.reason:
+            self.failure_reasons[result.reason] += 1
         if result.record is None:
             return
         rec = result.record

@@ -1,9 +1,10 @@
 """Dataset factories shared by all tests: tiny datasets written by the project's own writers
-in the exact Bridge and Fractal feature layouts (no downloads)."""
+in the exact Bridge and Fractal feature layouts (no downloads); and CI's REFINEVLA_REQUIRE_ALL switch."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,40 @@ from refinevla.annotate.sources import specs
 from refinevla.annotate.sources.rlds_writer import write_rlds
 
 IMAGE = (64, 64)
+
+# CI sets REFINEVLA_REQUIRE_ALL=1 (`.ci/run`): every part the README's test command installs (torch,
+# transformers, ray, rerun, the simulator and its assets, root for the real full-disk test) must be
+# there, so a skip is a failure: a broken `import ray.data` or `import rerun` would otherwise turn
+# into a green run. Without it (a developer missing an extra) the same tests skip, saying why.
+REQUIRE_ALL = "REFINEVLA_REQUIRE_ALL"
+
+
+def require_all() -> bool:
+    return os.environ.get(REQUIRE_ALL) == "1"
+
+
+def _as_failure(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """A skipped report turned into a failure whose message is one line naming what was missing."""
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"{REQUIRE_ALL}=1 (CI) but skipped: {reason.removeprefix('Skipped: ')}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if require_all() and report.skipped and not hasattr(report, "wasxfail"):
+        _as_failure(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Generator[None, Any, None]:
+    """Module-level `importorskip` (and a conftest's) skips a whole file at collection."""
+    outcome = yield
+    report = outcome.get_result()
+    if require_all() and report.skipped:
+        _as_failure(report)
 
 
 def frame(seed: int, t: int, size: tuple[int, int] = IMAGE) -> np.ndarray:

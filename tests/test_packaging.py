@@ -39,3 +39,22 @@ def test_wheel_contains_package_data_and_no_bare_top_level_modules(tmp_path: Pat
         assert data in names, data
     for sub in ("annotate", "schemas", "datacards", "train", "evaluate"):
         assert f"refinevla/{sub}/__init__.py" in names
+
+
+def test_the_readme_test_command_and_ci_install_from_the_lock_that_covers_every_package() -> None:
+    """README command 2 and .ci/run install the same extras with `-c constraints.txt`, and the lock pins
+    every package of that environment but torch (the command pins torch) and refinevla itself."""
+    import re
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
+    command = next(ln for ln in readme.splitlines() if ln.startswith("python3 -m venv") and "pytest" in ln)
+    install = re.search(r'pip install (-c constraints\.txt -e "\.\[[a-z,]+\]")', command)
+    assert install, command
+    assert f"pip install -q {install.group(1)}" in ci
+    lock = [ln for ln in (REPO / "constraints.txt").read_text().splitlines() if ln and not ln.startswith("#")]
+    pins = dict(ln.split("==", 1) for ln in lock)
+    assert len(pins) == len(lock) and all(re.fullmatch(r"[a-z0-9-]+", n) for n in pins), "name==version lines only"
+    assert "torch" not in pins and "refinevla" not in pins
+    for needed in ("transformers", "ray", "rerun-sdk", "mani-skill", "datasets", "accelerate", "pytest"):
+        assert needed in pins, needed

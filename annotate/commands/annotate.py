@@ -123,37 +123,81 @@ def _finalize(
     backend: dict[str, Any] | None = None,
 ) -> int:
     """Rejects file, manifest and card for the whole run; the summary and the exit code."""
-    from ...schemas import backend_for, schema_digest
-    from ...schemas.dataset_layout import write_manifest
     from ..engine import Counters
-    from ..prompts import load_template
+    from ..progress import summary_line
     from ..store import ResultStore
-    from ..writer import tool_version, utc_now
 
-    out, source, teacher = setup.out, setup.source, setup.teacher
+    out = setup.out
     i, n = setup.shard
     c = Counters(**part.counters, started=time.monotonic() - part.seconds)  # rates over the run, not from now
     if batch is not None:  # answers ingested from batches in this run were written as store hits: count them as new
         moved = min(int(batch["this_run"]["answers"]), c.cached)
         c.annotated, c.cached = c.annotated + moved, c.cached - moved
+    if batch is None:  # a batch run's answers may still be coming: its manifest records where it stands
+        _refuse_an_empty_dataset(args, part, c)
     with ResultStore(setup.store_path) as store:
         spend = store.spend()
         rejects = store.rejects()
-    with (out / PRIVATE_DIR / f"rejects{setup.suffix}.jsonl").open("w", encoding="utf-8") as fh:
+    _write_rejects(out / PRIVATE_DIR / f"rejects{setup.suffix}.jsonl", rejects)
+    _write_manifest(args, setup, part, c, spend, batch, backend)
+    if n == 1:
+        _write_card(out, args.license)
+    else:
+        typer.echo(f"shard {i}/{n} written; once all {n} shards are in {out}, run: refine-data merge {out}", err=True)
+    typer.echo(summary_line(c), err=True)
+    counts = part.counts
+    typer.echo(f"wrote {out}: {counts['episodes']} episodes, {counts['steps']} steps, {len(rejects)} rejected")
+    return _report_stop(args, setup, part, c, spend.cost, batch is not None)
+
+
+def _resume_command(args: AnnotateArgs) -> str:
+    return "refine-data " + shlex.join(args.argv) if args.argv else "the same command"
+
+
+def failure_summary(reasons: dict[str, int], limit: int = 3) -> str:
+    """The commonest reasons episodes failed this run, with their counts (the URL, the status...)."""
+    prefix = "gave up for this run after retries: "
+    top = sorted(reasons.items(), key=lambda kv: -kv[1])[:limit]
+    text = "; ".join(f"{reason.removeprefix(prefix)} ({count})" for reason, count in top)
+    return text + ("; ..." if len(reasons) > limit else "")
+
+
+def _refuse_an_empty_dataset(args: AnnotateArgs, part: PartResult, c: Any) -> None:
+    """Every selected episode failed (a teacher that cannot be reached, say) and nothing was ever
+    annotated into OUT: one line saying why, and no manifest or card as if a dataset had been made."""
+    if part.counts["episodes"] or part.statuses.get("rejected") or not c.failed or part.stop_reason:
+        return
+    raise RefineError(
+        f"nothing annotated: all {c.failed} episodes failed after retries: {failure_summary(part.failure_reasons)}; "
+        f"no dataset written. Rerun once the teacher answers: {_resume_command(args)}"
+    )
+
+
+def _write_rejects(path: Path, rejects: list[Any]) -> None:
+    """OUT/.refine/rejects*.jsonl: every rejected answer with its reason and the raw text paid for."""
+    with path.open("w", encoding="utf-8") as fh:
         for r in rejects:
-            fh.write(
-                json.dumps(
-                    {
-                        "episode_id": r.episode_id,
-                        "key": r.key,
-                        "reason": r.reason,
-                        "raw": r.raw,
-                        "attempts": r.attempts,
-                    },
-                    ensure_ascii=False,
-                )
-                + "\n"
-            )
+            row = {"episode_id": r.episode_id, "key": r.key, "reason": r.reason, "raw": r.raw, "attempts": r.attempts}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _write_manifest(
+    args: AnnotateArgs,
+    setup: RunSetup,
+    part: PartResult,
+    c: Any,
+    spend: Any,
+    batch: dict[str, Any] | None,
+    backend: dict[str, Any] | None,
+) -> None:
+    """refinevla.json (or a shard's manifest under .refine/): source, teacher, prompt, schema, counts, spend."""
+    from ...schemas import backend_for, schema_digest
+    from ...schemas.dataset_layout import write_manifest
+    from ..prompts import load_template
+    from ..writer import tool_version, utc_now
+
+    source, teacher = setup.source, setup.teacher
+    i, n = setup.shard
     tmpl = load_template(args.prompt_template)
     counts = part.counts
     rejected = part.statuses.get("rejected", 0)
@@ -221,29 +265,25 @@ def _finalize(
     }
     if batch is not None:
         manifest["batch"] = batch
-    write_manifest(out, manifest, MANIFEST if n == 1 else f"{PRIVATE_DIR}/manifest{setup.suffix}.json")
-    if n == 1:
-        _write_card(out, args.license)
-    else:
-        typer.echo(f"shard {i}/{n} written; once all {n} shards are in {out}, run: refine-data merge {out}", err=True)
-    from ..progress import summary_line
+    write_manifest(setup.out, manifest, MANIFEST if n == 1 else f"{PRIVATE_DIR}/manifest{setup.suffix}.json")
 
-    typer.echo(summary_line(c), err=True)
-    typer.echo(f"wrote {out}: {counts['episodes']} episodes, {counts['steps']} steps, {len(rejects)} rejected")
-    resume = "refine-data " + shlex.join(args.argv) if args.argv else "the same command"
+
+def _report_stop(args: AnnotateArgs, setup: RunSetup, part: PartResult, c: Any, spent: float, batch: bool) -> int:
+    """Why the run ended short, if it did, in one line with what to do next; the exit code."""
+    resume = _resume_command(args)
+    not_done = setup.total - part.counts["episodes"] - part.statuses.get("rejected", 0)
     if part.stop_reason == "interrupted":
         typer.secho(f"interrupted; answers so far are stored. Resume with: {resume}", fg="yellow", err=True)
         return EXIT_INTERRUPTED
     if part.stop_reason == "max-cost":
         typer.secho(
-            f"stopped: --max-cost ${args.max_cost} reached (spent ${spend.cost:.4f} in all); "
-            f"{setup.total - counts['episodes'] - rejected} episodes not annotated. "
-            "Raise --max-cost and rerun to continue.",
+            f"stopped: --max-cost ${args.max_cost} reached (spent ${spent:.4f} in all); "
+            f"{not_done} episodes not annotated. Raise --max-cost and rerun to continue.",
             fg="yellow",
             err=True,
         )
         return 0
-    if c.failed and batch is not None:
+    if c.failed and batch:
         typer.secho(
             f"{c.failed} episodes have no batch answer (--max-cost, or lines that failed more than --max-resubmits "
             f"times); rerun to submit them again: {resume}",
@@ -253,7 +293,8 @@ def _finalize(
         return 1
     if c.failed:
         typer.secho(
-            f"{c.failed} episodes failed on transient errors (rate limits, timeouts); rerun to retry them: {resume}",
+            f"{c.failed} episodes failed after retries: {failure_summary(part.failure_reasons)}; "
+            f"rerun to retry them: {resume}",
             fg="yellow",
             err=True,
         )

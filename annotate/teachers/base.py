@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from ...schemas import SemanticContext
-from ..errors import RefineError
+from ..errors import RefineError, causes
 from ..prompts import EpisodeFacts
 
 
@@ -49,6 +49,33 @@ class TransientTeacherError(Exception):
         super().__init__(message)
         self.retry_after = retry_after  # seconds the server asked us to wait, if it said
         self.status = status
+
+
+class TeacherUnreachableError(TransientTeacherError):
+    """No connection to the teacher at all (refused, DNS, TLS): retried like any transient failure (a
+    server may be restarting), but named as what it is when the retries run out, never as a rate limit."""
+
+
+def unreachable_reason(exc: BaseException) -> str | None:
+    """Why a request never reached the server ("connection refused", DNS, TLS...), read from the
+    error's causes; None when it did connect (a timeout, a dropped connection mid-answer).
+
+    HTTP clients report these their own ways (the openai client raises even a refused connection
+    as `APITimeoutError` over aiohttp), so the OS-level cause decides.
+    """
+    import socket
+    import ssl
+
+    for cause in causes(exc):
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(cause, socket.gaierror):
+            return f"host name not resolved ({cause.strerror or cause})"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS handshake failed ({cause.reason or cause})"
+        if isinstance(cause, (ConnectionResetError, ConnectionAbortedError)) and "connect" in str(exc).lower():
+            return "connection reset while connecting"
+    return None
 
 
 class PermanentTeacherError(Exception):

