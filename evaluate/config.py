@@ -12,6 +12,7 @@ from enum import Enum
 from pathlib import Path
 
 from ..annotate.cli_options import Conversion, Flag, option
+from ..train.policy import TRUST_REMOTE_CODE
 
 
 class OnOff(str, Enum):
@@ -78,6 +79,7 @@ class RunArgs:
     control_mode: str | None = option(None, "maniskill:ENV_ID: a 7-d controller (default pd_ee_delta_pose).")
     robot: str | None = option(None, "Override the checkpoint's robot conventions: widowx | google_robot.")
     device: str | None = option(None, DEVICE)
+    trust_remote_code: bool = option(False, TRUST_REMOTE_CODE)  # an OpenVLA checkpoint runs its own code
 
 
 @dataclass

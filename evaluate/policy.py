@@ -31,6 +31,7 @@ class RefinePolicy:
         reasoning: bool = True,
         max_rationale_tokens: int | None = None,
         device: str | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         from ..train.policy import Policy, longest_rationale_tokens, rationale_budget
 
@@ -38,7 +39,7 @@ class RefinePolicy:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.checkpoint = Policy(checkpoint, device=device)
+        self.checkpoint = Policy(checkpoint, device=device, trust_remote_code=trust_remote_code)
         self.info = self.checkpoint.info
         self.robot = robot or self.info.get("robot")
         if self.robot not in ROBOTS:

@@ -197,7 +197,9 @@ def _run_held(
         policy = ReplayPolicy(args.policy, args.robot)
         digest = policy.digest()
     else:
-        policy = RefinePolicy(args.policy, args.robot, args.reasoning, args.max_rationale_tokens, args.device)
+        policy = RefinePolicy(
+            args.policy, args.robot, args.reasoning, args.max_rationale_tokens, args.device, args.trust_remote_code
+        )
         digest = policy_digest(Path(args.policy))
         if policy.budget_warning:
             progress(f"warning: {policy.budget_warning}")

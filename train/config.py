@@ -12,6 +12,7 @@ from typing import Any
 
 from ..annotate.cli_options import option
 from .errors import TrainError
+from .policy import TRUST_REMOTE_CODE
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TrainConfig:
     reasoning_dropout: float = option(0.0, "Drop each rationale part with this probability.")  # ECoT-Lite
     trainable_layers: int | None = option(None, "Train the top K decoder layers + norm + LM head only.")
     train_vision: bool = option(False, "Also train the vision tower.")  # and the projector
+    trust_remote_code: bool = option(False, TRUST_REMOTE_CODE)  # OpenVLA needs it
     lora_rank: int | None = option(None, "LoRA rank instead of full tuning.")  # peft, on the decoder's linear layers
     bf16: bool | None = option(
         None,

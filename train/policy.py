@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..annotate.cli_options import Flag
 from .actions import ActionTokenizer, load_statistics
 from .decoding import N_ACTION, ActionGrammar, Generated, find_tag, generate, logits_processor
 from .errors import TrainError
@@ -191,10 +192,16 @@ def rationale_budget(info: dict[str, Any], given: int | None = None) -> int:
     return int(recorded * 1.25) + 16 if recorded else DEFAULT_RATIONALE_BUDGET
 
 
+TRUST_REMOTE_CODE = Flag(
+    "Run the model's own Python code (OpenVLA's remote code, also inside checkpoints trained from it): "
+    "only for a source you trust."
+)
+
+
 class Policy:
     """A trained checkpoint as refine-eval uses it: image + instruction -> rationale and 7-d action."""
 
-    def __init__(self, path: str | Path, device: str = "cpu") -> None:
+    def __init__(self, path: str | Path, device: str = "cpu", trust_remote_code: bool = False) -> None:
         import torch
 
         from .adapters import adapter_for_type
@@ -203,7 +210,7 @@ class Policy:
         if not is_policy(self.path):
             raise TrainError(f"{self.path}: no {POLICY_FILE} (not a refine-train checkpoint)")
         self.info = json.loads((self.path / POLICY_FILE).read_text())
-        self.adapter = adapter_for_type(self.info["model_family"], str(self.path))
+        self.adapter = adapter_for_type(self.info["model_family"], str(self.path), trust_remote_code)
         self.processor = self.adapter.load_processor(str(self.path))
         self.model = self._load_model(torch.float32).to(device).eval()
         key, entry = load_statistics(self.path / STATS_FILE, self.info["unnorm_key"])

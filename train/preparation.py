@@ -50,7 +50,7 @@ def prepare(cfg: TrainConfig, accelerator: Any = None, checkpoint_statistics: bo
             transform=cfg.transform,
             cache_dir=cfg.cache_dir,
         )
-    adapter = adapter_for(cfg.model)
+    adapter = adapter_for(cfg.model, cfg.trust_remote_code)
     processor = adapter.load_processor(cfg.model)
     episode_ids = table.column("episode_id")
     train_eps, val_eps = split_episodes(episode_ids, cfg.val_fraction, cfg.seed)

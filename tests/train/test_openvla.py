@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from refinevla.train.adapters import adapter_for  # noqa: E402
+from refinevla.train.errors import TrainError  # noqa: E402
 from refinevla.train.policy import POLICY_FILE, Policy  # noqa: E402
 from refinevla.train.preparation import make_loader, prepare  # noqa: E402
 from refinevla.train.trainer import train  # noqa: E402
@@ -37,12 +38,12 @@ def test_the_published_code_does_not_load_on_transformers_5_without_the_adapter(
     raw = get_class_from_dynamic_module(config.auto_map["AutoModelForVision2Seq"], str(openvla_dir))
     with pytest.raises((TypeError, AttributeError)):  # tie_weights(recompute_mapping=...), the _supports_sdpa property
         raw.from_pretrained(str(openvla_dir), config=config)
-    model = adapter_for(str(openvla_dir)).load_model(str(openvla_dir), torch.float32)
+    model = adapter_for(str(openvla_dir), trust_remote_code=True).load_model(str(openvla_dir), torch.float32)
     assert type(model).__name__ == "OpenVLAForActionPrediction" and hasattr(model, "generate")
 
 
 def test_logits_without_the_patch_positions_line_up_with_the_text(openvla_dir: Path) -> None:
-    adapter = adapter_for(str(openvla_dir))
+    adapter = adapter_for(str(openvla_dir), trust_remote_code=True)
     model = adapter.load_model(str(openvla_dir), torch.float32).eval()
     processor = adapter.load_processor(str(openvla_dir))
     image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
@@ -61,7 +62,7 @@ def test_openvla_learns_its_actions_and_its_checkpoint_generates_from_the_image(
     published: Path, openvla_dir: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "ckpt"
-    cfg = config(published, openvla_dir, out, tmp_path / "cache", train_vision=True, **OVERFIT)
+    cfg = config(published, openvla_dir, out, tmp_path / "cache", train_vision=True, trust_remote_code=True, **OVERFIT)
     result = train(cfg)
     p = prepare(cfg)
     loader = make_loader(p, result.train_indices, cfg, epoch=0, train=False, batch_size=4)
@@ -79,7 +80,9 @@ def test_openvla_learns_its_actions_and_its_checkpoint_generates_from_the_image(
     assert json.loads((out / "config.json").read_text())["auto_map"]["AutoModelForVision2Seq"].startswith(
         "modeling_prismatic."
     )
-    policy = Policy(out)
+    with pytest.raises(TrainError, match="pass --trust-remote-code if you trust"):
+        Policy(out)  # refine-eval's loading: the checkpoint carries OpenVLA's code
+    policy = Policy(out, trust_remote_code=True)
     batch = next(iter(loader))
     ours = predict_action_ids(result.model.eval(), p.adapter, batch)
     assert torch.equal(ours, predict_action_ids(policy.model, policy.adapter, batch))
@@ -111,3 +114,18 @@ def test_openvla_learns_its_actions_and_its_checkpoint_generates_from_the_image(
             if int(seq[0, -1]) == tok.eos_token_id:  # generate stops there too
                 break
     assert cached.tolist() == seq.tolist() and cached.shape[1] > len(ids[0]) + 1
+
+
+def test_without_trust_remote_code_refine_train_refuses_openvla_in_one_line(
+    published: Path, openvla_dir: Path, tmp_path
+):
+    from typer.testing import CliRunner
+
+    from refinevla.train.cli import app
+
+    args = ["--dataset", str(published), "--model", str(openvla_dir), "--output", str(tmp_path / "o")]
+    r = CliRunner().invoke(app, [*args, "--max-steps", "1", "--cache-dir", str(tmp_path / "cache")])
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "runs its own Python code" in lines[0] and "--trust-remote-code" in lines[0], r.output
+    assert not (tmp_path / "o" / POLICY_FILE).exists()

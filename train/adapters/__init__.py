@@ -15,11 +15,14 @@ from .paligemma import PaliGemmaAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (PaliGemmaAdapter, Idefics3Adapter, OpenVLAAdapter)
 
-__all__ = ["ADAPTERS", "ModelAdapter", "adapter_for", "adapter_for_type", "model_type_of"]
+__all__ = ["ADAPTERS", "TRUST_FLAG", "ModelAdapter", "adapter_for", "adapter_for_type", "model_type_of"]
+
+TRUST_FLAG = "--trust-remote-code"  # the flag of every command that loads a model
 
 
 def model_type_of(model: str) -> str:
-    """`config.model_type` of a local folder or Hub id (config.json only; no weights are read)."""
+    """`config.model_type` of a local folder or Hub id: config.json read as JSON (no weights are read,
+    and no code runs: a model id the user merely typed must not execute anything)."""
     path = Path(model)
     if path.is_dir():
         cfg = path / "config.json"
@@ -31,22 +34,32 @@ def model_type_of(model: str) -> str:
             return str(json.loads(cfg.read_text(encoding="utf-8"))["model_type"])
         except (json.JSONDecodeError, KeyError) as exc:
             raise TrainError(f"{cfg}: cannot read model_type ({exc})") from None
-    try:
-        from transformers import AutoConfig
+    from transformers.utils.hub import cached_file
 
-        return str(AutoConfig.from_pretrained(model, trust_remote_code=True).model_type)
+    try:
+        resolved = cached_file(model, "config.json")
     except OSError as exc:
         raise TrainError(f"--model {model}: not a local folder and not loadable from the Hub ({exc})") from None
+    if resolved is None:
+        raise TrainError(f"--model {model}: no config.json on the Hub (not a transformers model)")
+    return model_type_of(str(Path(resolved).parent))
 
 
-def adapter_for_type(model_type: str, model: str = "the model") -> ModelAdapter:
+def adapter_for_type(model_type: str, model: str = "the model", trust_remote_code: bool = False) -> ModelAdapter:
+    """The family's adapter; a family whose checkpoints run their own Python code (OpenVLA's remote
+    code, copied into every checkpoint trained from it) only with `trust_remote_code`, the user's flag."""
     for cls in ADAPTERS:
         if model_type in cls.model_types:
+            if cls.trust_remote_code and not trust_remote_code:
+                raise TrainError(
+                    f"{model}: a {cls.family} model runs its own Python code (the remote code its auto_map names); "
+                    f"pass {TRUST_FLAG} if you trust where it comes from"
+                )
             return cls()
     families = ", ".join(f"{c.family} ({'/'.join(c.model_types)})" for c in ADAPTERS)
     raise TrainError(f"{model}: model type {model_type!r} has no refine-train adapter; families: {families}")
 
 
-def adapter_for(model: str) -> ModelAdapter:
+def adapter_for(model: str, trust_remote_code: bool = False) -> ModelAdapter:
     """The adapter for a model folder or Hub id, or one line naming the families there are."""
-    return adapter_for_type(model_type_of(model), model)
+    return adapter_for_type(model_type_of(model), model, trust_remote_code)
