@@ -26,6 +26,18 @@ from .cli_options import (
 from .errors import RefineError
 from .exits import user_errors
 from .source_args import open_cli_source, parse_range
+from .viewer import (
+    GRPC_PORT,
+    LOOPBACK,
+    WEB_PORT,
+    BindOpt,
+    GrpcPortOpt,
+    PortOpt,
+    SaveOpt,
+    ServeOpt,
+    ViewTarget,
+    report_and_serve,
+)
 
 app = typer.Typer(
     name="refine-data",
@@ -157,28 +169,18 @@ def view(
     episodes: Annotated[
         str | None, typer.Option("--episodes", help="Episode index range START:STOP of the source (default: 0).")
     ] = None,
-    save: Annotated[Path | None, typer.Option("--save", help="Write a Rerun recording (.rrd) instead.")] = None,
-    serve: Annotated[
-        bool, typer.Option("--serve", help="Serve Rerun's web viewer on 127.0.0.1 (a remote machine: SSH tunnel).")
-    ] = False,
-    port: Annotated[int, typer.Option("--port", help="--serve: the web viewer's port.")] = 9090,
+    save: SaveOpt = None,
+    serve: ServeOpt = False,
+    port: PortOpt = WEB_PORT,
+    grpc_port: GrpcPortOpt = GRPC_PORT,
+    bind: BindOpt = LOOPBACK,
     data_dir: DataDirOpt = None,
 ) -> None:
     """Frames, states, actions and the rationale (text, boxes, segments) of episodes on one timeline in Rerun."""
-    import tempfile
-
-    from .view import serve as serve_web
     from .view import view_dataset
 
-    if serve and save is None:
-        save = Path(tempfile.mkdtemp(prefix="refine-view-")) / "view.rrd"
-    summary = view_dataset(out, episodes, save, data_dir)
-    typer.echo(
-        f"logged {summary.episodes} episode(s), {summary.steps} steps, {summary.boxes} box(es) to {summary.where}"
-    )
-    if serve and save is not None:
-        typer.echo(f"serving Rerun's web viewer at http://127.0.0.1:{port} (Ctrl-C to stop)", err=True)
-        raise typer.Exit(serve_web(save, port))
+    target = ViewTarget(save, serve, port, grpc_port, bind).checked()
+    raise typer.Exit(report_and_serve(view_dataset(out, episodes, target, data_dir), target))
 
 
 def _register_optional_commands() -> None:

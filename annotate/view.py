@@ -15,14 +15,13 @@ on the `step` timeline:
   (or why the episode was rejected, or that OUT does not hold it);
 - `events`: where a motion segment starts and where the gripper closes or opens.
 
-Rerun (`rerun-sdk`, the `[viz]` extra) is imported only here, when the command runs.
+Where the recording goes (a file, the native viewer, the web viewer) and what `refine-eval view` shares with this
+command live in `viewer.py`; Rerun (`rerun-sdk`, the `[viz]` extra) is imported only when the command runs.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,25 +31,14 @@ import numpy as np
 
 from ..schemas.dataset_layout import EPISODE_FILES, MANIFEST, PRIVATE_DIR, STEP_FILES, manifest_path, read_manifest
 from .errors import RefineError
+from .viewer import Recording, ViewSummary, ViewTarget, import_rerun, log_series
 
-VIZ_EXTRA = "pip install 'refinevla[viz]'"
-APP_ID = "refinevla"
-DIMS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 STEP_PARTS = (
     ("SUBTASK", "subtask"),
     ("SUBTASK REASON", "subtask_reason"),
     ("MOVE", "move"),
     ("MOVE REASON", "move_reason"),
 )
-
-
-def import_rerun() -> Any:
-    """The rerun module, or one line saying how to get it."""
-    try:
-        import rerun
-    except ImportError as exc:
-        raise RefineError(f"viewing needs the [viz] extra: {VIZ_EXTRA} ({exc})") from None
-    return rerun
 
 
 @dataclass
@@ -189,8 +177,8 @@ def log_episode(rec: Any, rr: Any, index: int, episode: Any, data: Annotated) ->
         static=True,
     )
     rec.log(f"{root}/info", rr.TextDocument(f"{episode.episode_id}\n\n{episode.instruction}"), static=True)
-    for name in ("state", "action"):
-        rec.log(f"{root}/{name}", rr.SeriesLines(names=list(DIMS)), static=True)
+    log_series(rec, rr, f"{root}/state", episode.states[: episode.num_steps])
+    log_series(rec, rr, f"{root}/action", episode.actions[: episode.num_steps])
     primary = episode.cameras[0]
     boxes = _boxes(rr, record, episode, primary, data)
     by_step = {int(r["step"]): r for r in rows}
@@ -199,8 +187,6 @@ def log_episode(rec: Any, rr: Any, index: int, episode: Any, data: Annotated) ->
         rec.set_time("step", sequence=t)
         for camera in episode.cameras:
             rec.log(f"{root}/camera/{camera}", _image(rr, episode.frames[camera], t))
-        rec.log(f"{root}/state", rr.Scalars(np.asarray(episode.states[t], dtype=np.float64)))
-        rec.log(f"{root}/action", rr.Scalars(np.asarray(episode.actions[t], dtype=np.float64)))
         row = by_step.get(t)
         if row is not None:
             rec.log(f"{root}/rationale/step", rr.TextDocument(step_text(row)))
@@ -245,62 +231,15 @@ def _boxes(
     )
 
 
-@dataclass
-class ViewSummary:
-    episodes: int
-    steps: int
-    boxes: int
-    where: str
-
-
-def view_dataset(out: str, selection: str | None, save: Path | None, data_dir: str | None) -> ViewSummary:
-    """Log the selection of OUT (or ORG/NAME) to a .rrd file, or to a spawned native viewer."""
+def view_dataset(out: str, selection: str | None, target: ViewTarget, data_dir: str | None) -> ViewSummary:
+    """Log the selection of OUT (or ORG/NAME) to the target: a .rrd file, or a native viewer."""
     rr = import_rerun()
     data = open_annotated(out)
     chosen = select(data, selection, data_dir)
-    rec = rr.RecordingStream(APP_ID, recording_id=f"refine-data-view:{data.root.name}")
-    where = open_sink(rr, rec, save)
+    recording = Recording(rr, f"refine-data-view:{data.root.name}", target)
     episodes = steps = boxes = 0
     for index, episode in chosen:
-        boxes += log_episode(rec, rr, index, episode, data)
+        boxes += log_episode(recording.stream, rr, index, episode, data)
         episodes += 1
         steps += episode.num_steps
-    rec.flush()
-    return ViewSummary(episodes, steps, boxes, where)
-
-
-def open_sink(rr: Any, rec: Any, save: Path | None) -> str:
-    """Where the recording goes: a file, or a spawned native viewer."""
-    if save is not None:
-        save.parent.mkdir(parents=True, exist_ok=True)
-        rec.save(str(save))
-        return str(save)
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        raise RefineError(
-            "no display to open the Rerun viewer on (DISPLAY is not set): use --save FILE.rrd, or --serve and "
-            "open the web viewer through an SSH tunnel"
-        )
-    try:
-        rec.spawn()
-    except Exception as exc:
-        raise RefineError(f"cannot start the Rerun viewer here ({exc}); use --save FILE.rrd or --serve") from None
-    return "the Rerun viewer"
-
-
-def serve(recording: Path, port: int) -> int:
-    """Rerun's web viewer for `recording`, on 127.0.0.1 only (reach it from elsewhere through an SSH tunnel).
-
-    The SDK's own `serve_web_viewer` listens on every interface; the `rerun` command binds where it is
-    told. Blocks until Ctrl-C; returns its exit code.
-    """
-    import subprocess
-
-    cmd = [sys.executable, "-m", "rerun", "--serve-web", "--bind", "127.0.0.1", "--web-viewer-port", str(port)]
-    env = {**os.environ, "RERUN_ANALYTICS": "0"}
-    proc = subprocess.Popen([*cmd, str(recording)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
-        proc.wait(timeout=10)
-        return 0
+    return ViewSummary(episodes, recording.close(), steps=steps, boxes=boxes)

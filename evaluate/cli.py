@@ -18,6 +18,18 @@ import typer
 from ..annotate.cli_options import Flags, options_from
 from ..annotate.exits import user_errors
 from ..annotate.source_args import split_keys
+from ..annotate.viewer import (
+    GRPC_PORT,
+    LOOPBACK,
+    WEB_PORT,
+    BindOpt,
+    GrpcPortOpt,
+    PortOpt,
+    SaveOpt,
+    ServeOpt,
+    ViewTarget,
+    report_and_serve,
+)
 from .config import DEVICE, POLICY, REASONING, DemosArgs, OnOff, RunArgs
 
 app = typer.Typer(
@@ -147,16 +159,20 @@ def view_command(
         str | None,
         typer.Option("--episodes", help="Episode index range START:STOP (episodes.jsonl order; default all)."),
     ] = None,
-    save: Annotated[Path | None, typer.Option("--save", help="Write a Rerun recording (.rrd) instead.")] = None,
+    save: SaveOpt = None,
     frames: Annotated[
         bool, typer.Option("--frames", help="Require the frames (every selected episode run with --video).")
     ] = False,
+    serve: ServeOpt = False,
+    port: PortOpt = WEB_PORT,
+    grpc_port: GrpcPortOpt = GRPC_PORT,
+    bind: BindOpt = LOOPBACK,
 ) -> None:
     """Each evaluated episode in Rerun: frames, the policy's rationale every step, raw and env actions, the outcome."""
     from .view import view_results
 
-    summary = view_results(results, episodes, save, frames)
-    typer.echo(f"logged {summary.episodes} episode(s), {summary.frames} frames to {summary.where}")
+    target = ViewTarget(save, serve, port, grpc_port, bind).checked()
+    raise typer.Exit(report_and_serve(view_results(results, episodes, target, frames), target))
 
 
 def main() -> None:

@@ -4,21 +4,20 @@ The audit SimplerEnv users ask for: per episode (`episodes/<index>/`, the order 
 the frames (from the episode's video: `refine-eval run --video` keeps them; without one, a note
 says so), the rationale the policy wrote at every step (`rationale`), its raw and env actions
 (`raw_action`, `env_action`: 7 scalars each, kept by `run --log-actions`), and a document with the
-task, configuration, seed, instruction, success and grasp.
+task, configuration, seed, instruction, success and grasp. Where the recording goes (`--save`, the native viewer,
+`--serve`) is `refine-data view`'s code (`annotate/viewer.py`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..annotate.viewer import Recording, ViewSummary, ViewTarget, import_rerun, log_series
 from .errors import EvalError
 from .results import read_episodes, read_run
-
-DIMS = ("x", "y", "z", "roll", "pitch", "yaw", "gripper")
 
 
 def video_frames(path: Path) -> list[np.ndarray]:
@@ -40,14 +39,7 @@ def episode_document(ep: dict[str, Any], run: dict[str, Any]) -> str:
     )
 
 
-@dataclass
-class ViewSummary:
-    episodes: int
-    frames: int
-    where: str
-
-
-def view_results(results: Path, selection: str | None, save: Path | None, frames: bool) -> ViewSummary:
+def view_results(results: Path, selection: str | None, target: ViewTarget, frames: bool) -> ViewSummary:
     """Log the selected episodes of a results folder; `frames` requires every one to have its video."""
     from ..annotate.source_args import parse_range
 
@@ -64,17 +56,12 @@ def view_results(results: Path, selection: str | None, save: Path | None, frames
             f"{missing[0]['task']} configuration {missing[0]['config']}); rerun refine-eval run with --video to keep "
             "the frames"
         )
-    from ..annotate.view import APP_ID, import_rerun, open_sink
-
     rr = import_rerun()
-    rec = rr.RecordingStream(APP_ID, recording_id=f"refine-eval-view:{results.resolve().name}")
-
-    where = open_sink(rr, rec, save)
+    recording = Recording(rr, f"refine-eval-view:{results.resolve().name}", target)
     logged_frames = 0
     for index, ep in chosen:
-        logged_frames += log_episode(rec, rr, index, ep, run, results)
-    rec.flush()
-    return ViewSummary(len(chosen), logged_frames, where)
+        logged_frames += log_episode(recording.stream, rr, index, ep, run, results)
+    return ViewSummary(len(chosen), recording.close(), frames=logged_frames)
 
 
 def log_episode(rec: Any, rr: Any, index: int, ep: dict[str, Any], run: dict[str, Any], results: Path) -> int:
@@ -86,17 +73,14 @@ def log_episode(rec: Any, rr: Any, index: int, ep: dict[str, Any], run: dict[str
         images = video_frames(results / ep["video"])
     else:
         rec.log(f"{root}/camera", rr.TextDocument("no frames: run refine-eval with --video to keep them"), static=True)
-    for name in ("raw_action", "env_action"):
-        rec.log(f"{root}/{name}", rr.SeriesLines(names=list(DIMS)), static=True)
-    rationales = ep.get("rationales") or []
     actions = ep.get("actions") or []
+    for name in ("raw_action", "env_action"):
+        log_series(rec, rr, f"{root}/{name}", [a[name] for a in actions])
+    rationales = ep.get("rationales") or []
     for t in range(max(len(images), len(rationales))):
         rec.set_time("step", sequence=t)
         if t < len(images):
             rec.log(f"{root}/camera", rr.Image(images[t]))
         if t < len(rationales):
             rec.log(f"{root}/rationale", rr.TextDocument(rationales[t] or "(no rationale: action-only)"))
-        if t < len(actions):
-            for name in ("raw_action", "env_action"):
-                rec.log(f"{root}/{name}", rr.Scalars(np.asarray(actions[t][name], dtype=np.float64)))
     return len(images)

@@ -17,6 +17,13 @@ import pytest
 pytest.importorskip("rerun", reason="needs the [viz] extra")
 
 from tests.annotate.conftest import SECRET, start_annotate
+from tests.annotate.rerun_servers import (  # noqa: F401  (xvfb: a fixture)
+    assert_loopback_only,
+    check_native_viewer,
+    on_display,
+    serving,
+    xvfb,
+)
 from tests.sources.conftest import lerobot_episodes, write_lerobot_dataset  # noqa: F401  (fixtures)
 
 
@@ -185,37 +192,122 @@ def listening_addresses(port: int) -> set[str]:
 
 
 def test_serve_hosts_the_web_viewer_on_127_0_0_1_only(tmp_path):
-    import signal
-    import time
     import urllib.request
 
     from tests.annotate.ray_cluster import free_port
 
     out = sample_out(tmp_path)
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "refinevla.annotate.cli", "view", str(out), "--serve", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        deadline, status = time.monotonic() + 60, None
-        while status != 200:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-            try:
-                status = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).status
-            except OSError:
-                time.sleep(0.3)
+    port, grpc_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "refinevla.annotate.cli", "view", str(out), "--serve", "--port", str(port)]
+    with serving([*cmd, "--grpc-port", str(grpc_port)], tmp_path) as tree:
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10).status == 200
         assert listening_addresses(port) == {"127.0.0.1"}
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    stdout, stderr = proc.communicate()
+        # every listening socket of refine-data and what it started, IPv4 and IPv6: the web viewer and gRPC only
+        assert {p for _, p in assert_loopback_only(tree, {port, grpc_port})} == {port, grpc_port}
+    stdout, stderr = (tmp_path / "stdout").read_text(), (tmp_path / "stderr").read_text()
     assert "logged 1 episode(s)" in stdout and f"http://127.0.0.1:{port}" in stderr
+    assert f"url=rerun%2Bhttp%3A%2F%2F127.0.0.1%3A{grpc_port}%2Fproxy" in stderr
+
+
+@pytest.mark.parametrize("flag", ["--port", "--grpc-port"])
+def test_a_taken_port_is_one_line_before_serving(tmp_path, flag):
+    import socket
+
+    from tests.annotate.ray_cluster import free_port
+
+    out = sample_out(tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        other = "--grpc-port" if flag == "--port" else "--port"
+        r = refine_data("view", str(out), "--serve", flag, str(port), other, str(free_port()))
+    line = one_line_error(r)
+    assert f"port {port} is already in use" in line and flag in line
+    assert "serving" not in r.stdout + r.stderr and "logged" not in r.stdout
+
+
+def started_or_refused(args: list[str], host: str, ports: list[int]) -> str:
+    """RerunProcess.start's one line of refusal (a server it did start is stopped, and the test fails)."""
+    from refinevla.annotate.errors import RefineError
+    from refinevla.annotate.viewer import RerunProcess
+
+    try:
+        server = RerunProcess.start(args, host, ports, "the web viewer")
+    except RefineError as exc:
+        return str(exc)
+    server.stop()
+    pytest.fail(f"rerun {args} started")
+
+
+def test_a_port_taken_after_the_check_is_one_line(tmp_path):
+    """A race: the web port was free when refine-data checked it and is taken by the time rerun binds it."""
+    import socket
+
+    from tests.annotate.ray_cluster import free_port
+
+    out = sample_out(tmp_path)
+    assert view(out, tmp_path / "v.rrd").returncode == 0
+    grpc_port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["--serve-web", "--bind", "127.0.0.1", "--web-viewer-port", str(port), "--port", str(grpc_port)]
+        message = started_or_refused([*args, str(tmp_path / "v.rrd")], "127.0.0.1", [port, grpc_port])
+    assert "\n" not in message and f"port {port} on 127.0.0.1 was taken by another process" in message
+
+
+def test_a_rerun_that_exits_at_start_says_why_in_one_line(tmp_path):
+    """rerun's own error, read from its output (its exit status alone says nothing)."""
+    from tests.annotate.ray_cluster import free_port
+
+    port = free_port()
+    message = started_or_refused(["--serve-grpc", "--bind", "not-an-address", "--port", str(port)], "127.0.0.1", [port])
+    assert "\n" not in message and "exited before listening" in message and "not-an-address" in message
+
+
+def test_the_native_viewer_listens_on_127_0_0_1_only(xvfb, tmp_path):  # noqa: F811
+    """Not the SDK's spawn(), whose viewer listens on 0.0.0.0: the viewer refine-data starts, on a virtual display."""
+    from tests.annotate.ray_cluster import free_port
+
+    out = sample_out(tmp_path)
+    port = free_port()
+    r = refine_data("view", str(out), "--grpc-port", str(port), env=on_display(xvfb))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("logged 1 episode(s), ") and " steps, 0 box(es) to the Rerun viewer (pid " in r.stdout
+    check_native_viewer(r.stdout, port)
+
+
+def test_a_viewer_that_dies_after_it_listens_is_one_line(tmp_path):
+    """A native viewer with no graphics driver it can draw with listens, then exits: its own reason in one red line,
+    no traceback. The `rerun` here is a stand-in (RERUN_CLI_PATH) that does just that, on any machine."""
+    import textwrap
+
+    from tests.annotate.ray_cluster import free_port
+
+    stand_in = tmp_path / "rerun"
+    stand_in.write_text(
+        f"#!{sys.executable}\n"
+        + textwrap.dedent(
+            """
+            import socket, sys, time
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])))
+                s.listen()
+                time.sleep(0.5)
+            sys.exit("Error: app creation error: The GPU/graphics driver is lacking some abilities")
+            """
+        )
+    )
+    stand_in.chmod(0o755)
+    out = sample_out(tmp_path)
+    env = {**os.environ, "DISPLAY": ":99", "RERUN_CLI_PATH": str(stand_in)}
+    r = refine_data("view", str(out), "--grpc-port", str(free_port()), env=env)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    (error,) = [line for line in r.stderr.splitlines() if line.startswith("error: ")]  # (the SDK logs its failed sends)
+    assert "the Rerun viewer exited (Error: app creation error: The GPU/graphics driver" in error
+    assert "--save FILE.rrd" in error
 
 
 def test_without_a_display_spawning_the_viewer_is_refused_in_one_line(tmp_path):
