@@ -17,16 +17,25 @@ What stays on the driver, and why:
 - The durable store: the run's SQLite file in `OUT/.refine/` on the driver's disk. Every answer
   arrives at the driver, and is committed there before it is used, so no storage shared by all
   nodes is needed and a lost worker node loses no answer at all (it held only preparation work,
-  which Ray retries elsewhere). A killed driver loses at most the requests in flight, exactly as
-  a killed local run does; the same command then resumes.
+  which Ray runs again on the nodes left). A killed driver loses at most the requests in flight,
+  exactly as a killed local run does; the same command then resumes.
 
-The anti-join: keys the store has settled (answered or rejected) are sent to the tasks; such an
-episode travels back without its prompt and images (the driver only assembles its record). On
-GPU clusters, `--teacher vllm` asks through `ray.data.llm`'s vLLM replicas instead (`ray_vllm`).
+The anti-join: keys the store has settled (answered or rejected) are sent to the tasks, which hash
+each episode's request key before building its prompt (the keyframe steps follow from the states,
+stored frames are hashed as they are stored) and skip a settled one before decoding a frame; it
+travels back without prompt or images (the driver only assembles its record). A rerun of a finished
+run therefore decodes and encodes nothing. (A video-backed source has no stored frame bytes: its
+key hashes the shown frames' pixels, on every backend, so those are decoded to hash them.)
+
+A bug in a task (anything but a `RefineError`) ends the run with its traceback, the task's own
+frames included (Ray's error carries them); a `RefineError` there (a source a node cannot open, a bad
+episode) travels back as a row and is one line, as on the local backend. On GPU clusters,
+`--teacher vllm` asks through `ray.data.llm`'s vLLM replicas instead (`ray_vllm`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pickle
@@ -34,16 +43,28 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import RefineError, SourceError
+from .episode import FrameSequence
+from .errors import RefineError
 
 if TYPE_CHECKING:
+    import numpy as np
+
+    from .episode import Episode
     from .part import AnnotateArgs, RunSetup
+    from .prompts import EpisodeFacts, PromptTemplate
     from .teacher_requests import PreparedRequest
 
 RAY_EXTRA = "pip install 'refinevla[ray]'"
 CHUNK_MAX = 32  # episodes per preparation task at most (a lost task re-prepares at most this many)
+# Test hook: a directory every node can write (the tests' cluster is one machine). When the driver's
+# environment names one, each preparation task appends what it did to DIR/tasks.log (one JSON object
+# a line: its chunk, node and pid when it starts; the frames it decoded and the prompts it built when
+# it ends) and, while DIR/hold exists, waits after starting: a node can then be killed under running
+# tasks. Unset (production), the tasks do none of this.
+JOURNAL_ENV = "REFINEVLA_RAY_JOURNAL"
 
 
 def import_ray() -> Any:
@@ -87,6 +108,7 @@ class PrepareSpec:
     schema_id: str
     schema_detail: str
     schema_backend: str
+    journal: str | None = None  # JOURNAL_ENV's directory (tests only)
 
 
 @dataclass
@@ -163,56 +185,207 @@ def chunks(start: int, stop: int, workers: int) -> list[dict[str, int]]:
     return [{"start": a, "stop": min(stop, a + size)} for a in range(start, stop, size)]
 
 
+class _CountedFrames(FrameSequence):
+    """A camera's frames that count each frame decoded into a shared tally (the journal's, tests only)."""
+
+    def __init__(self, frames: FrameSequence, tally: list[int]) -> None:  # no super().__init__: it delegates
+        self._frames = frames
+        self._tally = tally
+        self._length = len(frames)
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        self._tally[0] += 1
+        return self._frames[index]
+
+    def encoded(self, index: int) -> bytes | None:
+        return self._frames.encoded(index)
+
+
+@dataclass
+class TaskJournal:
+    """One chunk's lines in JOURNAL_ENV's DIR/tasks.log (a test hook: see JOURNAL_ENV)."""
+
+    directory: Path
+    chunk: int  # the chunk's first episode
+    node: str  # the Ray node id the task runs on
+    decoded: list[int]  # frames decoded so far, one cell shared with the episodes' frames
+    prompts: int = 0  # prompts built (keyframes chosen, encoded)
+
+    @classmethod
+    def begin(cls, directory: str | None, chunk: int) -> TaskJournal | None:
+        """None in production; in a test, the chunk's start noted, then held while DIR/hold exists."""
+        if not directory:
+            return None
+        import ray
+
+        journal = cls(Path(directory), chunk, ray.get_runtime_context().get_node_id(), [0])
+        journal.note("start")
+        while (journal.directory / "hold").exists():
+            time.sleep(0.05)
+        return journal
+
+    def watch(self, episode: Episode) -> None:
+        """Count the frames decoded from now on in `episode`."""
+        episode.frames = {camera: _CountedFrames(frames, self.decoded) for camera, frames in episode.frames.items()}
+
+    def note(self, event: str) -> None:
+        line = {"event": event, "chunk": self.chunk, "node": self.node, "pid": os.getpid()}
+        if event == "done":
+            line |= {"decoded": self.decoded[0], "prompts": self.prompts}
+        with open(self.directory / "tasks.log", "a") as f:  # one short append: whole lines from every task
+            f.write(json.dumps(line) + "\n")
+
+
+def request_key_of(
+    episode: Episode, facts: EpisodeFacts, spec: PrepareSpec, template: PromptTemplate
+) -> tuple[str, dict[str, Any]] | None:
+    """The key (and frame choice) `prepare_request` gives the episode, without building its prompt.
+
+    The keyframe steps follow from the states (`select_keyframes` over the gripper events, as
+    `build_prompt` chooses them) and the shown frames are hashed as stored: nothing is decoded or
+    encoded. None when the episode names no such camera: `prepare_request` then says so.
+    """
+    from .prompts import select_keyframes
+    from .teacher_requests import request_key
+
+    camera = spec.frames.camera or episode.cameras[0]
+    if camera not in episode.frames:
+        return None
+    steps = select_keyframes(facts.num_steps, [e.step for e in facts.events], spec.frames.count)
+    frame_key = {**spec.frames.as_key(), "camera": camera, "steps": steps}
+    key = request_key(
+        episode.content_digest({camera: steps}),
+        frame_key,
+        template.version,
+        template.digest,
+        spec.schema_id,
+        spec.teacher.name,
+        spec.teacher.model,
+        spec.teacher.sampling(),
+        spec.schema_detail,  # type: ignore[arg-type]  # checked against SCHEMA_DETAILS by setup_run
+    )
+    return key, frame_key
+
+
+def prepare_unless_settled(
+    episode: Episode,
+    spec: PrepareSpec,
+    template: PromptTemplate,
+    response_format: dict[str, Any],
+    settled: frozenset[str],
+) -> tuple[PreparedRequest, bool]:
+    """The episode's request, and whether its prompt was built: a settled one is returned without it.
+
+    Raises SourceError, as `prepare_request` does, for an episode the engine cannot ask.
+    """
+    from ..schemas import SemanticContext
+    from .episode import STATE_DIM
+    from .prompts import PromptBundle, episode_facts
+    from .teacher_requests import PreparedRequest, prepare_request
+
+    # a state motion primitives cannot read: prepare_request says what is wrong with it
+    askable = episode.states.ndim == 2 and episode.states.shape[1] == STATE_DIM
+    facts = episode_facts(episode) if askable else None
+    known = request_key_of(episode, facts, spec, template) if facts is not None else None
+    if known is not None and facts is not None and known[0] in settled:
+        key, frame_key = known
+        return PreparedRequest(
+            key=key,
+            episode_id=episode.episode_id,
+            dataset=episode.dataset,
+            instruction=episode.instruction,
+            actions=episode.actions,
+            states=episode.states,
+            bundle=PromptBundle([], facts, [], None, template, frame_key),
+            estimated_prompt_tokens=0,
+            context=SemanticContext(facts.num_steps, len(facts.segments)),
+            response_format=response_format,
+        ), False
+    item = prepare_request(
+        episode,
+        teacher=spec.teacher,  # type: ignore[arg-type]  # what a key needs of a Teacher
+        template=template,
+        frames=spec.frames,
+        schema_id=spec.schema_id,
+        schema_detail=spec.schema_detail,  # type: ignore[arg-type]
+        schema_backend=spec.schema_backend,
+        static_response_format=response_format,
+    )
+    if known is not None and item.key != known[0]:  # the two must never drift: a wrong match reuses an answer
+        raise AssertionError(f"request_key_of gave {known[0]} where prepare_request gave {item.key}")
+    return item, True
+
+
+def images_in(messages: list[dict[str, Any]]) -> int:
+    """Image parts in chat messages: what a vLLM replica must admit per prompt."""
+    return sum(
+        part.get("type") == "image_url" for m in messages if isinstance(m["content"], list) for part in m["content"]
+    )
+
+
 def prepare_chunk(batch: dict[str, Any], spec: PrepareSpec, settled: Any) -> dict[str, list[Any]]:
     """One preparation task: read a chunk of episodes and prepare their requests (runs on the cluster).
 
-    A settled request (the store has its answer or its reject) goes back without its prompt and
-    keyframes: the driver only assembles its record. An episode the engine cannot ask (a bad
-    state) becomes an error row, raised as the local backend would raise it, in one line.
+    Rows: `payload` (the pickled request; a settled one without prompt and images, which the driver
+    does not need), `ask` (whether it has its prompt: not settled), `images` (image parts in its prompt)
+    and `error`. A user's error (a source this node cannot open or read, an episode the engine cannot
+    ask) ends the task as a last row with its message, raised on the driver in one line as the local
+    backend raises it: raised here, Ray would deliver it wrapped, its class lost. A bug is raised, and
+    reaches the driver with its traceback.
     """
     from ..schemas import teacher_response_format
     from .prompts import load_template
     from .source_args import open_cli_source
     from .sources import ReadOptions
-    from .teacher_requests import prepare_request
 
     if not isinstance(settled, frozenset):  # an ObjectRef: resolved once per task
         import ray
 
         settled = ray.get(settled)
 
-    source = open_cli_source(*spec.source)
-    template = load_template(spec.template)
-    response_format = teacher_response_format(spec.schema_id, spec.schema_backend)
-    rows: dict[str, list[Any]] = {"payload": [], "error": []}
-    for start, stop in zip(batch["start"], batch["stop"], strict=True):
-        for episode in source.iter_episodes(ReadOptions(start=int(start), stop=int(stop))):
-            try:
-                item = prepare_request(
-                    episode,
-                    teacher=spec.teacher,  # type: ignore[arg-type]  # what a key needs of a Teacher
-                    template=template,
-                    frames=spec.frames,
-                    schema_id=spec.schema_id,
-                    schema_detail=spec.schema_detail,  # type: ignore[arg-type]
-                    schema_backend=spec.schema_backend,
-                    static_response_format=response_format,
-                )
-            except SourceError as exc:
-                rows["payload"].append(b"")
-                rows["error"].append(str(exc))
-                continue
-            # the keyframes' bytes are in the messages already (base64): never ship them twice; a settled
-            # request needs neither, only the facts its record is assembled from
-            messages = [] if item.key in settled else item.bundle.messages
-            item.bundle = replace(item.bundle, keyframes=[], messages=messages)
-            rows["payload"].append(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
-            rows["error"].append("")
+    rows: dict[str, list[Any]] = {"payload": [], "ask": [], "images": [], "error": []}
+
+    def add(payload: bytes, ask: bool, images: int, error: str) -> None:
+        for column, value in zip(rows, (payload, ask, images, error), strict=True):
+            rows[column].append(value)
+
+    try:
+        source = open_cli_source(*spec.source)
+        template = load_template(spec.template)
+        response_format = teacher_response_format(spec.schema_id, spec.schema_backend)
+        for start, stop in zip(batch["start"], batch["stop"], strict=True):
+            journal = TaskJournal.begin(spec.journal, int(start))
+            for episode in source.iter_episodes(ReadOptions(start=int(start), stop=int(stop))):
+                if journal is not None:
+                    journal.watch(episode)
+                item, built = prepare_unless_settled(episode, spec, template, response_format, settled)
+                if journal is not None:
+                    journal.prompts += built
+                # the keyframes' bytes are in the messages already (base64): never ship them twice
+                item.bundle = replace(item.bundle, keyframes=[])
+                add(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL), built, images_in(item.bundle.messages), "")
+            if journal is not None:
+                journal.note("done")
+    except RefineError as exc:
+        add(b"", False, 0, str(exc) or type(exc).__name__)
     return rows
 
 
+def without_prompts(batch: dict[str, Any]) -> dict[str, list[Any]]:
+    """Prepared rows with their prompts and images dropped: what the driver needs to write a dataset from the
+    store (runs on the cluster, so the images do not travel to the driver a second time)."""
+    payloads = []
+    for payload in batch["payload"]:
+        item = pickle.loads(payload) if payload else None
+        if item is not None and item.bundle.messages:
+            item.bundle = replace(item.bundle, messages=[])
+            payload = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        payloads.append(payload)
+    return {"payload": payloads, "error": list(batch["error"])}
+
+
 def prepared_dataset(ray: Any, setup: RunSetup, args: AnnotateArgs, cluster: Cluster, settled: frozenset[str]) -> Any:
-    """The Ray dataset of the selection's prepared requests (rows: payload, error), or None if empty."""
+    """The Ray dataset of the selection's prepared requests (rows: `prepare_chunk`'s), or None if empty."""
     from ..schemas import backend_for
 
     spec = PrepareSpec(
@@ -223,6 +396,7 @@ def prepared_dataset(ray: Any, setup: RunSetup, args: AnnotateArgs, cluster: Clu
         schema_id=setup.options.schema_id,
         schema_detail=setup.options.schema_detail,
         schema_backend=setup.options.schema_backend or backend_for(setup.teacher.name).name,
+        journal=os.environ.get(JOURNAL_ENV) or None,
     )
     items = chunks(setup.start, setup.stop, cluster.workers)
     if not items:
@@ -258,28 +432,10 @@ def prepared_stream(ds: Any, expected: int) -> Iterator[PreparedRequest]:
             if seen != expected:
                 raise RefineError(f"the Ray cluster prepared {seen} of the {expected} selected episodes") from None
             return
-        except Exception as exc:  # a task's own error, wrapped by Ray: one line, not its traceback
-            raise task_error(exc) from None
         seen += 1
         if row["error"]:
-            raise SourceError(row["error"])
+            raise RefineError(row["error"])
         yield pickle.loads(row["payload"])
-
-
-def task_error(exc: BaseException) -> RefineError:
-    """The RefineError a preparation task raised (opening the source on a node), or one line for anything else."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        seen.add(id(cause))
-        if isinstance(cause, RefineError):
-            return cause
-        inner = getattr(cause, "cause", None)  # RayTaskError keeps the task's exception here
-        cause = inner if isinstance(inner, BaseException) else (cause.__cause__ or cause.__context__)
-    last = str(exc).strip().splitlines()
-    return RefineError(
-        f"preparing requests on the Ray cluster failed: {type(exc).__name__}: {last[-1] if last else ''}"
-    )
 
 
 def settled_keys(setup: RunSetup) -> frozenset[str]:
@@ -301,16 +457,24 @@ def run_on_ray(args: AnnotateArgs, setup: RunSetup) -> tuple[Any, Cluster]:
     try:
         cluster = cluster_of(ray, args.ray_address, args.ray_workers)
         started = time.monotonic()
+        if setup.teacher.name == "vllm":
+            from .ray_vllm import replicas_for
+
+            # before anything is prepared: a cluster without GPUs is told so at once
+            replicas = replicas_for(float(ray.cluster_resources().get("GPU", 0.0)), args.tensor_parallel_size)
+        ds = prepared_dataset(ray, setup, args, cluster, settled_keys(setup))
         if setup.teacher.name == "vllm":  # the replicas answer into the store; the engine then writes from it
             from .ray_vllm import run_replicas
 
-            ds = prepared_dataset(ray, setup, args, cluster, frozenset())
             if ds is not None:
-                cluster.replies = run_replicas(ray, args, setup, ds)
+                # prepared once, held by the cluster (spilled to its disks if need be): the replicas are
+                # sized to its largest prompt, ask from it, and the dataset is written from it
+                ds = ds.materialize()
+                cluster.replies = run_replicas(ray, args, setup, ds, replicas)
+                ds = ds.map_batches(without_prompts, batch_size=8, num_cpus=0.1)
             setup.options = replace(
                 setup.options, ask=False, unasked_reason="no answer from the vLLM replicas; rerun to ask again"
             )
-        ds = prepared_dataset(ray, setup, args, cluster, settled_keys(setup))
         stream = prepared_stream(ds, setup.total)
         part = run_part(args, setup, setup.start, setup.stop, setup.out, live_progress=True, items=stream)
         part.seconds = max(part.seconds, time.monotonic() - started)

@@ -12,6 +12,12 @@ next pass (new replicas: a pass is one Ray Data job), up to `--max-attempts`, th
 its reason. The dataset is then written from the store by the ordinary engine (ask=False), so it
 is the same dataset a local vllm run writes for the same answers. A request whose key has earlier
 attempts (an interrupted run) continues its re-ask sequence where it stopped.
+
+Each request is prepared once (`ray_backend` holds the prepared rows on the cluster for both the
+replicas and the writing), and the replicas admit exactly as many images per prompt as the run's
+largest prompt has: vLLM sizes its memory for that many, and a prompt with more fails in the engine
+(a guess too small fails the same busy episode on every rerun; one too large wastes GPU memory).
+When nothing is left to ask (a finished run's rerun), no replica is started at all.
 """
 
 from __future__ import annotations
@@ -207,25 +213,22 @@ def _rows(output: Any) -> Iterator[dict[str, Any]]:
     return iter(output.iter_rows()) if hasattr(output, "iter_rows") else iter(output)
 
 
-def first_requests(
-    batch: dict[str, Any], settled: Any, history: Any, sampling: Sampling, template: str
-) -> dict[str, list[Any]]:
-    """Prepared rows -> the first pass's request rows (on the cluster): settled keys dropped, an interrupted
-    re-ask sequence continued from its stored attempts (`history`: key -> [(raw, errors), ...])."""
+def first_requests(batch: dict[str, Any], history: Any, sampling: Sampling, template: str) -> dict[str, list[Any]]:
+    """Prepared rows -> the first pass's request rows (on the cluster): settled ones (prepared without a
+    prompt) dropped, an interrupted re-ask sequence continued from its stored attempts (`history`: key ->
+    [(raw, errors), ...]). Rows with an error never get here (`request_summary` raised them)."""
     from .prompts import load_template
 
-    if not isinstance(settled, frozenset):
+    if not isinstance(history, dict):
         import ray
 
-        settled, history = ray.get(settled), ray.get(history)
+        history = ray.get(history)
     tmpl = load_template(template)
     out: dict[str, list[Any]] = {"key": [], "attempt": [], "payload": [], "messages": [], "sampling_params": []}
-    for payload, error in zip(batch["payload"], batch["error"], strict=True):
-        if error:
-            raise RefineError(str(error))
-        item = pickle.loads(payload)
-        if item.key in settled:
+    for payload, ask in zip(batch["payload"], batch["ask"], strict=True):
+        if not ask:  # settled before this run
             continue
+        item = pickle.loads(payload)
         earlier = history.get(item.key, [])
         row = request_row(item, with_history(item, earlier, tmpl), len(earlier) + 1, sampling)
         for k in out:
@@ -233,17 +236,54 @@ def first_requests(
     return out
 
 
-def run_replicas(ray: Any, args: Any, setup: Any, prepared: Any) -> PassSummary:
-    """Ask every unsettled request of `prepared` (the cluster's prepared rows) through vLLM replicas."""
+@dataclass(frozen=True)
+class RequestSummary:
+    """What the prepared rows hold for the replicas."""
+
+    to_ask: int  # requests with a prompt (not settled before this run)
+    images: int  # the most image parts in one of their prompts (re-ask turns add text only)
+    error: str  # the first episode the engine cannot ask ("" if none)
+
+
+def summarize(batch: dict[str, Any]) -> dict[str, list[Any]]:
+    """One block's part of `RequestSummary` (on the cluster)."""
+    images = [int(n) for n, ask in zip(batch["images"], batch["ask"], strict=True) if ask]
+    errors = (str(e) for e in batch["error"] if e)
+    return {"to_ask": [len(images)], "images": [max(images, default=0)], "error": [next(errors, "")]}
+
+
+def request_summary(prepared: Any) -> RequestSummary:
+    """How many requests the prepared rows hold to ask, and their largest prompt's images: one small row per block."""
+    parts = prepared.select_columns(["ask", "images", "error"]).map_batches(summarize, batch_size=None, num_cpus=0.1)
+    rows = parts.take_all()
+    return RequestSummary(
+        to_ask=sum(int(r["to_ask"]) for r in rows),
+        images=max((int(r["images"]) for r in rows), default=0),
+        error=next((str(r["error"]) for r in rows if r["error"]), ""),
+    )
+
+
+def run_replicas(ray: Any, args: Any, setup: Any, prepared: Any, replicas: int) -> PassSummary:
+    """Ask every unsettled request of `prepared` (the cluster's prepared rows, materialized) through vLLM replicas."""
     from ray.data.llm import build_processor
 
     from .prompts import load_template
     from .store import ResultStore
 
     teacher = setup.teacher
-    replicas = replicas_for(float(ray.cluster_resources().get("GPU", 0.0)), args.tensor_parallel_size)
-    # keyframes + gripper-event frames: at most `--frames` + the events; room for a busy episode's events
-    config = processor_config(teacher.model, args.tensor_parallel_size, replicas, args.frames + 8)
+    report = None if args.progress == "none" else lambda r: print(r.line(setup.total), file=sys.stderr)
+    wanted = request_summary(prepared)
+    if wanted.error:  # a user's error in a task (`prepare_chunk`): one line, before anything is asked
+        raise RefineError(wanted.error)
+    if not wanted.to_ask:  # a finished run's rerun: no replica to start
+        return PassSummary()
+    if report is not None:
+        print(
+            f"vllm replicas: {replicas} x {args.tensor_parallel_size} GPU(s) for {wanted.to_ask} request(s), "
+            f"up to {wanted.images} image(s) per prompt",
+            file=sys.stderr,
+        )
+    config = processor_config(teacher.model, args.tensor_parallel_size, replicas, wanted.images)
     processor = build_processor(config, postprocess=postprocess)
     sampling = Sampling(args.temperature, args.max_tokens)
     with ResultStore(setup.store_path) as store:
@@ -251,7 +291,6 @@ def run_replicas(ray: Any, args: Any, setup: Any, prepared: Any) -> PassSummary:
             first_requests,
             batch_size=8,
             fn_kwargs={
-                "settled": ray.put(store.settled_keys()),
                 "history": ray.put(store.open_attempts()),
                 "sampling": sampling,
                 "template": setup.options.template,
@@ -268,5 +307,5 @@ def run_replicas(ray: Any, args: Any, setup: Any, prepared: Any) -> PassSummary:
             template=load_template(setup.options.template),
             max_attempts=setup.options.max_attempts,
             sampling=sampling,
-            report=None if args.progress == "none" else lambda r: print(r.line(setup.total), file=sys.stderr),
+            report=report,
         )

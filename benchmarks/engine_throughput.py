@@ -243,16 +243,14 @@ def measure_cli(
 
 def measure_ray(port: int, args: argparse.Namespace, source: str, tmp: str) -> list[tuple[str, dict[str, float]]]:
     """The local command beside `--backend ray` on a one-node cluster on 127.0.0.1, per preparation worker count."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from tests.annotate.ray_cluster import running_cluster
+    from refinevla.annotate.ray_local import local_cluster
 
     rows = [("local", measure_cli(port, args, 1, source, tmp))]
-    with running_cluster(head_cpus=max(args.ray), worker_cpus=0) as cluster:
+    with local_cluster(head_cpus=max(args.ray), worker_cpus=0) as cluster:
         for workers in args.ray:
             flags = ("--backend", "ray", "--ray-address", cluster.address, "--ray-workers", str(workers))
-            rows.append((f"ray, {workers} workers", measure_cli(port, args, 1, source, tmp, *flags, env=cluster.env)))
+            row = measure_cli(port, args, 1, source, tmp, *flags, env=cluster.driver_env)
+            rows.append((f"ray, {workers} workers", row))
     return rows
 
 

@@ -1,129 +1,47 @@
-"""A real two-node Ray cluster on 127.0.0.1 for the `--backend ray` tests.
+"""The Ray tests' cluster: one local two-node cluster on 127.0.0.1 for the whole pytest session.
 
-Two `ray start` nodes on this machine (a head with 1 CPU, a worker with 2), each its own raylet,
-so a node can be lost with `kill -9` on its raylet. Everything binds to 127.0.0.1, and every
-process is stopped by pid (its temp dir is in its arguments): `ray stop` would end every Ray
-process on the machine. Token authentication is off for this private test cluster.
+The cluster itself is `refinevla.annotate.ray_local` (the benchmark starts its own the same way).
+Starting one costs ~10 s on this machine, so every Ray test shares this one (`ray_cluster`, a
+session fixture registered by tests/annotate/conftest.py); a test that loses a node adds a node of
+its own and kills that one. Also here: reading the preparation tasks' journal (the
+`REFINEVLA_RAY_JOURNAL` test hook of `ray_backend`) and asking the GCS which nodes are alive.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import tempfile
-import time
+import json
 from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+import pytest
 
+from refinevla.annotate.ray_local import DRIVER_ENV, LocalRayCluster, free_port, local_cluster
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-MARKER = "REFINEVLA_TEST_RAY_CLUSTER"  # in the environment of every process of a test cluster
+__all__ = ["DRIVER_ENV", "LocalRayCluster", "alive_nodes", "free_port", "journal", "ray_cluster"]
 
 
-def _pids(marker: str, also: str = "") -> list[int]:
-    """This cluster's processes: `MARKER=marker` in their environment (Ray's agents rename themselves, so
-    their command lines do not say), and `also` in their command line."""
-    out = []
-    tag = f"{MARKER}={marker}".encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            environ = (proc / "environ").read_bytes().split(b"\0")
-            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if tag in environ and also in cmd:
-            out.append(int(proc.name))
-    return out
-
-
-@dataclass
-class RayCluster:
-    address: str
-    temp_dir: Path
-    env: dict[str, str]
-
-    def _ray(self, *args: str) -> None:
-        r = subprocess.run(["ray", *args], capture_output=True, text=True, env=self.env, timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
-
-    def add_worker(self, cpus: int = 2) -> None:
-        self._ray("start", "--address", self.address, "--node-ip-address", "127.0.0.1", "--num-cpus", str(cpus))
-
-    def kill_worker_node(self) -> None:
-        """Lose the worker node: its raylet (and with it its workers) killed with SIGKILL."""
-        raylets = _pids(str(self.temp_dir), "sockets/raylet.1")
-        assert raylets, "no worker raylet found"
-        for pid in raylets:
-            os.kill(pid, signal.SIGKILL)
-
-    def logs_contain(self, text: str) -> bool:
-        needle = text.encode()
-        return any(
-            needle in f.read_bytes()
-            for f in self.temp_dir.rglob("*")
-            if f.is_file() and f.suffix in {".log", ".out", ".err"}
-        )
-
-    def stop(self) -> None:
-        for _ in range(3):
-            pids = _pids(str(self.temp_dir))
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.5)
-
-
-def start_cluster(head_cpus: int = 1, worker_cpus: int = 2) -> RayCluster:
-    """Head (1 CPU) + worker node (2 CPUs), both on 127.0.0.1; no worker node with `worker_cpus=0`."""
-    temp_dir = Path(tempfile.mkdtemp(prefix="rv-", dir="/tmp"))  # short: Ray's socket paths are limited
-    env = {**os.environ, **ENV, MARKER: str(temp_dir)}
-    port = free_port()
-    cluster = RayCluster(f"127.0.0.1:{port}", temp_dir, env)
-    try:
-        cluster._ray(
-            "start",
-            "--head",
-            "--node-ip-address",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--num-cpus",
-            str(head_cpus),
-            "--temp-dir",
-            str(temp_dir),
-            "--disable-usage-stats",
-            "--include-dashboard",
-            "false",
-        )
-        if worker_cpus:
-            cluster.add_worker(worker_cpus)
-    except BaseException:
-        cluster.stop()
-        raise
-    return cluster
-
-
-@contextmanager
-def running_cluster(head_cpus: int = 1, worker_cpus: int = 2) -> Iterator[RayCluster]:
-    """`start_cluster`, stopped (by pid) however the block ends."""
-    cluster = start_cluster(head_cpus, worker_cpus)
-    try:
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[LocalRayCluster]:
+    """A head (1 CPU) and a worker node (2 CPUs), shared by every Ray test of the session."""
+    pytest.importorskip("ray.data", reason="needs the [ray] extra")
+    with local_cluster(head_cpus=1, worker_cpus=2) as cluster:
         yield cluster
-    finally:
-        cluster.stop()
+
+
+def journal(directory: Path) -> list[dict[str, Any]]:
+    """The preparation tasks' lines (`ray_backend.JOURNAL_ENV`), in the order they were written."""
+    path = directory / "tasks.log"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+
+
+def alive_nodes(cluster: LocalRayCluster) -> dict[str, bool]:
+    """Node id -> alive, from the GCS's node table (what `ray.nodes()` reports), read with Ray's GCS client:
+    this process does not become a driver (the in-process tests' own `ray.init` would then fail)."""
+    from ray._raylet import GcsClient
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
+
+    nodes = GcsClient(address=cluster.address).get_all_node_info(timeout=30)
+    return {node_id.hex(): info.state == GcsNodeInfo.ALIVE for node_id, info in nodes.items()}

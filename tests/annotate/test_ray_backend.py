@@ -1,4 +1,9 @@
-"""`annotate --backend ray` on a real two-node Ray cluster on 127.0.0.1, against the fault-injecting teacher."""
+"""`annotate --backend ray` on a real two-node Ray cluster on 127.0.0.1, against the fault-injecting teacher.
+
+The cluster is the session's (`tests/annotate/ray_cluster.py`); the node-loss test adds a third
+node and kills that one. What the preparation tasks did (where each chunk ran, frames decoded,
+prompts built) is read from their journal, `ray_backend`'s JOURNAL_ENV test hook.
+"""
 
 from __future__ import annotations
 
@@ -8,41 +13,31 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
 
+from refinevla.annotate.errors import RefineError
 from tests.annotate.conftest import SECRET, answered, start_annotate
 from tests.annotate.test_crash_resume import seed
 
 pytest.importorskip("ray.data", reason="needs the [ray] extra")
 
-from tests.annotate.ray_cluster import ENV, RayCluster, running_cluster
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RayCluster]:
-    with running_cluster() as c:
-        yield c
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[RayCluster]:
-    """A cluster for one test that loses a node."""
-    with running_cluster() as c:
-        yield c
+from refinevla.annotate.ray_backend import JOURNAL_ENV
+from tests.annotate.ray_cluster import DRIVER_ENV, LocalRayCluster, alive_nodes, free_port, journal
 
 
 @pytest.fixture(autouse=True)
 def _ray_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for k, v in ENV.items():  # the annotate processes join the test cluster, which has no token
+    for k, v in DRIVER_ENV.items():  # the annotate processes join the test cluster, which has no token
         monkeypatch.setenv(k, v)
 
 
-def on_ray(uri: str, url: str, out: Path, cluster: RayCluster, *extra: str) -> subprocess.Popen[str]:
+def on_ray(uri: str, url: str, out: Path, cluster: LocalRayCluster, *extra: str) -> subprocess.Popen[str]:
     return start_annotate(uri, url, out, "--backend", "ray", "--ray-address", cluster.address, *extra)
 
 
@@ -56,36 +51,87 @@ def read(out: Path, sub: str) -> pl.DataFrame:
     return pl.read_parquet(out / sub / "train-00000-of-00001.parquet").sort(order)
 
 
-def test_a_ray_run_writes_the_local_rows_and_its_rerun_pays_nothing(tiny_rlds, teacher_server, cluster, tmp_path):
+def test_a_ray_run_writes_the_local_rows_and_its_rerun_decodes_no_frame_and_pays_nothing(
+    tiny_rlds, teacher_server, ray_cluster, tmp_path, monkeypatch
+):
     uri = tiny_rlds(9)
-    local = finish(start_annotate(uri, teacher_server.url, tmp_path / "local"))
+    small = ("--image-size", "32")  # below the stored 64 px: every keyframe is decoded, resized, re-encoded
+    local = finish(start_annotate(uri, teacher_server.url, tmp_path / "local", *small))
     assert local.returncode == 0, local.stderr
     asked_locally = len(teacher_server.requests)
-    r = finish(on_ray(uri, teacher_server.url, tmp_path / "ray", cluster))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    monkeypatch.setenv(JOURNAL_ENV, str(tasks))
+    r = finish(on_ray(uri, teacher_server.url, tmp_path / "ray", ray_cluster, *small))
     assert r.returncode == 0, r.stderr
+    done = [e for e in journal(tasks) if e["event"] == "done"]
+    assert sum(e["prompts"] for e in done) == 9 and sum(e["decoded"] for e in done) >= 6 * 9  # each keyframe
     assert sorted(q.seed for q in teacher_server.requests[asked_locally:]) == list(range(9))  # each asked once
     for sub in ("data", "episodes"):
         a, b = read(tmp_path / "ray", sub), read(tmp_path / "local", sub)
         assert a.height > 0 and a.equals(b), sub
     manifest = json.loads((tmp_path / "ray" / "refinevla.json").read_text())
-    assert manifest["backend"] == {"name": "ray", "address": cluster.address, "nodes": 2, "cpus": 3.0, "workers": 3}
+    assert manifest["backend"] == {"name": "ray", "address": ray_cluster.address, "nodes": 2, "cpus": 3.0, "workers": 3}
     assert manifest["counts"]["episodes"] == 9 and manifest["complete"]
     assert "ray: 2 node(s), 3 CPUs" in r.stderr
 
     before = len(teacher_server.requests)
-    again = finish(on_ray(uri, teacher_server.url, tmp_path / "ray", cluster, "--ray-workers", "1"))
+    (tasks / "tasks.log").unlink()
+    again = finish(on_ray(uri, teacher_server.url, tmp_path / "ray", ray_cluster, *small, "--ray-workers", "1"))
     assert again.returncode == 0, again.stderr
     assert len(teacher_server.requests) == before  # the anti-join: nothing asked twice
+    done = [e for e in journal(tasks) if e["event"] == "done"]
+    assert done and sum(e["decoded"] for e in done) == 0 and sum(e["prompts"] for e in done) == 0  # nor prepared
     assert json.loads((tmp_path / "ray" / "refinevla.json").read_text())["counts"]["cached"] == 9
     assert read(tmp_path / "ray", "data").equals(read(tmp_path / "local", "data"))
     every_output = r.stdout + r.stderr + again.stdout + again.stderr
     assert SECRET not in every_output and "Traceback" not in every_output
     assert not any(SECRET.encode() in f.read_bytes() for f in (tmp_path / "ray").rglob("*") if f.is_file())
-    assert not cluster.logs_contain(SECRET)
+    assert not ray_cluster.logs_contain(SECRET)
+
+
+@pytest.mark.parametrize("detail", ["static", "episode"])
+@pytest.mark.parametrize("image_size", [32, 256])
+def test_the_key_the_anti_join_hashes_without_decoding_is_the_prepared_requests_key(tiny_rlds, detail, image_size):
+    from refinevla.annotate.episode import FrameSequence
+    from refinevla.annotate.prompts import FrameOptions, episode_facts, load_template
+    from refinevla.annotate.ray_backend import PrepareSpec, TeacherIdentity, request_key_of
+    from refinevla.annotate.source_args import open_cli_source
+    from refinevla.annotate.sources import ReadOptions
+    from refinevla.annotate.teacher_requests import prepare_request
+    from refinevla.schemas import teacher_response_format
+
+    class NeverDecoded(FrameSequence):
+        def __getitem__(self, index: int):  # type: ignore[no-untyped-def]
+            raise AssertionError(f"frame {index} decoded")
+
+    teacher = TeacherIdentity("openai-compatible", "fake-model", (("temperature", 0.2),))
+    spec = PrepareSpec(
+        (), teacher, "rationale-v1", FrameOptions(max_side=image_size), "refinevla.rationale/1", detail, "openai"
+    )
+    template = load_template("rationale-v1")
+    source = open_cli_source(tiny_rlds(3), None, "train", None, None, None, None)
+    for episode in source.iter_episodes(ReadOptions()):
+        prepared = prepare_request(
+            episode,
+            teacher=teacher,  # type: ignore[arg-type]
+            template=template,
+            frames=spec.frames,
+            schema_id=spec.schema_id,
+            schema_detail=detail,  # type: ignore[arg-type]
+            schema_backend="openai",
+            static_response_format=teacher_response_format(spec.schema_id, "openai"),
+        )
+        stored = {c: NeverDecoded([f.encoded(i) or b"" for i in range(len(f))]) for c, f in episode.frames.items()}
+        episode.frames = stored  # type: ignore[assignment]
+        assert request_key_of(episode, episode_facts(episode), spec, template) == (
+            prepared.key,
+            prepared.bundle.frame_key,
+        )
 
 
 def test_rate_limits_server_errors_and_invalid_answers_are_settled_per_row(
-    tiny_rlds, teacher_server, cluster, tmp_path
+    tiny_rlds, teacher_server, ray_cluster, tmp_path
 ):
     uri = tiny_rlds(6)
     teacher_server.scripts = {
@@ -95,7 +141,7 @@ def test_rate_limits_server_errors_and_invalid_answers_are_settled_per_row(
         4: ["400"],  # refused: rejected, never retried
     }
     out = tmp_path / "out"
-    r = finish(on_ray(uri, teacher_server.url, out, cluster, "--retry-base", "0.05"))
+    r = finish(on_ray(uri, teacher_server.url, out, ray_cluster, "--retry-base", "0.05"))
     assert r.returncode == 0, r.stderr
     asked = Counter(q.seed for q in teacher_server.requests)
     assert asked == {0: 1, 1: 2, 2: 3, 3: 3, 4: 1, 5: 1}
@@ -119,45 +165,75 @@ def paid_twice(server) -> int:  # type: ignore[no-untyped-def]
     return sum(n - 1 for n in Counter(q.seed for q in server.requests).values())
 
 
-def test_a_worker_node_lost_mid_run_then_the_same_command_finishes(tiny_rlds, teacher_server, own_cluster, tmp_path):
+def test_a_node_lost_under_running_tasks_its_chunks_run_again_elsewhere_and_the_run_completes(
+    tiny_rlds, teacher_server, ray_cluster, tmp_path, monkeypatch
+):
     uri = tiny_rlds(24)
     out = tmp_path / "out"
-    teacher_server.latency = 0.25
-    proc = on_ray(uri, teacher_server.url, out, own_cluster)
-    wait_until(lambda: len(answered(out)) >= 3 or proc.poll() is not None, "the first answers")
-    own_cluster.kill_worker_node()
-    first = finish(proc)  # measured: Ray runs the lost node's tasks again on the head, and the run completes
-    assert first.returncode in (0, 1) and "Traceback" not in first.stderr, first.stderr
-    teacher_server.latency = 0.0
-    rerun = finish(on_ray(uri, teacher_server.url, out, own_cluster))  # the head alone now
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    hold = tasks / "hold"
+    hold.touch()  # every preparation task waits once it has started: the node is lost under running tasks
+    monkeypatch.setenv(JOURNAL_ENV, str(tasks))
+    node = ray_cluster.add_node(cpus=2)  # this test's own third node, the one it loses
+    proc = None
+    try:
+
+        def started_there() -> list[dict[str, Any]]:
+            return [e for e in journal(tasks) if e["event"] == "start" and ray_cluster.node_of(e["pid"]) == node]
+
+        proc = on_ray(uri, teacher_server.url, out, ray_cluster)
+        wait_until(lambda: started_there() or proc.poll() is not None, "a task running on the node to lose")
+        lost = started_there()
+        assert lost and proc.poll() is None, journal(tasks)
+        lost_node = str(lost[0]["node"])
+        killed = ray_cluster.kill_node(node)  # SIGKILL to its raylet, agents and workers; returns once all ended
+        assert {e["pid"] for e in lost} <= set(killed) and not ray_cluster.node_pids(node)
+    except BaseException:
+        if proc is not None:
+            proc.kill()
+        raise
+    finally:
+        ray_cluster.kill_node(node)
+        hold.unlink()
+    first = finish(proc)
+    assert first.returncode == 0 and "Traceback" not in first.stderr, first.stderr  # the run itself completes
+    manifest = json.loads((out / "refinevla.json").read_text())
+    assert manifest["counts"]["episodes"] == 24 and manifest["complete"]
+    assert read(out, "episodes").height == 24
+    done = [e for e in journal(tasks) if e["event"] == "done"]
+    assert not [e for e in done if e["node"] == lost_node]  # nothing it started finished there
+    for chunk in {e["chunk"] for e in lost}:  # ... every one ran again, to the end, on a node left
+        assert [e for e in done if e["chunk"] == chunk and e["node"] != lost_node], chunk
+    wait_until(lambda: alive_nodes(ray_cluster).get(lost_node) is False, "ray.nodes() to show the node dead")
+
+    rerun = finish(on_ray(uri, teacher_server.url, out, ray_cluster))  # the head and the first worker
     assert rerun.returncode == 0, rerun.stderr
     manifest = json.loads((out / "refinevla.json").read_text())
     assert manifest["counts"]["episodes"] + manifest["counts"]["rejected"] == 24
-    # (not asserted: the node count, which the GCS lowers only once the lost node's health checks time out)
+    assert manifest["backend"]["nodes"] == 2
     assert read(out, "episodes").height == 24
-    assert paid_twice(teacher_server) <= 2  # at most the requests in flight (--concurrency 2)
+    assert paid_twice(teacher_server) == 0  # the first run completed: the rerun asks nothing
 
 
-def test_the_driver_killed_then_the_same_command_finishes(tiny_rlds, teacher_server, cluster, tmp_path):
+def test_the_driver_killed_then_the_same_command_finishes(tiny_rlds, teacher_server, ray_cluster, tmp_path):
     uri = tiny_rlds(16)
     out = tmp_path / "out"
     teacher_server.latency = 0.25
-    proc = on_ray(uri, teacher_server.url, out, cluster)
+    proc = on_ray(uri, teacher_server.url, out, ray_cluster)
     wait_until(lambda: len(answered(out)) >= 3, "the first answers")
     proc.kill()  # SIGKILL: no cleanup at all
     proc.communicate(timeout=30)
     committed = len(answered(out))
     assert 3 <= committed < 16
     teacher_server.latency = 0.0
-    rerun = finish(on_ray(uri, teacher_server.url, out, cluster))
+    rerun = finish(on_ray(uri, teacher_server.url, out, ray_cluster))
     assert rerun.returncode == 0, rerun.stderr
     assert read(out, "episodes").height == 16
     assert paid_twice(teacher_server) <= 2  # in flight when it died
 
 
 def test_an_address_where_no_cluster_answers_is_one_line(tiny_rlds, tmp_path):
-    from tests.annotate.ray_cluster import free_port
-
     r = finish(
         start_annotate(
             tiny_rlds(2),
@@ -197,12 +273,12 @@ def test_without_the_extra_installed_it_says_how_to_get_it(tiny_rlds, tmp_path):
     assert len(lines) == 1 and "pip install 'refinevla[ray]'" in lines[0], r.stderr
 
 
-def test_vllm_replicas_on_a_cluster_without_gpus_is_one_line(tiny_rlds, cluster, tmp_path):
+def test_vllm_replicas_on_a_cluster_without_gpus_is_one_line(tiny_rlds, ray_cluster, tmp_path):
     proc = subprocess.run(
         [
             *(sys.executable, "-m", "refinevla.annotate.cli", "annotate", tiny_rlds(2), "--out", str(tmp_path / "o")),
             *("--teacher", "vllm", "--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--backend", "ray"),
-            *("--ray-address", cluster.address),
+            *("--ray-address", ray_cluster.address),
         ],
         capture_output=True,
         text=True,
@@ -213,11 +289,54 @@ def test_vllm_replicas_on_a_cluster_without_gpus_is_one_line(tiny_rlds, cluster,
     assert len(lines) == 1 and "needs GPUs: the cluster has 0" in lines[0], proc.stderr
 
 
-def test_ctrl_c_stops_a_ray_run_cleanly_and_the_rerun_resumes(tiny_rlds, teacher_server, cluster, tmp_path):
+def annotate_in_process(uri: str, url: str, out: Path, cluster: LocalRayCluster) -> Any:
+    """`refine-data annotate --backend ray` through CliRunner: the driver is this process, so a task
+    function patched here is what the cluster runs (pickled by value)."""
+    from typer.testing import CliRunner
+
+    from refinevla.annotate.cli import app
+
+    args = [
+        *("annotate", uri, "--out", str(out), "--progress", "none"),
+        *("--teacher", "openai-compatible", "--base-url", url, "--model", "fake-model"),
+        *("--backend", "ray", "--ray-address", cluster.address),
+    ]
+    return CliRunner().invoke(app, args, env={"OPENAI_API_KEY": SECRET})
+
+
+def test_a_bug_in_a_preparation_task_keeps_its_traceback(tiny_rlds, teacher_server, ray_cluster, tmp_path, monkeypatch):
+    from refinevla.annotate import ray_backend
+
+    def prepare_chunk_with_a_bug(batch, spec, settled):  # type: ignore[no-untyped-def]
+        raise TypeError("unsupported operand type(s): a bug, not the user's error")
+
+    monkeypatch.setattr(ray_backend, "prepare_chunk", prepare_chunk_with_a_bug)
+    result = annotate_in_process(tiny_rlds(2), teacher_server.url, tmp_path / "o", ray_cluster)
+    assert result.exit_code != 0 and result.exception is not None
+    assert not isinstance(result.exception, RefineError)  # not turned into one line: `user_errors` re-raises it
+    shown = "".join(traceback.format_exception(result.exception))
+    assert "Traceback (most recent call last)" in shown
+    assert "in prepare_chunk_with_a_bug" in shown and "TypeError: unsupported operand type(s): a bug" in shown
+    assert not teacher_server.requests
+
+
+def test_a_user_error_in_a_preparation_task_is_one_line(tiny_rlds, teacher_server, ray_cluster, tmp_path):
+    uri = tiny_rlds(4)
+    (shard,) = Path(uri.removeprefix("rlds:")).glob("*.tfrecord*")
+    data = bytearray(shard.read_bytes())
+    data[-40] ^= 0xFF  # the last record's bytes: its CRC no longer matches, found by the task that reads it
+    shard.write_bytes(bytes(data))
+    r = finish(on_ray(uri, teacher_server.url, tmp_path / "o", ray_cluster))
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip() and not line.startswith("episodes ")]  # progress
+    assert len(lines) == 1 and "corrupt record at byte offset" in lines[0] and str(shard) in lines[0], r.stderr
+
+
+def test_ctrl_c_stops_a_ray_run_cleanly_and_the_rerun_resumes(tiny_rlds, teacher_server, ray_cluster, tmp_path):
     uri = tiny_rlds(16)
     out = tmp_path / "out"
     teacher_server.latency = 0.3
-    proc = on_ray(uri, teacher_server.url, out, cluster)
+    proc = on_ray(uri, teacher_server.url, out, ray_cluster)
     wait_until(lambda: len(answered(out)) >= 2, "the first answers")
     proc.send_signal(signal.SIGINT)
     stopped = finish(proc, timeout=60)
@@ -227,22 +346,22 @@ def test_ctrl_c_stops_a_ray_run_cleanly_and_the_rerun_resumes(tiny_rlds, teacher
     assert json.loads((out / "refinevla.json").read_text())["stop_reason"] == "interrupted"
     before = len(teacher_server.requests)
     teacher_server.latency = 0.0
-    rerun = finish(on_ray(uri, teacher_server.url, out, cluster))
+    rerun = finish(on_ray(uri, teacher_server.url, out, ray_cluster))
     assert rerun.returncode == 0, rerun.stderr
     assert not {q.seed for q in teacher_server.requests[before:]} & {seed(e) for e in committed}
     assert read(out, "episodes").height == 16
 
 
-def test_max_cost_holds_for_the_whole_cluster_and_the_rerun_continues(tiny_rlds, teacher_server, cluster, tmp_path):
+def test_max_cost_holds_for_the_whole_cluster_and_the_rerun_continues(tiny_rlds, teacher_server, ray_cluster, tmp_path):
     uri = tiny_rlds(12)
     prices = tmp_path / "prices.json"
     prices.write_text(json.dumps({"fake-model": {"input": 1.0, "output": 2.0}}))  # $0.0014 an answer here
     out = tmp_path / "out"
-    capped = finish(on_ray(uri, teacher_server.url, out, cluster, "--prices", str(prices), "--max-cost", "0.008"))
+    capped = finish(on_ray(uri, teacher_server.url, out, ray_cluster, "--prices", str(prices), "--max-cost", "0.008"))
     assert capped.returncode == 0, capped.stderr
     manifest = json.loads((out / "refinevla.json").read_text())
     assert manifest["stop_reason"] == "max-cost" and manifest["cost_usd"] <= 0.008
     assert 0 < manifest["counts"]["episodes"] < 12
-    rest = finish(on_ray(uri, teacher_server.url, out, cluster, "--prices", str(prices), "--max-cost", "1"))
+    rest = finish(on_ray(uri, teacher_server.url, out, ray_cluster, "--prices", str(prices), "--max-cost", "1"))
     assert rest.returncode == 0, rest.stderr
     assert read(out, "episodes").height == 12 and paid_twice(teacher_server) == 0
