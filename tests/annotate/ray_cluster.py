@@ -24,7 +24,7 @@ __all__ = ["DRIVER_ENV", "LocalRayCluster", "alive_nodes", "free_port", "journal
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[LocalRayCluster]:
     """A head (1 CPU) and a worker node (2 CPUs), shared by every Ray test of the session."""
-    pytest.importorskip("ray.data", reason="needs the [ray] extra")
+    pytest.importorskip("ray.data", reason="ray.data: needs the [ray] extra")
     with local_cluster(head_cpus=1, worker_cpus=2) as cluster:
         yield cluster
 

@@ -25,7 +25,7 @@ from refinevla.annotate.errors import RefineError
 from tests.annotate.conftest import SECRET, answered, start_annotate
 from tests.annotate.test_crash_resume import seed
 
-pytest.importorskip("ray.data", reason="needs the [ray] extra")
+pytest.importorskip("ray.data", reason="ray.data: needs the [ray] extra")
 
 from refinevla.annotate.ray_backend import JOURNAL_ENV
 from tests.annotate.ray_cluster import DRIVER_ENV, LocalRayCluster, alive_nodes, free_port, journal

@@ -28,7 +28,7 @@ from refinevla.annotate.ray_local import DRIVER_ENV, LocalRayCluster
 from refinevla.annotate.sources import specs
 from refinevla.annotate.sources.rlds_writer import write_rlds
 
-pytest.importorskip("ray.data.llm", reason="needs the [ray] extra")
+pytest.importorskip("ray.data.llm", reason="ray.data.llm: needs the [ray] extra")
 
 from refinevla.annotate import ray_vllm
 from refinevla.annotate.ray_backend import JOURNAL_ENV

@@ -14,7 +14,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-pytest.importorskip("rerun", reason="needs the [viz] extra")
+pytest.importorskip("rerun", reason="rerun: needs the [viz] extra")
 
 from tests.annotate.conftest import SECRET, start_annotate
 from tests.annotate.rerun_servers import (  # noqa: F401  (xvfb: a fixture)
