@@ -17,11 +17,11 @@ import typer
 from .cli_options import (
     ACTION_KEY_FLAG,
     CAMERA_FLAG,
-    DATA_DIR_FLAG,
     INSTRUCTION_KEY_FLAG,
     SOURCE_FLAG,
-    SPLIT_FLAG,
     STATE_KEY_FLAG,
+    DataDirOpt,
+    SplitOpt,
 )
 from .errors import RefineError
 from .exits import user_errors
@@ -50,8 +50,6 @@ app = typer.Typer(
 # Options shared by every command that reads a source (Typer's Annotated reuse); their help is declared
 # once in cli_options, where `AnnotateArgs` takes the same flags from.
 SourceArg = Annotated[str, SOURCE_FLAG.parameter_info("source")]
-DataDirOpt = Annotated[str | None, DATA_DIR_FLAG.parameter_info("data_dir")]
-SplitOpt = Annotated[str, SPLIT_FLAG.parameter_info("split")]
 CameraOpt = Annotated[list[str] | None, CAMERA_FLAG.parameter_info("camera")]
 InstructionKeyOpt = Annotated[str | None, INSTRUCTION_KEY_FLAG.parameter_info("instruction_key")]
 StateKeyOpt = Annotated[str | None, STATE_KEY_FLAG.parameter_info("state_key")]

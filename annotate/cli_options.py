@@ -211,6 +211,9 @@ def options_from(
 SOURCE_FLAG = Flag("bridge | fractal | sample | rlds:PATH (TFDS builder dir) | lerobot:PATH_OR_REPO_ID", argument=True)
 DATA_DIR_FLAG = Flag("Where the RLDS datasets live (default: $TFDS_DATA_DIR, ~/tensorflow_datasets); gs:// ok.")
 SPLIT_FLAG = Flag("Dataset split.")
+# the same flags as Typer's reusable Annotated types, for commands that declare their options by hand
+DataDirOpt = Annotated[str | None, DATA_DIR_FLAG.parameter_info("data_dir")]
+SplitOpt = Annotated[str, SPLIT_FLAG.parameter_info("split")]
 CAMERA_FLAG = Flag("Camera feature(s) to read, primary first (e.g. image_1).")
 INSTRUCTION_KEY_FLAG = Flag("Feature holding the instruction.")
 STATE_KEY_FLAG = Flag("Feature(s) forming the state, comma-separated.")

@@ -31,18 +31,17 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the test factories build the data and the tiny model
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks"))  # train_throughput's data and tiny model
 ENV_ID = "PutCarrotOnPlateInScene-v1"
 
 
 def default_assets() -> None:
+    """ManiSkill3 reads MS_ASSET_DIR; REFINEVLA_SIMPLER_ASSETS (the tests' variable) serves too."""
     if "MS_ASSET_DIR" in os.environ:
         return
-    for parent in ROOT.parents:
-        if (parent / "shared" / "simpler_assets" / "data").is_dir():
-            os.environ["MS_ASSET_DIR"] = str(parent / "shared" / "simpler_assets")
-            return
+    if os.environ.get("REFINEVLA_SIMPLER_ASSETS"):
+        os.environ["MS_ASSET_DIR"] = os.environ["REFINEVLA_SIMPLER_ASSETS"]
+        return
     sys.exit("set MS_ASSET_DIR to a folder with ManiSkill3's bridge_v2_real2sim and widowx250s assets")
 
 

@@ -31,17 +31,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the test factories build the data and the tiny model
-
 
 def build(work: Path, episodes: int) -> Path:
     """RLDS source -> annotated OUT/ -> training table (cached under work/cache)."""
     from refinevla.annotate.commands.annotate import AnnotateArgs, run_annotate
     from refinevla.annotate.sources import specs
     from refinevla.annotate.sources.rlds_writer import write_rlds
+    from refinevla.annotate.sources.specs import tiny_bridge_episode as tiny_episode
     from refinevla.train.table import build_table, open_published
-    from tests.conftest import tiny_episode
 
     out = work / f"out-{episodes}"
     if not (out / "refinevla.json").is_file():
@@ -53,13 +50,14 @@ def build(work: Path, episodes: int) -> Path:
             name="bridge_orig",
             num_shards=4,
         )
-        assert run_annotate(AnnotateArgs(source=f"rlds:{d}", out=out, progress="none", license="apache-2.0")) == 0
+        if run_annotate(AnnotateArgs(source=f"rlds:{d}", out=out, progress="none", license="apache-2.0")) != 0:
+            sys.exit(f"refine-data annotate rlds:{d} failed")
     build_table(open_published(str(out)), cache_dir=work / "cache")
     return out
 
 
 def model_dir(work: Path) -> Path:
-    from tests.train.conftest import build_paligemma
+    from refinevla.train.tiny import build_paligemma
 
     path = work / "paligemma"
     if not (path / "config.json").is_file():

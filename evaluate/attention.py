@@ -235,6 +235,7 @@ def run_attention(
     reasoning: bool = True,
     device: str | None = None,
     max_rationale_tokens: int = 64,
+    trust_remote_code: bool = False,
 ) -> AttentionMaps:
     """`refine-eval attention`: load the checkpoint, map the attention on the frame, write the PNG.
 
@@ -248,7 +249,7 @@ def run_attention(
         import torch
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = Policy(policy_dir, device=device)
+    policy = Policy(policy_dir, device=device, trust_remote_code=trust_remote_code)
     maps = attention_maps(policy, frame, instruction, layers, reasoning, max_rationale_tokens)
     write_attention(maps, frame, out)
     return maps

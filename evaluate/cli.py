@@ -30,6 +30,7 @@ from ..annotate.viewer import (
     ViewTarget,
     report_and_serve,
 )
+from ..train.policy import TRUST_REMOTE_CODE
 from .config import DEVICE, POLICY, REASONING, DemosArgs, OnOff, RunArgs
 
 app = typer.Typer(
@@ -44,6 +45,7 @@ app = typer.Typer(
 PolicyOpt = Annotated[Path, POLICY.parameter_info("policy")]
 ReasoningOpt = Annotated[OnOff, REASONING.parameter_info("reasoning")]
 DeviceOpt = Annotated[str | None, DEVICE.parameter_info("device")]
+TrustOpt = Annotated[bool, TRUST_REMOTE_CODE.parameter_info("trust_remote_code")]
 
 
 @app.command()
@@ -138,6 +140,7 @@ def attention(
         int, typer.Option("--max-rationale-tokens", help="Rationale budget; then ACTION: is forced.")
     ] = 64,
     device: DeviceOpt = None,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
     """Attention from the action tokens (and, separately, the rationale tokens) to the image patches."""
     from .attention import run_attention
@@ -147,7 +150,9 @@ def attention(
         chosen = [int(x) for x in split_keys(layers)] or None
     except ValueError:
         raise EvalError(f"--layers {layers!r}: expected comma-separated integers such as 0,-1") from None
-    maps = run_attention(policy, image, instruction, out, chosen, reasoning is OnOff.on, device, max_rationale_tokens)
+    maps = run_attention(
+        policy, image, instruction, out, chosen, reasoning is OnOff.on, device, max_rationale_tokens, trust_remote_code
+    )
     typer.echo(f"wrote {out} (layers {', '.join(str(i) for i in maps.layers)})")
 
 

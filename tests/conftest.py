@@ -16,6 +16,9 @@ from refinevla.annotate.sources.rlds_writer import write_rlds
 
 IMAGE = (64, 64)
 
+# a one-camera Bridge-layout episode with two gripper events (the package's, shared with the benchmarks)
+tiny_episode = specs.tiny_bridge_episode
+
 # CI sets REFINEVLA_REQUIRE_ALL=1 (`.ci/run`): every part the README's test command installs (torch,
 # transformers, ray, rerun, the simulator and its assets, root for the real full-disk test) must be
 # there, so a skip is a failure: a broken `import ray.data` or `import rerun` would otherwise turn
@@ -91,30 +94,6 @@ def bridge_episode(seed: int, steps: int = 12, cameras: int = 2, size: tuple[int
         action,
         images,
         file_path=f"/nfs/bridge/raw/scene_{seed}/traj{seed}.pkl",
-        instruction=f"put the spoon {seed} on the towel",
-    )
-
-
-def tiny_episode(seed: int, steps: int, size: int = 64) -> dict[str, Any]:
-    """A one-camera Bridge-layout example: reach forward, close the gripper, lift, open it (two events)."""
-    state = np.zeros((steps, 7), np.float32)
-    state[:, 0] = np.linspace(0.2, 0.35, steps)
-    state[:, 2] = np.where(np.arange(steps) < steps // 2, 0.05, np.linspace(0.05, 0.2, steps))
-    state[:, 6] = np.where((np.arange(steps) >= steps // 3) & (np.arange(steps) < steps - 2), 0.0, 1.0)
-    action = np.zeros((steps, 7), np.float32)
-    action[:-1, :6] = state[1:, :6] - state[:-1, :6]
-    action[:, 6] = state[:, 6]
-    side, lo = size // 4, size // 8
-    frames = np.zeros((steps, size, size, 3), np.uint8)
-    for t in range(steps):
-        x = (t * 3 + seed) % (size - side)
-        frames[t, lo : lo + side, x : x + side] = (250, 200, 30)
-    return bridge_example(
-        seed,
-        state,
-        action,
-        {"image_0": list(frames)},
-        file_path=f"/data/raw/traj{seed}.pkl",
         instruction=f"put the spoon {seed} on the towel",
     )
 

@@ -136,3 +136,27 @@ def fractal_features() -> Any:
             ),
         }
     )
+
+
+def tiny_bridge_episode(seed: int, steps: int, size: int = 64) -> dict[str, Any]:
+    """A one-camera Bridge-layout example: reach forward, close the gripper, lift, open it (two events)."""
+    state = np.zeros((steps, 7), np.float32)
+    state[:, 0] = np.linspace(0.2, 0.35, steps)
+    state[:, 2] = np.where(np.arange(steps) < steps // 2, 0.05, np.linspace(0.05, 0.2, steps))
+    state[:, 6] = np.where((np.arange(steps) >= steps // 3) & (np.arange(steps) < steps - 2), 0.0, 1.0)
+    action = np.zeros((steps, 7), np.float32)
+    action[:-1, :6] = state[1:, :6] - state[:-1, :6]
+    action[:, 6] = state[:, 6]
+    side, lo = size // 4, size // 8
+    frames = np.zeros((steps, size, size, 3), np.uint8)
+    for t in range(steps):
+        x = (t * 3 + seed) % (size - side)
+        frames[t, lo : lo + side, x : x + side] = (250, 200, 30)
+    return bridge_example(
+        seed,
+        state,
+        action,
+        {"image_0": list(frames)},
+        file_path=f"/data/raw/traj{seed}.pkl",
+        instruction=f"put the spoon {seed} on the towel",
+    )
