@@ -12,7 +12,13 @@ rule-based teacher, `refine-train`, `refine-eval run`), so a convention mismatch
   (open > 0.5, as WidowX reads it) is the same.
   Teacher-forced accuracy flatters: later tokens are copied from the true earlier ones;
 - policy: the trained policy in refine-eval, on the demos' own scenes (`--mode overfit`) or on the
-  task's scenes the demos do not hold (`--mode heldout`).
+  task's scenes the demos do not hold (`--mode heldout`);
+- untrained (the negative control): the same model at step 0 (refine-train for one step at learning
+  rate 0, so the same statistics, tokenizer and policy folder, with the starting weights), in the same
+  scenes with the same seeds: what the scenes give a policy that learned nothing. The trained row
+  means something only above it.
+
+The simulator's assets come from `--assets DIR`, else `$MS_ASSET_DIR`, else `$REFINEVLA_SIMPLER_ASSETS`.
 
 Every rate is printed with its n and a Wilson 95% interval. On 2 CPU cores with the tiny model
 (`--model tiny`, random weights built from a config) the numbers show that the plumbing is right,
@@ -37,8 +43,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the test factories build the tiny model
 # The tiny recipe that memorises 2 carrot demonstrations on 2 CPU cores (see the README's figures).
 TINY: dict[str, Any] = {"image": 32, "hidden": 64, "layers": 2, "steps": 4000, "batch_size": 8, "learning_rate": 3e-3}
 
@@ -69,6 +73,7 @@ class Loop:
     replay: Rate | None = None
     imitation: Rate | None = None
     policy: Rate | None = None
+    untrained: Rate | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     final_loss: float | None = None
 
@@ -94,9 +99,9 @@ def successes(results: Path) -> Rate:
 
 def tiny_model(path: Path, image: int, hidden: int, layers: int) -> Path:
     """A PaliGemma with random weights, built from a config (nothing is downloaded)."""
-    from tests.train import conftest as factories
+    from refinevla.train.tiny import build_paligemma
 
-    return factories.build_paligemma(path, image=image, hidden=hidden, layers=layers)
+    return build_paligemma(path, image=image, hidden=hidden, layers=layers)
 
 
 def imitation(policy_dir: Path, demos: Path, episodes: int) -> Rate:
@@ -150,7 +155,8 @@ def run(args: argparse.Namespace, work: Path) -> Loop:
         "refine-eval demos",
     )
     found = re.search(rf"{args.task}: (\d+)/(\d+) tries kept", out)
-    assert found, out
+    if found is None:
+        sys.exit(f"refine-eval demos printed no '{args.task}: K/N tries kept' line:\n{out[-3000:]}")
     kept, tried = int(found[1]), int(found[2])
     loop.expert, loop.demos_kept = Rate(kept, tried), kept
     loop.seconds["demos"] = time.time() - t
@@ -184,12 +190,12 @@ def run(args: argparse.Namespace, work: Path) -> Loop:
     if model == "tiny":
         model = str(tiny_model(work / "model", args.image, args.hidden, args.layers))
     t = time.time()
-    train = [*cli("train"), "--dataset", str(annotated), "--model", model, "--output", str(ckpt)]
-    train += ["--cache-dir", str(work / "cache"), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size)]
-    train += ["--learning-rate", str(args.learning_rate), "--warmup-steps", str(args.warmup_steps)]
+    train = [*cli("train"), "--dataset", str(annotated), "--model", model, "--cache-dir", str(work / "cache")]
+    train += ["--batch-size", str(args.batch_size), "--warmup-steps", str(args.warmup_steps)]
     train += ["--reasoning-weight", str(args.reasoning_weight), "--val-fraction", "0"]
     train += ["--seed", str(args.seed)] + (["--train-vision"] if args.train_vision else [])
-    sh(train, "refine-train")
+    recipe = ["--max-steps", str(args.steps), "--learning-rate", str(args.learning_rate)]
+    sh([*train, "--output", str(ckpt), *recipe], "refine-train")
     loop.seconds["train"] = time.time() - t
     log = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines() if line.strip()]
     losses = [r["loss"] for r in log if "loss" in r]
@@ -204,25 +210,46 @@ def run(args: argparse.Namespace, work: Path) -> Loop:
     if args.mode == "heldout" and args.eval_episodes:
         scenes += ["--max-episodes", str(args.eval_episodes)]
     reasoning = ["--reasoning", "off"] if args.reasoning_weight == 0 else []
-    evaluate = [*cli("evaluate"), "run", "--policy", str(ckpt), *scenes, "--out", str(work / "eval")]
-    sh([*evaluate, *common, *reasoning], "refine-eval run")
+    evaluate = [*cli("evaluate"), "run", *scenes, *common, *reasoning, "--seed", str(args.seed)]
+    sh([*evaluate, "--policy", str(ckpt), "--out", str(work / "eval")], "refine-eval run")
     loop.policy = successes(work / "eval")
     loop.seconds["eval"] = time.time() - t
+
+    if args.control:
+        t = time.time()
+        untrained = work / "untrained"  # step 0: one step at learning rate 0 leaves the starting weights
+        sh([*train, "--output", str(untrained), "--max-steps", "1", "--learning-rate", "0"], "refine-train (step 0)")
+        sh([*evaluate, "--policy", str(untrained), "--out", str(work / "eval-untrained")], "refine-eval run (step 0)")
+        loop.untrained = successes(work / "eval-untrained")
+        loop.seconds["control"] = time.time() - t
     return loop
+
+
+def simulator_assets(given: Path | None) -> Path:
+    """SimplerEnv's WidowX assets (ManiSkill3 reads MS_ASSET_DIR): --assets, else the environment's."""
+    found = given or next(
+        (Path(os.environ[v]) for v in ("MS_ASSET_DIR", "REFINEVLA_SIMPLER_ASSETS") if os.environ.get(v)), None
+    )
+    if found is None:
+        sys.exit("no simulator assets: pass --assets DIR or set MS_ASSET_DIR (SimplerEnv's WidowX assets)")
+    if not found.is_dir():
+        sys.exit(f"--assets {found}: no such folder")
+    return found
 
 
 def print_table(loop: Loop) -> None:
     print(f"\nclosed loop: {loop.task}, mode {loop.mode}, reasoning weight {loop.reasoning_weight:g}")
-    print(f"{'stage':<40} {'k/n':>7}  {'rate':>6}  Wilson 95%")
+    print(f"{'stage':<44} {'k/n':>7}  {'rate':>6}  Wilson 95%")
     rows = [
         ("expert (tries kept)", loop.expert),
         ("replay of the training view (demos' scenes)", loop.replay),
         ("imitation (training frames, free-running)", loop.imitation),
         (f"policy ({'demos' if loop.mode == 'overfit' else 'held-out'} scenes)", loop.policy),
+        ("untrained, step 0 (same scenes and seeds)", loop.untrained),
     ]
     for name, rate in rows:
         if rate is not None:
-            print(f"{name:<40} {rate.row()}")
+            print(f"{name:<44} {rate.row()}")
     loss = f"{loop.final_loss:.4f}" if loop.final_loss is not None else "-"
     print("final training loss", loss, "| seconds:", ", ".join(f"{k} {v:.0f}" for k, v in loop.seconds.items()))
 
@@ -246,9 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-episodes", type=int, default=0, help="heldout: at most this many held-out scenes (0: all)")
     p.add_argument("--imitation-episodes", type=int, default=4, help="demos decoded for the imitation row (0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True, help="also run step 0")
+    p.add_argument("--assets", type=Path, help="SimplerEnv's assets (default $MS_ASSET_DIR, $REFINEVLA_SIMPLER_ASSETS)")
     p.add_argument("--work", type=Path, help="keep every stage's output here (default: a temporary folder)")
     args = p.parse_args(argv)
-    os.environ.setdefault("MS_ASSET_DIR", str(ROOT.parent / "shared" / "simpler_assets"))
+    os.environ["MS_ASSET_DIR"] = str(simulator_assets(args.assets))
     with tempfile.TemporaryDirectory(prefix="refinevla-loop-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -266,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                     "replay_success": str(loop.replay),
                     "imitation": str(loop.imitation),
                     "policy_success": str(loop.policy),
+                    "untrained_success": str(loop.untrained) if loop.untrained else None,
                     "final_loss": loop.final_loss,
                     "seconds": {k: round(v, 1) for k, v in loop.seconds.items()},
                 }

@@ -24,4 +24,7 @@ def test_a_tiny_policy_overfit_on_two_carrot_demos_succeeds(sim_env: dict[str, s
     assert result["expert_success"] == "2/2" and result["replay_success"] == "2/2"
     k, n = map(int, result["policy_success"].split("/"))
     assert n == 2 and k >= 1, r.stdout  # the memorising policy replays at least one demonstration to success
-    assert "Wilson 95%" in r.stdout and "policy (demos scenes)" in r.stdout
+    # the negative control: the same model at step 0, in the same scenes with the same seeds, does worse
+    k0, n0 = map(int, result["untrained_success"].split("/"))
+    assert n0 == 2 and k > k0, r.stdout
+    assert "Wilson 95%" in r.stdout and "policy (demos scenes)" in r.stdout and "untrained, step 0" in r.stdout
