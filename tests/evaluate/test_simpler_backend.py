@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -51,8 +52,9 @@ def write_assets(root: Path) -> Path:
 
 
 @pytest.fixture
-def standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, ModuleType]:
-    """(asset dir, the stand-in envs module with CALLS) with the stand-in SimplerEnv importable."""
+def standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[tuple[Path, ModuleType]]:
+    """(asset dir, the stand-in envs module with CALLS) with the stand-in SimplerEnv importable; afterwards
+    the stand-in's modules are forgotten again, or a later test would find `simpler_env` installed."""
     data = write_assets(tmp_path)
     monkeypatch.setenv("MS2_REAL2SIM_ASSET_DIR", str(data))
     monkeypatch.syspath_prepend(str(STANDIN))
@@ -60,7 +62,9 @@ def standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, Modu
     import mani_skill2_real2sim.envs as envs
 
     envs.CALLS.clear()
-    return data, envs
+    yield data, envs
+    for mod in [m for m in sys.modules if m.split(".")[0] in STANDIN_MODULES]:
+        del sys.modules[mod]
 
 
 def made(envs: ModuleType) -> list[tuple[str, dict[str, Any]]]:
