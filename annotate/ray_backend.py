@@ -239,31 +239,20 @@ class TaskJournal:
 def request_key_of(
     episode: Episode, facts: EpisodeFacts, spec: PrepareSpec, template: PromptTemplate
 ) -> tuple[str, dict[str, Any]] | None:
-    """The key (and frame choice) `prepare_request` gives the episode, without building its prompt.
-
-    The keyframe steps follow from the states (`select_keyframes` over the gripper events, as
-    `build_prompt` chooses them) and the shown frames are hashed as stored: nothing is decoded or
+    """The key (and frame choice) `prepare_request` gives the episode, without building its prompt: the
+    same two functions compute them (`prompts.frame_choice`: the keyframe steps follow from the states;
+    `teacher_requests.episode_request_key`: the shown frames hashed as stored), so nothing is decoded or
     encoded. None when the episode names no such camera: `prepare_request` then says so.
     """
-    from .prompts import select_keyframes
-    from .teacher_requests import request_key
+    from .prompts import frame_choice
+    from .teacher_requests import episode_request_key
 
-    camera = spec.frames.camera or episode.cameras[0]
-    if camera not in episode.frames:
+    try:
+        frame_key = frame_choice(episode, facts, spec.frames)
+    except ValueError:
         return None
-    steps = select_keyframes(facts.num_steps, [e.step for e in facts.events], spec.frames.count)
-    frame_key = {**spec.frames.as_key(), "camera": camera, "steps": steps}
-    key = request_key(
-        episode.content_digest({camera: steps}),
-        frame_key,
-        template.version,
-        template.digest,
-        spec.schema_id,
-        spec.teacher.name,
-        spec.teacher.model,
-        spec.teacher.sampling(),
-        spec.schema_detail,  # type: ignore[arg-type]  # checked against SCHEMA_DETAILS by setup_run
-    )
+    detail: Any = spec.schema_detail  # checked against SCHEMA_DETAILS by setup_run
+    key = episode_request_key(episode, frame_key, spec.teacher, template, spec.schema_id, detail)
     return key, frame_key
 
 

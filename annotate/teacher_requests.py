@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -89,6 +89,40 @@ def estimate_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return chars // 4 + images * IMAGE_TOKENS
 
 
+class TeacherIdentityLike(Protocol):
+    """What a request key needs of a teacher: a `Teacher`, or the Ray backend's client-free identity."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def model(self) -> str: ...
+    def sampling(self) -> dict[str, Any]: ...
+
+
+def episode_request_key(
+    episode: Episode,
+    frame_key: dict[str, Any],
+    teacher: TeacherIdentityLike,
+    template: PromptTemplate,
+    schema_id: str,
+    schema_detail: SchemaDetail,
+) -> str:
+    """The request key of `episode` asked with the frames `frame_key` names (`prompts.frame_choice`): its
+    content digest over exactly the frames shown, hashed as stored. The one place both a full preparation
+    and the Ray backend's decode-free anti-join compute it."""
+    return request_key(
+        episode.content_digest({frame_key["camera"]: frame_key["steps"]}),
+        frame_key,
+        template.version,
+        template.digest,
+        schema_id,
+        teacher.name,
+        teacher.model,
+        teacher.sampling(),
+        schema_detail,
+    )
+
+
 def prepare_request(
     episode: Episode,
     *,
@@ -113,18 +147,7 @@ def prepare_request(
             "map one with --state-key"
         )
     bundle = build_prompt(episode, frames, template)
-    shown = {bundle.frame_key["camera"]: bundle.frame_key["steps"]}
-    key = request_key(
-        episode.content_digest(shown),
-        bundle.frame_key,
-        template.version,
-        template.digest,
-        schema_id,
-        teacher.name,
-        teacher.model,
-        teacher.sampling(),
-        schema_detail,
-    )
+    key = episode_request_key(episode, bundle.frame_key, teacher, template, schema_id, schema_detail)
     facts = bundle.facts
     context = SemanticContext(facts.num_steps, len(facts.segments), bundle.image_size)
     response_format = static_response_format

@@ -190,10 +190,8 @@ def build_prompt(
     frames = frames or FrameOptions()
     template = template or load_template()
     facts = facts or episode_facts(episode)
-    camera = frames.camera or episode.cameras[0]
-    if camera not in episode.frames:
-        raise ValueError(f"episode {episode.episode_id} has no camera {camera!r} (has {episode.cameras})")
-    steps = select_keyframes(facts.num_steps, [e.step for e in facts.events], frames.count)
+    frame_key = frame_choice(episode, facts, frames)
+    camera, steps = frame_key["camera"], frame_key["steps"]
     keyframes = [encode_keyframe(episode.frames[camera], s, frames.max_side, frames.quality) for s in steps]
     image_size = keyframes[0].size if keyframes else None
     w, h = image_size or (0, 0)
@@ -214,8 +212,19 @@ def build_prompt(
         {"role": "system", "content": template.render("system", **values)},
         {"role": "user", "content": content},
     ]
-    frame_key = {**frames.as_key(), "camera": camera, "steps": [k.step for k in keyframes]}
     return PromptBundle(messages, facts, keyframes, image_size, template, frame_key)
+
+
+def frame_choice(episode: Episode, facts: EpisodeFacts, frames: FrameOptions) -> dict[str, Any]:
+    """The frames a prompt shows, as the request key records them: the frame options, the camera and
+    the keyframe steps. A function of the states and flags alone (nothing is decoded), so a store's
+    settled keys can be matched before any frame is (the Ray backend's anti-join).
+    ValueError when the episode has no such camera."""
+    camera = frames.camera or episode.cameras[0]
+    if camera not in episode.frames:
+        raise ValueError(f"episode {episode.episode_id} has no camera {camera!r} (has {episode.cameras})")
+    steps = select_keyframes(facts.num_steps, [e.step for e in facts.events], frames.count)
+    return {**frames.as_key(), "camera": camera, "steps": steps}
 
 
 def reask_messages(template: PromptTemplate, raw_answer: str, errors: list[str]) -> list[dict[str, Any]]:
