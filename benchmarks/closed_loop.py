@@ -114,7 +114,7 @@ def tiny_model(path: Path, image: int, hidden: int, layers: int) -> Path:
     return build_paligemma(path, image=image, hidden=hidden, layers=layers)
 
 
-def imitation(policy_dir: Path, demos: Path, episodes: int) -> Rate:
+def imitation(policy_dir: Path, demos: Path, episodes: int, trust_remote_code: bool = False) -> Rate:
     """Training frames where the policy's free-running action is the training target's: the same bin in
     each of the 6 movement dimensions and the same gripper command (open > 0.5, as WidowX reads it).
 
@@ -126,7 +126,7 @@ def imitation(policy_dir: Path, demos: Path, episodes: int) -> Rate:
     from refinevla.train.decoding import generate
     from refinevla.train.policy import Policy, rationale_budget
 
-    policy = Policy(policy_dir)
+    policy = Policy(policy_dir, trust_remote_code=trust_remote_code)
     budget = rationale_budget(policy.info)  # refine-eval run's default --max-rationale-tokens
     reasoning = bool(policy.info.get("reasoning", True))  # as Policy.predict decodes
     match = total = 0
@@ -200,7 +200,8 @@ def run(args: argparse.Namespace, work: Path) -> Loop:
     if model == "tiny":
         model = str(tiny_model(work / "model", args.image, args.hidden, args.layers))
     t = time.time()
-    train = [*cli("train"), "--dataset", str(annotated), "--model", model, "--cache-dir", str(work / "cache")]
+    trust = ["--trust-remote-code"] if args.trust_remote_code else []  # an OpenVLA --model runs its own code
+    train = [*cli("train"), "--dataset", str(annotated), "--model", model, "--cache-dir", str(work / "cache"), *trust]
     train += ["--batch-size", str(args.batch_size), "--warmup-steps", str(args.warmup_steps)]
     train += ["--num-workers", str(args.num_workers)]
     train += ["--reasoning-weight", str(args.reasoning_weight), "--val-fraction", "0"]
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace, work: Path) -> Loop:
     loop.final_loss = losses[-1] if losses else None
 
     t = time.time()
-    loop.imitation = imitation(ckpt, demos, args.imitation_episodes)
+    loop.imitation = imitation(ckpt, demos, args.imitation_episodes, args.trust_remote_code)
     loop.seconds["imitation"] = time.time() - t
 
     t = time.time()
@@ -221,7 +222,7 @@ def run(args: argparse.Namespace, work: Path) -> Loop:
     if args.mode == "heldout" and args.eval_episodes:
         scenes += ["--max-episodes", str(args.eval_episodes)]
     reasoning = ["--reasoning", "off"] if args.reasoning_weight == 0 else []
-    evaluate = [*cli("evaluate"), "run", *scenes, *common, *reasoning, "--seed", str(args.seed)]
+    evaluate = [*cli("evaluate"), "run", *scenes, *common, *reasoning, "--seed", str(args.seed), *trust]
     sh([*evaluate, "--policy", str(ckpt), "--out", str(work / "eval")], "refine-eval run")
     loop.policy = successes(work / "eval")
     loop.seconds["eval"] = time.time() - t
@@ -285,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-episodes", type=int, default=0, help="heldout: at most this many held-out scenes (0: all)")
     p.add_argument("--imitation-episodes", type=int, default=4, help="demos decoded for the imitation row (0: all)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true", help="--model runs its own code (OpenVLA)")
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True, help="also run step 0")
     p.add_argument("--assets", type=Path, help="SimplerEnv's assets (default $MS_ASSET_DIR, $REFINEVLA_SIMPLER_ASSETS)")
     p.add_argument("--work", type=Path, help="keep every stage's output here (default: a temporary folder)")
