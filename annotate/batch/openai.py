@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal, TypeVar
 
 from ..errors import RefineError
-from ..teachers.base import TeacherAuthError, TeacherRequest, TransientTeacherError, redact
+from ..teachers.base import TeacherAuthError, TeacherRequest, TransientTeacherError, redact, unreachable_reason
 from ..teachers.openai_compat import OpenAICompatTeacher, parse_completion, server_error_message
 from .provider import BatchState, LineResult, State
 
@@ -296,6 +296,9 @@ class OpenAIBatch:
         raise exc
 
     def _connection_error(self, exc: BaseException, doing: str) -> BatchConnectionError:
+        """The OS-level cause when there is one (a refused connection comes back from the client as a
+        timeout), as the live teacher names it; else the error's type."""
+        why = unreachable_reason(exc) or type(exc).__name__
         return BatchConnectionError(
-            redact(f"cannot reach the {self.teacher.name} Batch API at {self.base_url} {doing}: {type(exc).__name__}")
+            redact(f"cannot reach the {self.teacher.name} Batch API at {self.base_url} {doing}: {why}")
         )

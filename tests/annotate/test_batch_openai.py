@@ -265,6 +265,7 @@ def test_an_unreachable_server_is_named_in_one_line(fake):
     with pytest.raises(BatchConnectionError) as info:
         provider.find_batch("run1-b0")
     assert fake.base_url in str(info.value) and info.value.transient and "\n" not in str(info.value)
+    assert str(info.value).endswith(": connection refused"), str(info.value)  # not the client's "timeout"
 
 
 def test_a_download_cut_short_is_resumed_without_repeating_lines(fake, provider, requests, tmp_path):
