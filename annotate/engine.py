@@ -46,6 +46,8 @@ from .teachers.base import (
     redact,
 )
 
+GAVE_UP = "gave up for this run after retries: "  # a failed episode's reason starts so (the summary strips it)
+
 
 @dataclass
 class EngineOptions:
@@ -426,7 +428,7 @@ class Engine:
             await self._db(self.store.commit_reject, item.key, item.episode_id, reason, "", 0)
             self._finish(item, "rejected", reason=reason)
         except _RetriesExhausted as exc:
-            self._finish(item, "failed", reason=redact(f"gave up for this run after retries: {exc}"))
+            self._finish(item, "failed", reason=redact(f"{GAVE_UP}{exc}"))
         except _BudgetReached:
             self._finish(item, "stopped", reason="max-cost reached")
         except RefineError as exc:  # not about this episode (a refused key): stop the run, reject nothing

@@ -76,7 +76,7 @@ def _run_held(args: AnnotateArgs, setup: RunSetup) -> int:
 
         from .batch import batch_manifest, run_batch_mode
 
-        resume = "refine-data " + shlex.join(args.argv) if args.argv else "the same command"
+        resume = _resume_command(args)
         try:
             summary = run_batch_mode(args, setup, lambda line: typer.echo(line, err=True))
         except KeyboardInterrupt:
@@ -156,9 +156,10 @@ def _resume_command(args: AnnotateArgs) -> str:
 
 def failure_summary(reasons: dict[str, int], limit: int = 3) -> str:
     """The commonest reasons episodes failed this run, with their counts (the URL, the status...)."""
-    prefix = "gave up for this run after retries: "
+    from ..engine import GAVE_UP
+
     top = sorted(reasons.items(), key=lambda kv: -kv[1])[:limit]
-    text = "; ".join(f"{reason.removeprefix(prefix)} ({count})" for reason, count in top)
+    text = "; ".join(f"{reason.removeprefix(GAVE_UP)} ({count})" for reason, count in top)
     return text + ("; ..." if len(reasons) > limit else "")
 
 

@@ -147,7 +147,7 @@ def remote_image_processor_class(path: str) -> Any | None:
         if resolved is None:
             continue
         data = json.loads(Path(resolved).read_text(encoding="utf-8"))
-        data = data.get(entry) or {} if entry else data
+        data = (data.get(entry) or {}) if entry else data
         ref = (data.get("auto_map") or {}).get("AutoImageProcessor")
         if ref is not None:
             return get_class_from_dynamic_module(ref, path)
