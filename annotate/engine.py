@@ -135,6 +135,7 @@ class _BudgetReached(Exception):
 
 
 _END = object()
+PRODUCER_CLOSE_S = 10.0  # how long a stopped run waits for the producer to close its source
 
 
 class Engine:
@@ -245,9 +246,11 @@ class Engine:
                 return False
             return True
 
+        source = iter(episodes)
+
         def produce() -> None:
             try:
-                for episode in episodes:
+                for episode in source:
                     if producer_stop.is_set():
                         return
                     # prepared elsewhere (`--backend ray` prepares on the cluster), or here
@@ -261,8 +264,20 @@ class Engine:
             finally:
                 if reader is not None:
                     reader.close()
+                close_source()
                 if not producer_stop.is_set():
                     hand_over(_END)
+
+        def close_source() -> None:
+            """Close the source where it runs (a generator cannot be closed from another thread), so a
+            stopped run releases what it holds now: the reader's files, the Ray cluster's executor."""
+            close = getattr(source, "close", None)
+            if close is None:
+                return
+            try:
+                close()
+            except BaseException as exc:  # the run's own error, if any, is already first in the list
+                producer_error.append(exc)
 
         producer = threading.Thread(target=produce, name="refinevla-prepare", daemon=True)
         producer.start()
@@ -308,6 +323,9 @@ class Engine:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
         finally:
             producer_stop.set()  # a producer waiting for room sees this within 0.1 s
+            # ...and then closes the source: the caller may tear down what the source reads from
+            # (`--backend ray` shuts Ray down) only after that
+            await asyncio.to_thread(producer.join, PRODUCER_CLOSE_S)
             await self.teacher.close()
             self._io.shutdown(wait=True)
         if self._fatal is not None:

@@ -69,6 +69,9 @@ JOURNAL_ENV = "REFINEVLA_RAY_JOURNAL"
 
 def import_ray() -> Any:
     """The ray module, or one line saying how to get it."""
+    # Never a cluster by accident: a Ray call after `ray.shutdown()` (a straggling thread) must fail,
+    # not start a private cluster in this process. Read by ray when imported; the run calls ray.init.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     try:
         import ray
         import ray.data
@@ -414,17 +417,25 @@ def prepared_stream(ds: Any, expected: int) -> Iterator[PreparedRequest]:
         return
     rows = iter(ds.iter_rows())
     seen = 0
-    while True:
-        try:
-            row = next(rows)
-        except StopIteration:
-            if seen != expected:
-                raise RefineError(f"the Ray cluster prepared {seen} of the {expected} selected episodes") from None
-            return
-        seen += 1
-        if row["error"]:
-            raise RefineError(row["error"])
-        yield pickle.loads(row["payload"])
+    try:
+        while True:
+            try:
+                row = next(rows)
+            except StopIteration:
+                if seen != expected:
+                    raise RefineError(f"the Ray cluster prepared {seen} of the {expected} selected episodes") from None
+                return
+            seen += 1
+            if row["error"]:
+                raise RefineError(row["error"])
+            yield pickle.loads(row["payload"])
+    finally:
+        # Stopped early (an error row, Ctrl-C, max-cost): shut Ray Data's executor down now. Left to the
+        # garbage collector, its scheduling thread outlives `ray.shutdown()` and its next `ray.wait`
+        # would start a private cluster in this process, which then never exits.
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
 
 
 def settled_keys(setup: RunSetup) -> frozenset[str]:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections import Counter
@@ -318,6 +319,32 @@ def test_a_bug_in_a_preparation_task_keeps_its_traceback(tiny_rlds, teacher_serv
     assert "Traceback (most recent call last)" in shown
     assert "in prepare_chunk_with_a_bug" in shown and "TypeError: unsupported operand type(s): a bug" in shown
     assert not teacher_server.requests
+
+
+def slow_unless_an_error(batch: dict[str, Any]) -> dict[str, Any]:
+    if not batch["error"][0]:
+        time.sleep(4.0)  # still running when the error row has stopped the stream
+    return batch
+
+
+def test_a_stream_stopped_by_an_error_shuts_its_executor_down_before_ray_does(ray_cluster):
+    """CI once hung here: the error stopped the stream, the driver called `ray.shutdown()`, and Ray
+    Data's scheduling thread (shut down only when the garbage collector got to the iterator) then
+    started a private cluster in the driver, which never exited. The stream now closes the iterator."""
+    from refinevla.annotate import ray_backend
+
+    ray = ray_backend.connect(ray_cluster.address)
+    try:
+        rows = [{"payload": b"", "error": "corrupt record in episode 0"}] + [{"payload": b"", "error": ""}] * 2
+        ds = ray.data.from_items(rows, override_num_blocks=3).map_batches(slow_unless_an_error, batch_size=1)
+        stream = ray_backend.prepared_stream(ds, expected=3)
+        with pytest.raises(RefineError, match="corrupt record in episode 0") as caught:
+            next(stream)
+        assert caught.value.__traceback__ is not None  # it holds the stream's frame, the iterator in it
+        running = [t.name for t in threading.enumerate() if t.name.startswith("StreamingExecutor-")]
+        assert not running  # ...and its executor is shut down all the same
+    finally:
+        ray.shutdown()
 
 
 def test_a_user_error_in_a_preparation_task_is_one_line(tiny_rlds, teacher_server, ray_cluster, tmp_path):
