@@ -1,6 +1,6 @@
 """Batch mode's own cost for N requests, and what it saves: printed as a table.
 
-Measured in this process (the Batch API is the fake OpenAI Files + Batch server of the tests, run
+Measured in this process (the Batch API is refinevla's OpenAI Files + Batch emulator, run
 in its own process so its work is not counted), over N Bridge-layout episodes (256 x 256 frames)
 written by the project's RLDS writer, with 6 keyframes each as live mode sends them:
 
@@ -29,8 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # the test factories and the fake Batch API
 SECRET = "sk-benchmark-not-a-real-key"
 MODELS = ("gpt-4.1-mini", "gpt-4.1", "gemini-2.5-flash", "gemini-2.5-pro")
 
@@ -62,6 +60,7 @@ def main() -> None:
     opts = parser.parse_args()
     os.environ["OPENAI_API_KEY"] = SECRET
 
+    from refinevla.annotate.batch.emulator.openai_api import FakeOpenAIBatchProcess
     from refinevla.annotate.batch.runner import BatchOptions, BatchRunner
     from refinevla.annotate.commands.batch import make_batch_provider
     from refinevla.annotate.engine import Engine, EngineOptions
@@ -70,7 +69,6 @@ def main() -> None:
     from refinevla.annotate.sources import ReadOptions
     from refinevla.annotate.store import ResultStore
     from refinevla.annotate.teachers import make_teacher
-    from tests.annotate.fake_openai_batch import FakeOpenAIBatchProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -79,7 +77,7 @@ def main() -> None:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             uri = pool.apply(write_source, (work, opts.requests, opts.image_size))
         print(f"wrote {opts.requests} episodes in {time.monotonic() - t0:.0f} s", file=sys.stderr)
-        answer = "tests.annotate.fake_openai_batch:rationale_answer"
+        answer = "refinevla.annotate.batch.emulator.openai_api:rationale_answer"
         with FakeOpenAIBatchProcess(work / "api", api_key=SECRET, answer=answer) as server:
             teacher = make_teacher("openai", model="gpt-4.1-mini", base_url=server.base_url)
             source = open_cli_source(uri, None, "train", None, None, None, None)

@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from refinevla.annotate.batch.emulator.answers import rationale_for_prompt
 from refinevla.annotate.sources import specs
 from refinevla.annotate.sources.rlds_writer import write_rlds
 from tests.annotate.ray_cluster import ray_cluster  # noqa: F401  (one Ray cluster for the session's Ray tests)
@@ -35,24 +36,6 @@ from tests.annotate.smallest import smallest_instance
 from tests.conftest import tiny_episode
 
 SEED_RE = re.compile(r"put the spoon (\d+) on the towel")
-
-
-def valid_answer(user_text: str) -> dict[str, Any]:
-    """A correct answer for the prompt's episode (steps and segments read from the prompt text)."""
-    steps = int(re.search(r"The episode has (\d+) steps", user_text).group(1))  # type: ignore[union-attr]
-    segments = len(re.findall(r"^\d+\. steps \d+\.\.\d+:", user_text, flags=re.M))
-    half = steps // 2
-    return {
-        "observation": "A spoon lies on the table next to a blue towel.",
-        "situation_analysis": "The spoon must be grasped and moved onto the towel.",
-        "spatial_reasoning": "The towel is to the left of the spoon; the gripper moves forward then up.",
-        "task_plan": [
-            {"subtask": "grasp the spoon", "reason": "it must be held first", "start_step": 0, "end_step": half - 1},
-            {"subtask": "place it on the towel", "reason": "the goal", "start_step": half, "end_step": steps - 1},
-        ],
-        "objects": [{"name": "spoon", "box": [4, 4, 20, 20]}],
-        "move_reasons": [{"segment": i, "reason": f"reason for segment {i}"} for i in range(segments)],
-    }
 
 
 @dataclass
@@ -147,7 +130,7 @@ def _handler(state: FakeTeacherServer) -> type[BaseHTTPRequestHandler]:
                 time.sleep(state.hang)
                 self._send(200, {"error": "too late"})
                 return
-            answer = valid_answer(rec.user_text())
+            answer = rationale_for_prompt(rec.user_text())
             finish = "stop"
             if kind == "badjson":
                 content = '{"observation": "a spoon", "task_plan": [ oops'

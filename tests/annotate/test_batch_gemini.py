@@ -11,6 +11,12 @@ from typing import Any
 import pytest
 
 from refinevla.annotate.batch import gemini
+from refinevla.annotate.batch.emulator.gemini_api import (
+    FakeGeminiBatch,
+    FakeGeminiBatchProcess,
+    gemini_response,
+    request_problem,
+)
 from refinevla.annotate.batch.gemini import GeminiBatch
 from refinevla.annotate.engine import Engine, EngineOptions
 from refinevla.annotate.errors import RefineError
@@ -20,7 +26,6 @@ from refinevla.annotate.store import ResultStore
 from refinevla.annotate.teacher_requests import teacher_request
 from refinevla.annotate.teachers.base import TeacherAuthError, TeacherRequest
 from refinevla.annotate.teachers.openai_compat import OpenAICompatTeacher
-from tests.annotate.fake_gemini_batch import FakeGeminiBatch, FakeGeminiBatchProcess, gemini_response, request_problem
 
 SECRET = "AIza-test-GEMINI-SECRET-4242"
 MODEL = "gemini-2.5-flash"
@@ -334,7 +339,7 @@ def test_out_of_process_fake_keeps_its_state_across_a_restart(teacher, requests,
         server.start()  # a new process, on a new port, on the same state
         again = GeminiBatch(teacher, base_url=server.base_url)
         assert again.find_batch("refinevla-x-1") == batch
-        server.set(answer="tests.annotate.fake_gemini_batch:echo_answer")
+        server.set(answer="refinevla.annotate.batch.emulator.gemini_api:echo_answer")
         state = _finish(again, batch)
         keys = sorted(line.key for line in again.results(state))
         again.close()

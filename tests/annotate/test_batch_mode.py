@@ -21,13 +21,13 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from refinevla.annotate.cli import app
-from tests.annotate.fake_openai_batch import (
+from refinevla.annotate.batch.emulator.openai_api import (
     FakeOpenAIBatch,
     FakeOpenAIBatchProcess,
     chat_completion,
     rationale_answer,
 )
+from refinevla.annotate.cli import app
 
 SECRET = "sk-batch-test-NEVER-LEAK-5e1d"
 MODEL = "gpt-4.1-mini"  # priced in the packaged table: live 0.40 / 1.60, batch 0.20 / 0.80 USD per 1M tokens
@@ -197,7 +197,7 @@ def test_kill_9_while_batches_are_in_flight_then_rerun_pays_nothing_twice(tiny_r
     uri = tiny_rlds(6)
     out = tmp_path / "out"
     flags = ["--batch", "--poll-interval", "0.2", "--batch-requests", "2"]
-    answer = "tests.annotate.fake_openai_batch:rationale_answer"
+    answer = "refinevla.annotate.batch.emulator.openai_api:rationale_answer"
     # each batch stays in progress for 20 looks (4 s at this poll interval): the kill comes long before
     with FakeOpenAIBatchProcess(tmp_path / "api", api_key=SECRET, answer=answer, in_progress_polls=20) as server:
         proc = start(uri, out, server.base_url, *flags)
@@ -253,7 +253,7 @@ def test_interrupted_wait_leaves_batches_running_and_batches_lists_and_cancels_t
     uri = tiny_rlds(4)
     out = tmp_path / "out"
     flags = ["--batch", "--poll-interval", "0.2"]
-    answer = "tests.annotate.fake_openai_batch:rationale_answer"
+    answer = "refinevla.annotate.batch.emulator.openai_api:rationale_answer"
     with FakeOpenAIBatchProcess(tmp_path / "api", api_key=SECRET, answer=answer, in_progress_polls=1000) as server:
         proc = start(uri, out, server.base_url, *flags)
         wait_for(proc, lambda: any(b[1] for b in store_batches(out)))
@@ -274,8 +274,8 @@ def test_interrupted_wait_leaves_batches_running_and_batches_lists_and_cancels_t
 def test_gemini_batch_through_google_genai_writes_the_rows_live_mode_writes(tiny_rlds, teacher_server, tmp_path):
     """`--teacher gemini --batch`: the native Batch API through google-genai (its base-URL option points
     at the fake; live mode's OpenAI-compatible path `/v1beta/openai/` is dropped for it)."""
-    from tests.annotate.fake_gemini_batch import FakeGeminiBatch
-    from tests.annotate.fake_gemini_batch import rationale_answer as gemini_rationale
+    from refinevla.annotate.batch.emulator.gemini_api import FakeGeminiBatch
+    from refinevla.annotate.batch.emulator.gemini_api import rationale_answer as gemini_rationale
 
     uri = tiny_rlds(4)
     key = "AIza-batch-test-NEVER-LEAK-77"
@@ -317,7 +317,7 @@ def test_kill_9_right_after_a_batch_is_created_then_the_rerun_finds_it_by_its_ta
     uri = tiny_rlds(3)
     out = tmp_path / "out"
     flags = ["--batch", "--poll-interval", "0.2"]
-    answer = "tests.annotate.fake_openai_batch:rationale_answer"
+    answer = "refinevla.annotate.batch.emulator.openai_api:rationale_answer"
     with FakeOpenAIBatchProcess(tmp_path / "api", api_key=SECRET, answer=answer, create_delay_ms=4000) as server:
         proc = start(uri, out, server.base_url, *flags)
         wait_for(proc, lambda: len(server.records().batches) == 1)

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from refinevla.annotate.batch.emulator.openai_api import FakeOpenAIBatch, FakeOpenAIBatchProcess, Fault, chat_completion
 from refinevla.annotate.batch.openai import BatchAPIError, BatchConnectionError, OpenAIBatch
 from refinevla.annotate.engine import Engine, EngineOptions
 from refinevla.annotate.sources import open_source
@@ -16,7 +17,6 @@ from refinevla.annotate.store import ResultStore
 from refinevla.annotate.teacher_requests import teacher_request
 from refinevla.annotate.teachers.base import TeacherAuthError, TeacherRequest
 from refinevla.annotate.teachers.openai_compat import OpenAICompatTeacher
-from tests.annotate.fake_openai_batch import FakeOpenAIBatch, FakeOpenAIBatchProcess, Fault, chat_completion
 
 SECRET = "sk-refinevla-test-SECRET-7f3a9c"
 

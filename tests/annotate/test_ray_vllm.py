@@ -31,8 +31,9 @@ from refinevla.annotate.sources.rlds_writer import write_rlds
 pytest.importorskip("ray.data.llm", reason="ray.data.llm: needs the [ray] extra")
 
 from refinevla.annotate import ray_vllm
+from refinevla.annotate.batch.emulator.answers import rationale_for_prompt
 from refinevla.annotate.ray_backend import JOURNAL_ENV
-from tests.annotate.conftest import SEED_RE, valid_answer
+from tests.annotate.conftest import SEED_RE
 from tests.annotate.ray_cluster import journal
 
 
@@ -101,7 +102,7 @@ class FakeReplicas:
                 ray_vllm.ERROR_COLUMN: "RuntimeError: prompt too long for max_model_len",
                 "generated_text": "",
             }
-        body = valid_answer(text) if kind == "ok" else {"observation": "half an answer"}
+        body = rationale_for_prompt(text) if kind == "ok" else {"observation": "half an answer"}
         out = {**row, "generated_text": json.dumps(body), "num_input_tokens": 1500, "num_generated_tokens": 300}
         return ray_vllm.postprocess(out)
 

@@ -22,7 +22,7 @@ billed (`answered`); the files and batches.
 In-process: `with FakeOpenAIBatch() as fake: ... fake.base_url` (ends in /v1). Out of process, for
 tests that kill -9 a client and rerun it against the same server:
 
-    python -m tests.annotate.fake_openai_batch --port 0 --state-dir D [--answer module:function] ...
+    python -m refinevla.annotate.batch.emulator.openai_api --port 0 --state-dir D [--answer module:function] ...
 
 (or `FakeOpenAIBatchProcess(D, ...)`). The state is saved to D after every change, so the test reads
 it with `FakeOpenAIBatch.load(D)` and a restarted server carries on where the last one stopped;
@@ -39,7 +39,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from tests.annotate.fake_batch_common import (
+from refinevla.annotate.batch.emulator.common import (
     NOT_JSON,
     Answer,
     FakeBatchAPI,
@@ -49,7 +49,7 @@ from tests.annotate.fake_batch_common import (
     resolve_answer,
     serve,
 )
-from tests.annotate.fake_batch_common import Fault as Fault  # re-exported: what tests arm `faults` with
+from refinevla.annotate.batch.emulator.common import Fault as Fault  # re-exported: what tests arm `faults` with
 
 ENDPOINTS = (
     "/v1/responses",
@@ -116,11 +116,11 @@ def echo_answer(custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def rationale_answer(custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
     """A correct rationale for the request's episode (as the live fake teacher server answers)."""
-    from tests.annotate.conftest import valid_answer
+    from refinevla.annotate.batch.emulator.answers import rationale_for_prompt
 
     user = next(m for m in body["messages"] if m["role"] == "user" and isinstance(m["content"], list))
     text = next(p["text"] for p in user["content"] if p["type"] == "text")
-    return chat_completion(json.dumps(valid_answer(text)), model=str(body.get("model") or "gpt-4.1-mini"))
+    return chat_completion(json.dumps(rationale_for_prompt(text)), model=str(body.get("model") or "gpt-4.1-mini"))
 
 
 def _page(items: list[dict[str, Any]], after: str | None, limit: int) -> dict[str, Any]:
@@ -509,7 +509,7 @@ write_controls = FakeOpenAIBatch.write_controls
 
 class FakeOpenAIBatchProcess(FakeBatchProcess[FakeOpenAIBatch]):
     """FakeOpenAIBatch served by another process on `state_dir` (see `FakeBatchProcess`), e.g. `FakeOpenAIBatchProcess(
-    tmp_path / "api", api_key=KEY, answer="tests.annotate.fake_openai_batch:rationale_answer")`."""
+    tmp_path / "api", api_key=KEY, answer="refinevla.annotate.batch.emulator.openai_api:rationale_answer")`."""
 
     FAKE = FakeOpenAIBatch
 

@@ -30,7 +30,7 @@ per line of every batch created) and every line answered with a response, i.e. b
 In-process: `with FakeGeminiBatch() as fake: ... GeminiBatch(teacher, base_url=fake.base_url)`. Out of
 process, for tests that kill -9 a client and rerun it against the same server:
 
-    python -m tests.annotate.fake_gemini_batch --port 0 --state-dir D [--answer module:function] ...
+    python -m refinevla.annotate.batch.emulator.gemini_api --port 0 --state-dir D [--answer module:function] ...
 
 (or `FakeGeminiBatchProcess(D, ...)`). The state is saved to D after every change: a test reads it
 with `FakeGeminiBatch.load(D)`, a restarted server carries on where the last one stopped, and
@@ -51,7 +51,15 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from tests.annotate.fake_batch_common import NOT_JSON, Answer, FakeBatchAPI, FakeBatchProcess, Reply, jsonl_lines, serve
+from refinevla.annotate.batch.emulator.common import (
+    NOT_JSON,
+    Answer,
+    FakeBatchAPI,
+    FakeBatchProcess,
+    Reply,
+    jsonl_lines,
+    serve,
+)
 
 API = "v1beta"
 MAX_BYTES = 2_000_000_000  # the Batch API's documented limit per input file
@@ -150,11 +158,11 @@ def echo_answer(key: str, request: dict[str, Any]) -> dict[str, Any]:
 
 def rationale_answer(key: str, request: dict[str, Any]) -> dict[str, Any]:
     """A correct rationale for the request's episode (as the live fake teacher server answers)."""
-    from tests.annotate.conftest import valid_answer
+    from refinevla.annotate.batch.emulator.answers import rationale_for_prompt
 
     user = next(c for c in request["contents"] if c.get("role", "user") == "user")
     text = next(p["text"] for p in user["parts"] if "text" in p)
-    return gemini_response(json.dumps(valid_answer(text)))
+    return gemini_response(json.dumps(rationale_for_prompt(text)))
 
 
 def _camel(name: str) -> str:
@@ -591,7 +599,7 @@ write_controls = FakeGeminiBatch.write_controls
 
 class FakeGeminiBatchProcess(FakeBatchProcess[FakeGeminiBatch]):
     """FakeGeminiBatch served by another process on `state_dir` (see `FakeBatchProcess`), e.g. `FakeGeminiBatchProcess(
-    tmp_path / "api", api_key=KEY, answer="tests.annotate.fake_gemini_batch:rationale_answer")`."""
+    tmp_path / "api", api_key=KEY, answer="refinevla.annotate.batch.emulator.gemini_api:rationale_answer")`."""
 
     FAKE = FakeGeminiBatch
 

@@ -1,4 +1,4 @@
-"""What the fake Batch APIs (`fake_openai_batch`, `fake_gemini_batch`) share: a recorded, persisted,
+"""What the Batch API emulators (`openai_api`, `gemini_api`) share: a recorded, persisted,
 steerable fake served on 127.0.0.1 (`FakeBatchAPI`), the same fake served by another process
 (`FakeBatchProcess`), and the command line that serves it (`serve`).
 
