@@ -12,7 +12,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from .cli_options import (
     option,
 )
 from .errors import RefineError
+from .sources.base import ReadOptions
 
 
 @dataclass
@@ -59,6 +60,11 @@ class AnnotateArgs:
     retry_base: float = option(1.0, "First backoff in seconds (doubles).")
     max_cost: float | None = option(None, "Stop cleanly at this spend (USD).")
     limit: int | None = option(None, "At most N episodes (of this shard).")
+    sample: int | None = option(
+        None,
+        "N episodes spread evenly over the selection (episode start + i*span//N: the same N on every run), "
+        "e.g. a pilot of a teacher before the whole source.",
+    )
     shard: str = option("0/1", "i/n: this machine's contiguous part.")
     dry_run: bool = option(False, "Print the first request and a token/cost estimate; ask nothing.")
     temperature: float = option(0.2, "Sampling temperature.")
@@ -128,6 +134,17 @@ def shard_range(num_episodes: int, shard: tuple[int, int], limit: int | None) ->
     return start, stop
 
 
+def sample_indices(start: int, stop: int, n: int) -> tuple[int, ...]:
+    """`n` episode indices spread evenly over [start, stop): deterministic, so a rerun (or another teacher
+    in a pilot) reads the same episodes; one line when the range holds fewer than `n`."""
+    span = stop - start
+    if n < 1:
+        raise RefineError(f"--sample {n}: must be at least 1")
+    if n > span:
+        raise RefineError(f"--sample {n}: the selection holds only {span} episode(s)")
+    return tuple(start + (i * span) // n for i in range(n))
+
+
 def default_out(source: str, teacher: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source.rsplit("/", 1)[-1] if ":" in source else source).strip("-")
     return Path("runs") / f"{slug or 'source'}-{teacher}"
@@ -146,10 +163,26 @@ class RunSetup:
     out: Path
     shard: tuple[int, int]
     suffix: str  # "" for a single shard, "-i-of-n" otherwise: names the store, manifest and rejects
+    indices: tuple[int, ...] | None = None  # --sample: the episodes of [start, stop) the run reads
 
     @property
     def total(self) -> int:
-        return self.stop - self.start
+        return self.count(self.start, self.stop)
+
+    def count(self, start: int, stop: int) -> int:
+        """Episodes of the run within [start, stop) (a process's part of the range)."""
+        if self.indices is None:
+            return stop - start
+        return sum(1 for i in self.indices if start <= i < stop)
+
+    def read(self, start: int, stop: int) -> Iterator[Any]:
+        """The run's episodes within [start, stop), streamed from the source in index order."""
+        if self.indices is None:
+            yield from self.source.iter_episodes(ReadOptions(start=start, stop=stop))
+            return
+        for i in self.indices:  # each a seek: a sample of a large source reads N episodes, not the range
+            if start <= i < stop:
+                yield from self.source.iter_episodes(ReadOptions(start=i, stop=i + 1))
 
     @property
     def store_path(self) -> Path:
@@ -198,8 +231,14 @@ def setup_run(args: AnnotateArgs) -> RunSetup:
             raise RefineError("--ray-workers must be at least 1")
     elif args.ray_address or args.ray_workers:
         raise RefineError("--ray-address and --ray-workers need --backend ray")
+    if args.sample is not None:
+        if args.limit is not None:
+            raise RefineError("--sample and --limit: give one (--sample N spreads N episodes over the selection)")
+        if args.backend == "ray":
+            raise RefineError("--sample reads a few episodes here; it does not run on --backend ray")
     source = open_cli_source(*args.source_args())
     start, stop = shard_range(len(source), shard, args.limit)
+    indices = None if args.sample is None else sample_indices(start, stop, args.sample)
     teacher = make_teacher(
         args.teacher,
         model=args.model,
@@ -239,6 +278,7 @@ def setup_run(args: AnnotateArgs) -> RunSetup:
         out=args.out or default_out(args.source, args.teacher),
         shard=shard,
         suffix="" if n == 1 else f"-{i:05d}-of-{n:05d}",
+        indices=indices,
     )
 
 
@@ -264,11 +304,10 @@ def run_part(
     from dataclasses import asdict
 
     from .engine import Engine
-    from .sources import ReadOptions
     from .store import ResultStore
     from .writer import DatasetWriter
 
-    episodes = items if items is not None else setup.source.iter_episodes(ReadOptions(start=start, stop=stop))
+    episodes = items if items is not None else setup.read(start, stop)
     store = ResultStore(setup.store_path)
     writer = DatasetWriter(rows_root, args.schema_id, setup.teacher.name, setup.teacher.model, setup.shard)
     engine = Engine(setup.teacher, store, setup.options, setup.prices, sink=writer.add)
@@ -292,7 +331,7 @@ def run_part(
         if on_counters is not None:
             tasks.append(asyncio.create_task(report()))
         try:
-            await engine.run(episodes, total=stop - start)
+            await engine.run(episodes, total=setup.count(start, stop))
         finally:
             for task in tasks:
                 task.cancel()

@@ -42,7 +42,6 @@ def _elide_images(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def run_annotate(args: AnnotateArgs) -> int:
     """Run the command; returns the exit code (0 done, 1 some episodes failed, 130 interrupted)."""
-    from ..sources import ReadOptions
 
     setup = setup_run(args)
     teacher = setup.teacher
@@ -58,7 +57,7 @@ def run_annotate(args: AnnotateArgs) -> int:
 
         check_batch_args(args, teacher)
     if args.dry_run:
-        episodes = setup.source.iter_episodes(ReadOptions(start=setup.start, stop=setup.stop))
+        episodes = setup.read(setup.start, setup.stop)
         return _dry_run(args, teacher, setup.options, setup.prices, episodes, setup.total)
 
     _check_card_license(setup.out, setup.source.name, args.license)  # before anything is written
@@ -211,7 +210,13 @@ def _write_manifest(
             "split": args.split,
             "episodes_in_source": len(source),
         },
-        "selection": {"shard": f"{i}/{n}", "start": setup.start, "stop": setup.stop, "limit": args.limit},
+        "selection": {
+            "shard": f"{i}/{n}",
+            "start": setup.start,
+            "stop": setup.stop,
+            "limit": args.limit,
+            **({"sample": list(setup.indices)} if setup.indices is not None else {}),
+        },
         "teacher": {
             "name": teacher.name,
             "model": teacher.model,

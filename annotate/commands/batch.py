@@ -51,7 +51,6 @@ def check_batch_args(args: Any, teacher: Any) -> None:
 def run_batch_mode(args: Any, setup: Any, progress: Callable[[str], None]) -> BatchSummary:
     """Fill the run's store through the Batch API (rounds until nothing is left to ask)."""
     from ..engine import Engine
-    from ..sources import ReadOptions
     from ..store import ResultStore
 
     provider = make_batch_provider(setup.teacher)
@@ -65,7 +64,7 @@ def run_batch_mode(args: Any, setup: Any, progress: Callable[[str], None]) -> Ba
             max_requests=args.batch_requests,
         )
         runner = BatchRunner(provider, engine, store, options, setup.out / PRIVATE_DIR / "batches", progress)
-        return runner.run(lambda: setup.source.iter_episodes(ReadOptions(start=setup.start, stop=setup.stop)))
+        return runner.run(lambda: setup.read(setup.start, setup.stop))
     finally:
         provider.close()
         store.close()
