@@ -182,10 +182,11 @@ def view(
 
 
 def _register_optional_commands() -> None:
-    """Commands that live in their own modules (`commands.annotate`, `commands.publish`) add themselves here."""
+    """Commands that live in their own modules (`commands.annotate`, `commands.publish`, `commands.audit`) add
+    themselves here."""
     from importlib import import_module
 
-    for module in ("commands.annotate", "commands.publish"):
+    for module in ("commands.annotate", "commands.publish", "commands.audit"):
         try:
             mod = import_module(f"{__package__}.{module}")
         except ModuleNotFoundError as exc:

@@ -108,6 +108,27 @@ def motion_primitives(states: np.ndarray) -> list[str]:
     return [_label(tuple(v)) for v in motion_vectors(states).tolist()]
 
 
+@dataclass(frozen=True)
+class MotionSegment:
+    """Consecutive steps sharing one motion primitive."""
+
+    start: int
+    end: int  # inclusive
+    move: str
+
+
+def motion_segments(moves: list[str]) -> list[MotionSegment]:
+    """The motion segments of per-step primitive labels: the numbered segments the prompt lists (one
+    `move_reasons` entry each) and the audit scores subtask boundaries against."""
+    segments: list[MotionSegment] = []
+    for t, move in enumerate(moves):
+        if segments and segments[-1].move == move:
+            segments[-1] = MotionSegment(segments[-1].start, t, move)
+        else:
+            segments.append(MotionSegment(t, t, move))
+    return segments
+
+
 GripperPosition = Literal["open", "closed"]
 
 

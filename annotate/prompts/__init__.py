@@ -17,7 +17,14 @@ from importlib import resources
 from typing import Any
 
 from ..episode import Episode
-from ..primitives import GripperEvent, gripper_events, gripper_positions, motion_primitives
+from ..primitives import (
+    GripperEvent,
+    MotionSegment,
+    gripper_events,
+    gripper_positions,
+    motion_primitives,
+    motion_segments,
+)
 from .keyframes import Keyframe, encode_keyframe, select_keyframes
 
 __all__ = [
@@ -105,15 +112,6 @@ def load_template(version: str = DEFAULT_TEMPLATE) -> PromptTemplate:
     return PromptTemplate(version, text, sections)
 
 
-@dataclass(frozen=True)
-class MotionSegment:
-    """Consecutive steps sharing one motion primitive."""
-
-    start: int
-    end: int  # inclusive
-    move: str
-
-
 @dataclass
 class EpisodeFacts:
     """What the data determines about an episode (given to the teacher, checked against its answer)."""
@@ -131,19 +129,13 @@ class EpisodeFacts:
 def episode_facts(episode: Episode) -> EpisodeFacts:
     """Motion primitives, gripper positions/events and motion segments of an episode."""
     moves = motion_primitives(episode.states)
-    segments: list[MotionSegment] = []
-    for t, move in enumerate(moves):
-        if segments and segments[-1].move == move:
-            segments[-1] = MotionSegment(segments[-1].start, t, move)
-        else:
-            segments.append(MotionSegment(t, t, move))
     return EpisodeFacts(
         instruction=episode.instruction,
         num_steps=len(episode),
         moves=moves,
         gripper=list(gripper_positions(episode.states)),
         events=gripper_events(episode.states),
-        segments=segments,
+        segments=motion_segments(moves),
         start_xyz=[round(float(v), 4) for v in episode.states[0, :3]],
         end_xyz=[round(float(v), 4) for v in episode.states[-1, :3]],
     )
