@@ -489,9 +489,11 @@ class Engine:
             if self._tpm:
                 await self._tpm.acquire(estimate)
             self.counters.in_flight += 1
+            sent = time.monotonic()
             try:
                 # The client enforces the timeout; this is the backstop for a teacher that does not.
                 response = await _within(self.teacher.complete(request, opts.timeout), opts.timeout + 5.0)
+                response.latency = time.monotonic() - sent  # stored with the attempt: a pilot's p50/p95
             except (TransientTeacherError, asyncio.TimeoutError) as exc:
                 if isinstance(exc, asyncio.TimeoutError):
                     exc = TransientTeacherError(f"timed out after {opts.timeout:g}s")

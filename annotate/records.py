@@ -77,7 +77,14 @@ def commit_response(
     """Persist one raw answer before anything uses it: with its validated answer (one transaction)
     when it passed the checks, as an attempt with its errors when not. Live and batch mode alike."""
     stored = Attempt(
-        attempt, response.text, response.finish_reason, errors, response.prompt_tokens, response.completion_tokens, cost
+        attempt,
+        response.text,
+        response.finish_reason,
+        errors,
+        response.prompt_tokens,
+        response.completion_tokens,
+        cost,
+        response.latency,
     )
     if answer is not None:
         store.record_answer(key, episode_id, model, stored, answer)

@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     cost REAL NOT NULL,
     model TEXT NOT NULL,
     created REAL NOT NULL,
+    latency REAL,
     PRIMARY KEY (key, attempt)
 );
 CREATE TABLE IF NOT EXISTS answers (
@@ -99,6 +100,7 @@ class Attempt:
     prompt_tokens: int
     completion_tokens: int
     cost: float
+    latency: float | None = None  # seconds the answered request took (None: a batch line, an older store)
 
 
 @dataclass(frozen=True)
@@ -197,12 +199,19 @@ class ResultStore:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=FULL")
                 self._db.executescript(_SCHEMA)
+                self._add_latency_column()
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
                     raise
                 time.sleep(delay * (0.5 + random.random()))
                 delay = min(0.5, delay * 2)
+
+    def _add_latency_column(self) -> None:
+        """Stores written before attempts had a latency get the column (NULL for their old rows)."""
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(attempts)")}
+        if "latency" not in columns:
+            self._db.execute("ALTER TABLE attempts ADD COLUMN latency REAL")
 
     def close(self) -> None:
         self._db.close()
@@ -234,7 +243,8 @@ class ResultStore:
     def record_attempt(self, key: str, episode_id: str, model: str, attempt: Attempt) -> None:
         """Persist a raw answer the moment it arrives (before it is parsed or used)."""
         self._write(
-            "INSERT OR REPLACE INTO attempts VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            "INSERT OR REPLACE INTO attempts (key, attempt, episode_id, raw, finish_reason, errors, prompt_tokens, "
+            "completion_tokens, cost, model, created, latency) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 key,
                 attempt.attempt,
@@ -247,6 +257,7 @@ class ResultStore:
                 attempt.cost,
                 model,
                 time.time(),
+                attempt.latency,
             ),
         )
 
@@ -266,11 +277,11 @@ class ResultStore:
 
     def attempts(self, key: str) -> list[Attempt]:
         rows = self._db.execute(
-            "SELECT attempt, raw, finish_reason, errors, prompt_tokens, completion_tokens, cost "
+            "SELECT attempt, raw, finish_reason, errors, prompt_tokens, completion_tokens, cost, latency "
             "FROM attempts WHERE key = ? ORDER BY attempt",
             (key,),
         ).fetchall()
-        return [Attempt(a, raw, fr, json.loads(err), pt, ct, c) for a, raw, fr, err, pt, ct, c in rows]
+        return [Attempt(a, raw, fr, json.loads(err), pt, ct, c, lat) for a, raw, fr, err, pt, ct, c, lat in rows]
 
     def commit_answer(self, key: str, episode_id: str, answer: dict[str, Any], attempts: int, model: str) -> None:
         self._write(

@@ -40,6 +40,7 @@ class TeacherResponse:
     completion_tokens: int = 0
     model: str = ""  # the model the server says answered
     headers: dict[str, str] = field(default_factory=dict)  # rate-limit headers, if any
+    latency: float | None = None  # seconds the answered request took, retries and waits excluded (the engine's)
 
 
 class TransientTeacherError(Exception):

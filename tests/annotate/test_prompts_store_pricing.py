@@ -165,3 +165,36 @@ def test_a_data_url_pickles_once_and_comes_back_whole() -> None:
     back = pickle.loads(pickle.dumps(url))
     assert isinstance(back, DataURL) and back == url and back.json == url.json
     assert len(pickle.dumps(url)) < 1.1 * len(url)
+
+
+def test_an_attempt_keeps_its_latency_and_an_older_store_gains_the_column(tmp_path):
+    db = tmp_path / "store.sqlite"
+    with sqlite3.connect(db) as conn:  # a store written before attempts had a latency
+        conn.execute(
+            "CREATE TABLE attempts (key TEXT NOT NULL, attempt INTEGER NOT NULL, episode_id TEXT NOT NULL, "
+            "raw TEXT NOT NULL, finish_reason TEXT, errors TEXT NOT NULL, prompt_tokens INTEGER NOT NULL, "
+            "completion_tokens INTEGER NOT NULL, cost REAL NOT NULL, model TEXT NOT NULL, created REAL NOT NULL, "
+            "PRIMARY KEY (key, attempt))"
+        )
+        conn.execute("INSERT INTO attempts VALUES ('old', 1, 'e0', '{}', 'stop', '[]', 10, 2, 0.5, 'm', 0)")
+    with ResultStore(db) as store:
+        store.record_attempt("new", "e1", "m", Attempt(1, "{}", "stop", ["bad"], 10, 2, 0.5, latency=1.25))
+        assert store.attempts("new")[0].latency == 1.25
+        assert store.attempts("old")[0].latency is None and store.attempts("old")[0].prompt_tokens == 10
+
+
+def test_a_live_run_stores_each_answers_latency(tiny_rlds, teacher_server, tmp_path):
+    from typer.testing import CliRunner
+
+    from refinevla.annotate.cli import app
+    from tests.annotate.conftest import SECRET
+
+    teacher_server.latency = 0.2
+    out = tmp_path / "out"
+    args = [*("annotate", tiny_rlds(2), "--out", str(out), "--progress", "none", "--teacher", "openai-compatible")]
+    args += ["--base-url", teacher_server.url, "--model", "fake-model"]
+    r = CliRunner().invoke(app, args, env={"OPENAI_API_KEY": SECRET})
+    assert r.exit_code == 0, r.output
+    with sqlite3.connect(out / ".refine" / "store.sqlite") as conn:
+        latencies = [row[0] for row in conn.execute("SELECT latency FROM attempts")]
+    assert len(latencies) == 2 and all(0.2 <= x < 5.0 for x in latencies)
