@@ -63,6 +63,7 @@ class FakeTeacherServer:
     latency: float = 0.0  # seconds before every answer
     hang: float = 3.0  # seconds a "hang" sleeps (longer than the client timeout in tests)
     usage: tuple[int, int] = (1000, 200)  # prompt, completion tokens reported per answer
+    answer: Callable[[Recorded], dict[str, Any]] | None = None  # the "ok" answer (default: rationale_for_prompt)
     requests: list[Recorded] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
@@ -130,7 +131,7 @@ def _handler(state: FakeTeacherServer) -> type[BaseHTTPRequestHandler]:
                 time.sleep(state.hang)
                 self._send(200, {"error": "too late"})
                 return
-            answer = rationale_for_prompt(rec.user_text())
+            answer = state.answer(rec) if state.answer is not None else rationale_for_prompt(rec.user_text())
             finish = "stop"
             if kind == "badjson":
                 content = '{"observation": "a spoon", "task_plan": [ oops'
