@@ -182,11 +182,12 @@ def view(
 
 
 def _register_optional_commands() -> None:
-    """Commands that live in their own modules (`commands.annotate`, `commands.publish`, `commands.audit`) add
+    """Commands that live in their own modules (`commands.annotate`, `commands.publish`, `commands.audit`,
+    `commands.pilot`) add
     themselves here."""
     from importlib import import_module
 
-    for module in ("commands.annotate", "commands.publish", "commands.audit"):
+    for module in ("commands.annotate", "commands.publish", "commands.audit", "commands.pilot"):
         try:
             mod = import_module(f"{__package__}.{module}")
         except ModuleNotFoundError as exc:

@@ -170,7 +170,20 @@ def _handler(state: FakeTeacherServer) -> type[BaseHTTPRequestHandler]:
 @pytest.fixture
 def teacher_server() -> Iterator[FakeTeacherServer]:
     """A running fault-injecting server; `.url` is its base (…/v1)."""
-    state = FakeTeacherServer()
+    with serving(FakeTeacherServer()) as state:
+        yield state
+
+
+@pytest.fixture
+def second_teacher_server() -> Iterator[FakeTeacherServer]:
+    """Another one, for tests that compare two teachers (a pilot)."""
+    with serving(FakeTeacherServer()) as state:
+        yield state
+
+
+@contextlib.contextmanager
+def serving(state: FakeTeacherServer) -> Iterator[FakeTeacherServer]:
+    """Serve `state` on 127.0.0.1 for the block; `state.url` is its base (…/v1)."""
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(state))
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
