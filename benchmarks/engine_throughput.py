@@ -60,18 +60,9 @@ CONTENT_LENGTH_RE = re.compile(rb"(?i)content-length:\s*(\d+)")
 @functools.cache
 def _answer(steps: int, segments: int) -> bytes:
     """A valid chat-completion body for an episode of `steps` steps and `segments` motion segments."""
-    half = steps // 2
-    answer = {
-        "observation": "A spoon lies on the table next to a towel.",
-        "situation_analysis": "The spoon must be grasped and put on the towel.",
-        "spatial_reasoning": "The towel is left of the spoon.",
-        "task_plan": [
-            {"subtask": "grasp the spoon", "reason": "hold it first", "start_step": 0, "end_step": half - 1},
-            {"subtask": "place it", "reason": "the goal", "start_step": half, "end_step": steps - 1},
-        ],
-        "objects": None,
-        "move_reasons": [{"segment": i, "reason": "it brings the gripper closer"} for i in range(segments)],
-    }
+    from refinevla.annotate.batch.emulator.answers import rationale
+
+    answer = rationale(steps, segments)
     body = {
         "id": "x",
         "object": "chat.completion",

@@ -21,8 +21,11 @@ def rationale_for_prompt(user_text: str) -> dict[str, Any]:
     found = _STEPS.search(user_text)
     if found is None:
         raise ValueError("not a refinevla rationale prompt: no 'The episode has N steps' line")
-    steps = int(found.group(1))
-    segments = len(_SEGMENT.findall(user_text))
+    return rationale(int(found.group(1)), len(_SEGMENT.findall(user_text)))
+
+
+def rationale(steps: int, segments: int) -> dict[str, Any]:
+    """A correct answer for an episode of `steps` steps and `segments` motion segments."""
     half = steps // 2
     return {
         "observation": "A spoon lies on the table next to a blue towel.",
