@@ -187,8 +187,7 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=10_000)
     opts = parser.parse_args()
 
-    from refinevla.annotate.audit import read_output, write_report
-    from refinevla.annotate.audit.run import audit_output
+    from refinevla.annotate.audit import audit_output, read_output, write_report
 
     with tempfile.TemporaryDirectory(prefix="refinevla-audit-bench-") as tmp:
         out = Path(tmp) / "out"

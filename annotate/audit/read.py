@@ -133,9 +133,11 @@ def read_spend(root: Path) -> dict[str, Spend] | None:
     return out
 
 
-def read_demos_truth(directory: Path, episode_ids: list[str]) -> dict[str, EpisodeTruth]:
-    """The truth of a `refine-eval demos` folder for OUT's episodes. RefineError (one line) when the folder
-    is not a demos folder, its truth file is malformed, or it does not hold every episode of OUT."""
+def read_demos_truth(directory: Path, episodes: dict[str, int]) -> dict[str, EpisodeTruth]:
+    """The truth of a `refine-eval demos` folder for OUT's episodes (episode id -> its steps in OUT).
+    RefineError (one line) when the folder is not a demos folder, its truth file is malformed, it does not
+    hold every episode of OUT, or an episode's length differs (another recording under the same id)."""
+    episode_ids = list(episodes)
     if not directory.is_dir():
         raise RefineError(f"--truth {directory}: no such folder")
     try:
@@ -158,6 +160,12 @@ def read_demos_truth(directory: Path, episode_ids: list[str]) -> dict[str, Episo
             f"--truth {directory}: lacks {len(missing)} of the output's {len(episode_ids)} episodes "
             f"(first: {missing[0]!r}): not the demos the output was annotated from"
         )
+    for e, steps in episodes.items():
+        if truth[e].num_steps != steps:
+            raise RefineError(
+                f"--truth {directory}: episode {e!r} has {truth[e].num_steps} steps there, {steps} in the output: "
+                "not the demos the output was annotated from"
+            )
     return {e: truth[e] for e in episode_ids}
 
 

@@ -51,8 +51,8 @@ def audit_output(
     if tolerance < 0:
         raise RefineError(f"--tolerance {tolerance}: must be 0 or more steps")
     data = read_output(out)
-    ids = [str(e["episode_id"]) for e in data.episodes]
-    truths = read_demos_truth(truth, ids) if truth is not None else None
+    lengths = {str(e["episode_id"]): int(e["num_steps"]) for e in data.episodes}
+    truths = read_demos_truth(truth, lengths) if truth is not None else None
     max_side = data.max_side or FrameOptions().max_side
     keyframe = keyframe_size(*frame_size, max_side) if frame_size else (max_side, max_side)
     dups = duplicate_flags(data.episodes)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -212,6 +213,14 @@ def test_a_truth_that_is_not_the_outputs_demos_is_one_line(
     assert "lacks 1 of the output's 3 episodes" in one_line_error(
         refine_data("audit", str(good), "--truth", str(fewer))
     )
+    longer = tmp_path / "longer-demos"
+    longer.mkdir()
+    first = next(iter(truth.values()))
+    stretched = replace(first, num_steps=first.num_steps + 1, legs=(*first.legs[:-1], _longer(first.legs[-1])))
+    write_truth(longer, [stretched, *list(truth.values())[1:]])
+    assert f"episode {first.episode_id!r} has {first.num_steps + 1} steps there" in one_line_error(
+        refine_data("audit", str(good), "--truth", str(longer))
+    )
     broken = tmp_path / "broken-demos"
     broken.mkdir()
     (broken / "refinevla_truth.json").write_text('{"format": "something-else/9", "episodes": []}')
@@ -219,6 +228,8 @@ def test_a_truth_that_is_not_the_outputs_demos_is_one_line(
 
 
 def _renamed(truth: EpisodeTruth, episode_id: str) -> EpisodeTruth:
-    from dataclasses import replace
-
     return replace(truth, episode_id=episode_id)
+
+
+def _longer(leg: Leg) -> Leg:
+    return replace(leg, end_step=leg.end_step + 1)
