@@ -23,6 +23,18 @@ The stored actions are the expert's commands, not Bridge's relabelled reached-st
 training them through the `bridge_orig` transform would teach actions under which the demos no
 longer replay. So the folder declares its transform (`none`) and robot (`widowx`) in
 `refinevla_source.json`, which refinevla's RLDS reader exposes and `--transform auto` obeys.
+
+Beside it, `refinevla_truth.json` (`refinevla.schemas.truth`; the RLDS reader's `truth()`) holds what the
+simulator knew about each kept episode, by the reader's episode id, for `refine-data audit` to hold a
+teacher's rationales against: the expert's legs (phases named where the plan is built: approach, descend,
+grasp, lift, transport, place, release, retreat, then hold) as executed, cut short where the step limit ended
+the episode; the grasp and release steps as `annotate.primitives.gripper_events` finds them in the stored
+states (one step after the grasp / release legs start); and the task's objects as the instruction names them
+(OBJECT_NAMES), each with its tight box on the stored first frame: the visible pixels of the renderer's
+segmentation at reset (the Bridge twins render it anyway, for their green screen), in the 256x256 frame's
+pixels with continuous edges (mask columns c0..c1 -> x c0..c1+1, scaled by 256/640 and 256/480), None where
+the camera does not see the object. The eggplant task's basket is the invisible plane SimplerEnv scores it
+against, which lies in the photographed basket: its box is the basket's inside, not its rim.
 """
 
 from __future__ import annotations
@@ -37,11 +49,13 @@ from typing import Any
 import numpy as np
 
 from ..annotate.outputs import hold_output
+from ..annotate.primitives import gripper_events
 from ..annotate.sources.rlds import DECLARATION_FILE
 from ..annotate.sources.rlds_writer import encode_jpeg, write_rlds
 from ..annotate.sources.specs import bridge_example, bridge_features
 from ..annotate.video import write_mp4
 from ..schemas.dataset_layout import PRIVATE_DIR
+from ..schemas.truth import Box, EpisodeTruth, Leg, TruthObject, write_truth
 from ..train.policy import resize_image
 from .errors import EvalError
 from .robots import GripperState, env_actions, flat_env_action
@@ -77,6 +91,21 @@ WAYPOINTS = {  # per SimplerEnv task name: the same motion, its own heights wher
     "stack_green_on_yellow": Waypoints(),
     "eggplant_in_basket": Waypoints(),
 }
+# The simulator's actors by what the tasks' instructions call them: the truth file's object names. The eggplant
+# task's target is an invisible plane lying in the basket of the scene's photograph (SimplerEnv scores the
+# eggplant against it); its mask is the basket's inside, where the eggplant must land, not the basket's rim.
+OBJECT_NAMES = {
+    "bridge_carrot_generated_modified": "carrot",
+    "bridge_plate_objaverse_larger": "plate",
+    "bridge_spoon_generated_modified": "spoon",
+    "table_cloth_generated_shorter": "towel",
+    "baked_green_cube_3cm": "green block",
+    "baked_yellow_cube_3cm": "yellow block",
+    "eggplant": "eggplant",
+    "dummy_sink_target_plane": "basket",
+    "sink": "sink",
+}
+STAGE_ACTORS = ("arena",)  # the table/sink stage SimplerEnv's Bridge scenes build: background, not an object
 
 
 @dataclass
@@ -91,6 +120,9 @@ class Demo:
     states: list[np.ndarray] = field(default_factory=list)
     actions: list[np.ndarray] = field(default_factory=list)
     camera: list[np.ndarray] = field(default_factory=list)  # full-size frames, kept only for --video
+    phases: list[str] = field(default_factory=list)  # per step, the expert's phase (schemas.truth.PHASES)
+    objects: tuple[TruthObject, ...] = ()  # the task's objects (source, target), boxed on the first frame
+    scene_objects: tuple[str, ...] = ()  # every object in the scene (the robot and stage aside)
     success: bool = False
 
     @property
@@ -192,9 +224,11 @@ def _rotation(q_wxyz: np.ndarray) -> Any:
 
 @dataclass(frozen=True)
 class Segment:
-    """`steps` equal control steps: each moves the target by `move` (robot base frame, m) and turns it by
-    `yaw` (rad), with the gripper commanded to `grip` (1 open, 0 closed)."""
+    """`steps` equal control steps of the expert's `phase` (one of schemas.truth.PHASES): each moves the
+    target by `move` (robot base frame, m) and turns it by `yaw` (rad), with the gripper commanded to `grip`
+    (1 open, 0 closed). The phase is named where the plan is built, so the truth file's legs are the plan's."""
 
+    phase: str
     move: np.ndarray
     yaw: float
     grip: float
@@ -232,23 +266,24 @@ class ScriptedExpert:
         w = waypoints
         self.plan: list[Segment] = []
         self._at = _pose(self.ee.pose)[0]
-        self._leg(above(src_p, w.hover, noisy=True), 1.0, turn)  # the whole turn on the way over
-        self._leg(above(src_p, w.grasp), 1.0)
-        self.plan.append(Segment(np.zeros(3), 0.0, 0.0, GRIP_STEPS))
-        self._leg(above(src_p, w.carry, noisy=True), 0.0)
-        self._leg(above(tgt_p, w.carry, noisy=True), 0.0)
-        self._leg(above(tgt_p, w.place), 0.0)
-        self.plan.append(Segment(np.zeros(3), 0.0, 1.0, GRIP_STEPS))
-        self._leg(above(tgt_p, w.leave), 1.0)
+        self._leg("approach", above(src_p, w.hover, noisy=True), 1.0, turn)  # the whole turn on the way over
+        self._leg("descend", above(src_p, w.grasp), 1.0)
+        self.plan.append(Segment("grasp", np.zeros(3), 0.0, 0.0, GRIP_STEPS))
+        self._leg("lift", above(src_p, w.carry, noisy=True), 0.0)
+        self._leg("transport", above(tgt_p, w.carry, noisy=True), 0.0)
+        self._leg("place", above(tgt_p, w.place), 0.0)
+        self.plan.append(Segment("release", np.zeros(3), 0.0, 1.0, GRIP_STEPS))
+        self._leg("retreat", above(tgt_p, w.leave), 1.0)
         self.segment = 0
         self.taken = 0  # steps taken in the current segment
         self.open = 1.0
+        self.phase = self.plan[0].phase  # the phase of the last action returned ("hold" once the plan is done)
 
-    def _leg(self, goal: np.ndarray, grip: float, turn: float = 0.0) -> None:
-        """Plan the straight leg from the last waypoint to `goal` (world frame) in equal steps."""
+    def _leg(self, phase: str, goal: np.ndarray, grip: float, turn: float = 0.0) -> None:
+        """Plan the straight leg `phase` from the last waypoint to `goal` (world frame) in equal steps."""
         delta = goal - self._at
         steps = max(1, int(np.ceil(max(np.abs(delta).max() / MAX_STEP_M, abs(turn) / MAX_TURN_RAD) - 1e-9)))
-        self.plan.append(Segment(self.root.inv().apply(delta / steps), turn / steps, grip, steps))
+        self.plan.append(Segment(phase, self.root.inv().apply(delta / steps), turn / steps, grip, steps))
         self._at = goal
 
     def state(self) -> np.ndarray:
@@ -265,10 +300,12 @@ class ScriptedExpert:
         while self.segment < len(self.plan) and self.taken >= self.plan[self.segment].steps:
             self.segment, self.taken = self.segment + 1, 0
         if self.segment == len(self.plan):  # done: hold still, gripper as last commanded
+            self.phase = "hold"
             return np.array([0.0, 0.0, 0.0, 0.0, 0.0, 0.0, self.open], dtype=np.float32)
         seg = self.plan[self.segment]
         self.taken += 1
         self.open = seg.grip
+        self.phase = seg.phase
         return np.array([*seg.move, 0.0, 0.0, seg.yaw, seg.grip], dtype=np.float32)
 
 
@@ -280,9 +317,12 @@ def record(sim: Any, task: Task, config: int, seed: int, noise: float, video: bo
     expert = ScriptedExpert(sim.env, WAYPOINTS[task.name], rng, noise)
     gripper = GripperState("widowx", 1)
     demo = Demo(task, config, seed, out.instructions[0] if out.instructions else "")
+    u = sim.env.unwrapped
+    demo.objects, demo.scene_objects = scene_truth(sim.actor_masks(), u.source_obj_name, u.target_obj_name)
     for _ in range(sim.max_steps):
         state = expert.state()
         action = expert.action()
+        demo.phases.append(expert.phase)
         demo.frames.append(encode_jpeg(resize_image(out.images[0], IMAGE_SIZE), quality=95))
         if video:
             demo.camera.append(out.images[0])
@@ -295,6 +335,69 @@ def record(sim: Any, task: Task, config: int, seed: int, noise: float, video: bo
         demo.camera.append(out.images[0])  # the video ends on the outcome, after the last action
     demo.success = bool(out.infos[0].get("success", False))
     return demo
+
+
+def object_name(actor: str) -> str:
+    """What the task calls a simulator actor (OBJECT_NAMES), else the actor's own name."""
+    return OBJECT_NAMES.get(actor, actor)
+
+
+def mask_box(mask: np.ndarray, size: tuple[int, int] = IMAGE_SIZE) -> Box | None:
+    """The tight box of a camera-sized boolean mask's pixels in the stored frame of `size` (h, w), which is
+    the camera's frame resized: continuous edges (pixel columns c0..c1 span x c0..c1+1), scaled by size over
+    the mask's shape, rounded to 0.01 px. None for an empty mask (the camera does not see the object)."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    sy, sx = size[0] / mask.shape[0], size[1] / mask.shape[1]
+    x0, y0, x1, y1 = cols[0] * sx, rows[0] * sy, (cols[-1] + 1) * sx, (rows[-1] + 1) * sy
+    return (round(float(x0), 2), round(float(y0), 2), round(float(x1), 2), round(float(y1), 2))
+
+
+def scene_truth(
+    masks: dict[str, np.ndarray], source: str, target: str
+) -> tuple[tuple[TruthObject, ...], tuple[str, ...]]:
+    """(the task's objects boxed from their masks, source first; every object's name, seen or not) of a
+    scene from `ManiSkillSim.actor_masks` at reset, the stage left out."""
+    objects = tuple(
+        TruthObject(object_name(actor), role, mask_box(masks[actor]) if actor in masks else None)
+        for actor, role in ((source, "source"), (target, "target"))
+    )
+    return objects, tuple(object_name(a) for a in masks if a not in STAGE_ACTORS)
+
+
+def legs(phases: list[str]) -> tuple[Leg, ...]:
+    """The runs of equal phase in a recorded episode's per-step phases: the legs as executed (a plan cut
+    short by the step limit ends on a partial leg; a leg never reached is absent)."""
+    out: list[Leg] = []
+    for step, phase in enumerate(phases):
+        if out and out[-1].phase == phase:
+            out[-1] = Leg(phase, out[-1].start_step, step)
+        else:
+            out.append(Leg(phase, step, step))
+    return tuple(out)
+
+
+def demo_truth(demo: Demo, episode_id: str) -> EpisodeTruth:
+    """What the simulator knew about a recorded demonstration, for the truth file: its legs, the steps its
+    stored states first show the gripper closed / open again (`gripper_events`, as annotate computes them),
+    and its objects."""
+    events = gripper_events(np.stack(demo.states))
+    grasp = next((e.step for e in events if e.kind == "close"), None)
+    release = next((e.step for e in events if e.kind == "open" and grasp is not None and e.step > grasp), None)
+    return EpisodeTruth(
+        episode_id=episode_id,
+        file_path=demo.file_path,
+        task=demo.task.name,
+        instruction=demo.instruction,
+        num_steps=len(demo.actions),
+        legs=legs(demo.phases),
+        grasp_step=grasp,
+        release_step=release,
+        image_size=(IMAGE_SIZE[1], IMAGE_SIZE[0]),
+        objects=demo.objects,
+        scene_objects=demo.scene_objects,
+    )
 
 
 def video_path(demo: Demo) -> Path:
@@ -363,9 +466,20 @@ def _examples(demos: list[Demo]) -> Iterator[dict[str, Any]]:
         )
 
 
+def episode_ids(directory: Path) -> dict[str, str]:
+    """file_path -> episode id of each episode in an RLDS folder, as refinevla's RLDS reader names it (read
+    back, frames left encoded: the reader is the one authority on its ids)."""
+    from ..annotate.sources import ReadOptions, open_source
+
+    return {
+        str(e.metadata["file_path"]): e.episode_id
+        for e in open_source(f"rlds:{directory}").iter_episodes(ReadOptions())
+    }
+
+
 def write_demos(demos: list[Demo], out: Path) -> None:
-    """The TFDS builder files in `out` itself (features.json, dataset_info.json, TFRecord shards), and the
-    declaration of their transform and robot."""
+    """The TFDS builder files in `out` itself (features.json, dataset_info.json, TFRecord shards), the
+    declaration of their transform and robot, and the simulator's truth about each episode."""
     staging = out / PRIVATE_DIR / "demos.partial"
     shutil.rmtree(staging, ignore_errors=True)
     try:
@@ -378,6 +492,8 @@ def write_demos(demos: list[Demo], out: Path) -> None:
                 description="Scripted demonstrations in SimplerEnv's WidowX scenes (refine-eval demos).",
             )
         )
+        ids = episode_ids(built)
+        write_truth(built, [demo_truth(d, ids[d.file_path]) for d in demos])
         for path in sorted(built.iterdir()):
             path.replace(out / path.name)
         (out / DECLARATION_FILE).write_text(json.dumps(DECLARATION, indent=2) + "\n", encoding="utf-8")

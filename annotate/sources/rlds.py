@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ...schemas.truth import EpisodeTruth, TruthError, read_truth
 from ..episode import Episode, FrameSequence
 from ..errors import CorruptRecordError, SourceError
 from . import tfrecord
@@ -399,7 +400,8 @@ class RldsSource:
     """Streams Episodes from a TFDS builder directory.
 
     One episode (or, with workers, a bounded window of chunks) is in memory at a time. `declared` is
-    what the directory's `refinevla_source.json` says about the data (see `read_declaration`).
+    what the directory's `refinevla_source.json` says about the data (see `read_declaration`); `truth()`
+    what a simulator knew about its episodes (`refinevla_truth.json`).
     """
 
     def __init__(self, directory: str, mapping: RldsMapping, split: str = "train") -> None:
@@ -414,6 +416,16 @@ class RldsSource:
 
     def __len__(self) -> int:
         return self.builder.num_episodes
+
+    def truth(self) -> dict[str, EpisodeTruth] | None:
+        """The simulator's truth about the episodes, by episode id (`refinevla_truth.json`, which
+        `refine-eval demos` writes beside its episodes; `refinevla.schemas.truth` defines it); None for a
+        folder without one (any other dataset, or demos recorded before it existed). A broken file is a
+        one-line SourceError naming it. Read from a local folder only (a gs:// dataset has none)."""
+        try:
+            return read_truth(self.builder.directory)
+        except TruthError as exc:
+            raise SourceError(str(exc)) from None
 
     def iter_episodes(self, options: ReadOptions | None = None) -> Iterator[Episode]:
         options = options or ReadOptions()

@@ -148,6 +148,7 @@ class ManiSkillSim:
         sensors = list(u._sensor_configs.keys()) if hasattr(u, "_sensor_configs") else []
         self.camera = camera or ("3rd_view_camera" if self.bridge else None)
         self._sensors = sensors
+        self._segmentation: Any = None  # the last observation's actor ids per pixel ([n, H, W, 1]), if rendered
         self.n_configs = int(len(u.xyz_configs) * len(u.quat_configs)) if self.bridge else 1
         self.description = {
             "backend": "maniskill3",
@@ -171,8 +172,25 @@ class ManiSkillSim:
         if name not in data:
             raise EvalError(f"{self.env_id}: no camera {name!r} (cameras: {', '.join(data)})")
         self.camera = name
+        self._segmentation = data[name].get("segmentation")  # a reference: masks are cut only when asked for
         rgb = data[name]["rgb"]
         return np.asarray(rgb.cpu() if hasattr(rgb, "cpu") else rgb, dtype=np.uint8)
+
+    def actor_masks(self) -> dict[str, np.ndarray]:
+        """The pixels each scene actor covers in env 0's last observation (the camera's view, occlusion
+        included), by the actor's simulator name: a boolean (H, W) mask, empty for an actor the camera does
+        not see. Every actor is there (the objects and the static `arena` stage; the robot's links are links,
+        not actors, and are left out). From the renderer's segmentation, which the Bridge twins render anyway
+        (obs_mode rgb+segmentation, for their green screen): what `refine-eval demos` boxes the task objects
+        with at reset."""
+        from mani_skill.utils.structs import Actor
+
+        if self._segmentation is None:
+            raise EvalError(f"{self.env_id}: camera {self.camera!r} renders no segmentation (obs_mode rgb)")
+        seg = self._segmentation[0, ..., 0]
+        ids = np.asarray(seg.cpu() if hasattr(seg, "cpu") else seg)
+        u: Any = self.env.unwrapped  # the task class (gymnasium types it as a bare Env)
+        return {a.name: ids == i for i, a in sorted(u.segmentation_id_map.items()) if isinstance(a, Actor)}
 
     def _instructions(self) -> list[str]:
         u: Any = self.env.unwrapped  # the task class (gymnasium types it as a bare Env)
