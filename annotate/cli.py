@@ -165,7 +165,11 @@ def stats(
 def view(
     out: Annotated[str, typer.Argument(help="An annotate output folder, or a Hub dataset ORG/NAME.")],
     episodes: Annotated[
-        str | None, typer.Option("--episodes", help="Episode index range START:STOP of the source (default: 0).")
+        str | None,
+        typer.Option(
+            "--episodes",
+            help="Episode index range START:STOP of the source (default: 0), or worst:N (refine-data audit's worst N).",
+        ),
     ] = None,
     save: SaveOpt = None,
     serve: ServeOpt = False,

@@ -21,7 +21,6 @@ command live in `viewer.py`; Rerun (`rerun-sdk`, the `[viz]` extra) is imported 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from ..schemas.dataset_layout import EPISODE_FILES, MANIFEST, PRIVATE_DIR, STEP_FILES, manifest_path, read_manifest
+from ..schemas.dataset_layout import manifest_path
+from ..schemas.truth import EpisodeTruth
+from .annotated import Annotated, open_annotated
 from .errors import RefineError
 from .viewer import Recording, ViewSummary, ViewTarget, import_rerun, log_series
 
@@ -42,79 +43,27 @@ STEP_PARTS = (
 
 
 @dataclass
-class Annotated:
-    """An OUT: its manifest and reject reasons; an episode's rows are read when it is logged (a dataset
-    of a million steps is never loaded to show a few episodes)."""
-
-    root: Path
-    manifest: dict[str, Any]
-    rejects: dict[str, str]
-
-    def _rows(self, pattern: str, episode_id: str) -> list[dict[str, Any]]:
-        import polars as pl
-
-        files = sorted(self.root.glob(pattern))
-        if not files:
-            return []
-        rows = pl.scan_parquet(files).filter(pl.col("episode_id") == episode_id).collect()
-        return rows.sort("step").to_dicts() if "step" in rows.columns else rows.to_dicts()
-
-    def episode(self, episode_id: str) -> dict[str, Any] | None:
-        """The episode's row (the episode-level rationale), or None when OUT does not hold it."""
-        rows = self._rows(EPISODE_FILES, episode_id)
-        return rows[0] if rows else None
-
-    def steps(self, episode_id: str) -> list[dict[str, Any]]:
-        """The episode's step rows, in step order."""
-        return self._rows(STEP_FILES, episode_id)
-
-
-def open_annotated(name: str) -> Annotated:
-    """A local OUT folder or a Hub dataset id ORG/NAME (its manifest and Parquet only)."""
-    root = Path(name)
-    if not root.exists():
-        if name.count("/") != 1 or name.startswith((".", "/")):
-            raise RefineError(f"{name}: no such folder (and not an ORG/NAME Hub id)")
-        root = _download(name)
-    if not manifest_path(root).is_file():
-        raise RefineError(f"{manifest_path(root)}: missing (not a refine-data dataset)")
-    manifest = read_manifest(root)
-    rejects: dict[str, str] = {}
-    for f in sorted((root / PRIVATE_DIR).glob("rejects*.jsonl")):
-        for line in f.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                r = json.loads(line)
-                rejects[r["episode_id"]] = r["reason"]
-    return Annotated(root, manifest, rejects)
-
-
-def _download(repo: str) -> Path:
-    from .publish.push import hf_api, resolve_token
-
-    try:
-        return Path(
-            hf_api(resolve_token()).snapshot_download(
-                repo, repo_type="dataset", allow_patterns=[MANIFEST, STEP_FILES, EPISODE_FILES]
-            )
-        )
-    except Exception as exc:  # the client's errors run over several lines
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise RefineError(f"{repo}: cannot download from the Hub ({type(exc).__name__}: {first})") from None
-
-
-@dataclass
 class Selection:
-    """The selected episodes of the manifest's source: indices [start, stop) in its split order."""
+    """The selected episodes of the manifest's source: indices [start, stop) in its split order; with `ranked`,
+    only the episodes it names (`worst:N`: the audit's worst, episode id -> its line in the audit's ranking)."""
 
     source: Any
     start: int
     stop: int
+    ranked: dict[str, str] | None = None
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
         from .sources import ReadOptions
 
+        left = None if self.ranked is None else set(self.ranked)
         for offset, episode in enumerate(self.source.iter_episodes(ReadOptions(start=self.start, stop=self.stop))):
+            if left is not None:
+                if episode.episode_id not in left:
+                    continue
+                left.discard(episode.episode_id)
             yield self.start + offset, episode
+            if left is not None and not left:
+                return  # every ranked episode found: the rest of the source is not read
 
 
 def select(data: Annotated, selection: str | None, data_dir: str | None) -> Selection:
@@ -125,6 +74,8 @@ def select(data: Annotated, selection: str | None, data_dir: str | None) -> Sele
     if not src.get("uri"):
         raise RefineError(f"{manifest_path(data.root)}: no source.uri to read the frames from")
     source = open_cli_source(src["uri"], data_dir, src.get("split") or "train", None, None, None, None)
+    if selection is not None and selection.startswith(WORST):
+        return _worst(data, source, selection)
     start, stop = parse_range(selection or "0")
     stop = len(source) if stop is None else min(stop, len(source))
     if start >= stop:
@@ -133,6 +84,52 @@ def select(data: Annotated, selection: str | None, data_dir: str | None) -> Sele
             f"(it has {len(source)}, indices 0:{len(source)})"
         )
     return Selection(source, start, stop)
+
+
+WORST = "worst:"  # `--episodes worst:N`: the audit's N worst episodes
+
+
+def _worst(data: Annotated, source: Any, selection: str) -> Selection:
+    """The N worst episodes by `refine-data audit`'s ranking (against the source's truth when the source is a
+    `refine-eval demos` folder), found in the annotated range of the source."""
+    from .audit import audit_output
+
+    count = selection.removeprefix(WORST)
+    if not count.isdigit() or int(count) < 1:
+        raise RefineError(f"--episodes {selection}: expected worst:N with N >= 1, e.g. worst:10")
+    result = audit_output(str(data.root), truth=source_truth_dir(data))
+    ranked = {
+        a.episode_id: f"audit rank {a.rank} of {len(result.episodes)}, score {a.score:.2f}"
+        for a in result.episodes[: int(count)]
+    }
+    annotated = data.manifest.get("selection") or {}  # the range annotate read (merged shards: their union)
+    start = int(annotated.get("start") or 0)
+    stop = min(len(source), int(annotated.get("stop") or len(source)))
+    return Selection(source, start, stop, ranked)
+
+
+def source_truth_dir(data: Annotated) -> Path | None:
+    """The manifest's source folder when it holds a simulator truth file (`refine-eval demos` writes one)."""
+    from ..schemas.truth import truth_path
+
+    uri = str((data.manifest.get("source") or {}).get("uri") or "")
+    if not uri.startswith("rlds:"):
+        return None
+    folder = Path(uri.removeprefix("rlds:"))
+    return folder if truth_path(folder).is_file() else None
+
+
+def read_source_truth(data: Annotated) -> dict[str, EpisodeTruth]:
+    """The source's truth by episode id (empty when the source has none); a malformed file is one line."""
+    from ..schemas.truth import TruthError, read_truth
+
+    folder = source_truth_dir(data)
+    if folder is None:
+        return {}
+    try:
+        return read_truth(folder) or {}
+    except TruthError as exc:
+        raise RefineError(str(exc)) from None
 
 
 def episode_document(record: dict[str, Any] | None, reject: str | None) -> str:
@@ -165,8 +162,17 @@ def _image(rr: Any, frames: Any, t: int) -> Any:
     return rr.Image(np.asarray(frames[t], dtype=np.uint8))
 
 
-def log_episode(rec: Any, rr: Any, index: int, episode: Any, data: Annotated) -> int:
-    """Log one episode under episodes/<index>; returns the boxes drawn."""
+def log_episode(
+    rec: Any,
+    rr: Any,
+    index: int,
+    episode: Any,
+    data: Annotated,
+    truth: EpisodeTruth | None = None,
+    note: str | None = None,
+) -> int:
+    """Log one episode under episodes/<index> (with `truth`, the simulator's boxes beside the teacher's; `note`
+    goes into its info, e.g. its audit rank); returns the teacher's boxes drawn."""
     root = f"episodes/{index}"
     record = data.episode(episode.episode_id)
     rows = data.steps(episode.episode_id)
@@ -176,11 +182,13 @@ def log_episode(rec: Any, rr: Any, index: int, episode: Any, data: Annotated) ->
         rr.TextDocument(episode_document(record, reject), media_type="text/markdown"),
         static=True,
     )
-    rec.log(f"{root}/info", rr.TextDocument(f"{episode.episode_id}\n\n{episode.instruction}"), static=True)
+    info = f"{episode.episode_id}\n\n{episode.instruction}" + (f"\n\n{note}" if note else "")
+    rec.log(f"{root}/info", rr.TextDocument(info), static=True)
     log_series(rec, rr, f"{root}/state", episode.states[: episode.num_steps])
     log_series(rec, rr, f"{root}/action", episode.actions[: episode.num_steps])
     primary = episode.cameras[0]
     boxes = _boxes(rr, record, episode, primary, data)
+    truth_boxes = None if truth is None else _truth_boxes(rr, truth, episode, primary)
     by_step = {int(r["step"]): r for r in rows}
     previous: dict[str, Any] | None = None
     for t in range(episode.num_steps):
@@ -193,10 +201,11 @@ def log_episode(rec: Any, rr: Any, index: int, episode: Any, data: Annotated) ->
             for event in _events(previous, row):
                 rec.log(f"{root}/events", rr.TextLog(event, level="INFO"))
             previous = row
-        if t == 0 and boxes is not None:
-            rec.log(f"{root}/camera/{primary}/objects", boxes[0])
-        elif t == 1 and boxes is not None:
-            rec.log(f"{root}/camera/{primary}/objects", rr.Clear(recursive=False))
+        for name, drawn in (("objects", None if boxes is None else boxes[0]), ("truth", truth_boxes)):
+            if t == 0 and drawn is not None:
+                rec.log(f"{root}/camera/{primary}/{name}", drawn)
+            elif t == 1 and drawn is not None:
+                rec.log(f"{root}/camera/{primary}/{name}", rr.Clear(recursive=False))
     return 0 if boxes is None else boxes[1]
 
 
@@ -231,6 +240,24 @@ def _boxes(
     )
 
 
+def _truth_boxes(rr: Any, truth: EpisodeTruth, episode: Any, camera: str) -> Any:
+    """The simulator's task-object boxes on the primary camera's frame 0 (truth pixels scaled to the frame's),
+    labelled '<name> (truth)'; None when the camera sees none of them."""
+    from ..schemas.truth import scale_box
+
+    seen = [o for o in truth.objects if o.box is not None]
+    if not seen:
+        return None
+    height, width = np.asarray(episode.frames[camera][0]).shape[:2]
+    xyxy = np.array([scale_box(o.box, truth.image_size, (width, height)) for o in seen if o.box is not None])
+    return rr.Boxes2D(
+        array=xyxy,
+        array_format=rr.Box2DFormat.XYXY,
+        labels=[f"{o.name} (truth)" for o in seen],
+        colors=[(40, 220, 90)] * len(seen),
+    )
+
+
 def view_dataset(out: str, selection: str | None, target: ViewTarget, data_dir: str | None) -> ViewSummary:
     """Log the selection of OUT (or ORG/NAME) to the target: a .rrd file, or a native viewer."""
     rr = import_rerun()
@@ -238,8 +265,10 @@ def view_dataset(out: str, selection: str | None, target: ViewTarget, data_dir: 
     chosen = select(data, selection, data_dir)
     recording = Recording(rr, f"refine-data-view:{data.root.name}", target)
     episodes = steps = boxes = 0
+    truths = read_source_truth(data)
     for index, episode in chosen:
-        boxes += log_episode(recording.stream, rr, index, episode, data)
+        note = None if chosen.ranked is None else chosen.ranked.get(episode.episode_id)
+        boxes += log_episode(recording.stream, rr, index, episode, data, truths.get(episode.episode_id), note)
         episodes += 1
         steps += episode.num_steps
     return ViewSummary(episodes, recording.close(), steps=steps, boxes=boxes)

@@ -2,7 +2,7 @@
 
 Only the columns the metrics need are read (a lazy Parquet scan with a projection: the step rows' texts,
 actions and move labels are never loaded), and the output is opened the way `refine-data view` opens it
-(`view.open_annotated`: a local folder or a Hub id ORG/NAME, manifest and Parquet only).
+(`annotated.open_annotated`: a local folder or a Hub id ORG/NAME, manifest and Parquet only).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import numpy as np
 
 from ...schemas.dataset_layout import PRIVATE_DIR, episode_files, manifest_path, step_files
 from ...schemas.truth import TRUTH_FILE, EpisodeTruth, TruthError, read_truth
+from ..annotated import open_annotated
 from ..errors import RefineError
-from ..view import open_annotated
 
 EPISODE_COLUMNS = (
     "episode_id",
