@@ -2,8 +2,8 @@
 
 `REPORT_DIR/`:
 - `audit.md`: the summary, the worst episodes, and a histogram per metric (a PNG drawn with matplotlib
-  when it is installed — it is not a core dependency: `pip install matplotlib`, or the `[sim]` / `[viz]`
-  extras — and always a text histogram, so the core install writes a complete report);
+  when it is installed — it is not a core dependency: `pip install matplotlib`, or the `[sim]` extra, as for
+  `refine-eval report` — and always a text histogram, so the core install writes a complete report);
 - `audit.json`: the summary and the rejected episodes;
 - `episodes.parquet`: one row per episode, every metric, `score` and `rank` (1 = worst), in rank order,
   so the worst are the first rows (`refine-data view OUT --episodes worst:N` shows them).
