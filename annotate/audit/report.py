@@ -293,6 +293,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+ID_CHARS = 28  # an episode id's characters in the terminal's worst table
 WORST_COLUMNS = (
     "rank",
     "episode_id",
@@ -346,12 +347,19 @@ def print_tables(console: Console, result: AuditResult, worst: int = 10) -> None
         summary.add_row(label, value)
     console.print(summary)
     header, rows = worst_rows(result.episodes[:worst], result.truth_dir is not None)
-    table = Table(title=f"worst {len(rows)} episodes")
-    for name in header:
-        table.add_column(name, overflow="fold")
+    table = Table(title=f"worst {len(rows)} episodes (full ids in episodes.parquet)")
+    at = WORST_COLUMNS.index("episode_id")
+    for k, name in enumerate(header):
+        table.add_column(name, overflow="fold", no_wrap=k == at, min_width=ID_CHARS if k == at else None)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*row[:at], short_id(row[at]), *row[at + 1 :])
     console.print(table)
+
+
+def short_id(episode_id: str, keep: int = ID_CHARS) -> str:
+    """An episode id cut to its last `keep` characters (where ids differ: the file, the index), so the
+    worst table stays readable in a terminal; the files keep the full ids."""
+    return episode_id if len(episode_id) <= keep else "…" + episode_id[-(keep - 1) :]
 
 
 DEFINITIONS = (
