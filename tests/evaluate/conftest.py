@@ -8,6 +8,8 @@ would be. Nothing is downloaded.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -95,3 +97,15 @@ def sim_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update({"MS_ASSET_DIR": str(assets), "CUDA_VISIBLE_DEVICES": "", "TOKENIZERS_PARALLELISM": "false"})
     return env
+
+
+@pytest.fixture(scope="session")
+def demos_dir(sim_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two carrot demonstrations by `refine-eval demos --video` (with their truth file): shared by the demos
+    tests and the audit against the simulator's truth."""
+    out = tmp_path_factory.mktemp("demos") / "carrot"
+    cmd = [sys.executable, "-m", "refinevla.evaluate", "demos", "--tasks", "carrot_on_plate", "--episodes", "2"]
+    r = subprocess.run([*cmd, "--video", "--out", str(out)], capture_output=True, text=True, env=sim_env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "carrot_on_plate: 2/2 tries kept" in r.stdout
+    return out

@@ -17,16 +17,6 @@ from typer.testing import CliRunner
 CARROT = "PutCarrotOnPlateInScene-v1"
 
 
-@pytest.fixture(scope="module")
-def demos_dir(sim_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("demos") / "carrot"
-    cmd = [sys.executable, "-m", "refinevla.evaluate", "demos", "--tasks", "carrot_on_plate", "--episodes", "2"]
-    r = subprocess.run([*cmd, "--video", "--out", str(out)], capture_output=True, text=True, env=sim_env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "carrot_on_plate: 2/2 tries kept" in r.stdout
-    return out
-
-
 def test_demos_are_bridge_rlds_that_tfds_and_refinevla_read(demos_dir: Path) -> None:
     import tensorflow_datasets as tfds
 
