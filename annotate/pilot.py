@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,7 +315,12 @@ def run_pilot(
     runs: list[PilotRun] = []
     for spec in specs:
         print(f"pilot: {spec.label} on {episodes} episode(s) -> {out / spec.label}", flush=True)
-        code = run_annotate(teacher_args(shared, spec, out, episodes, progress=progress))
+        error = None
+        try:
+            code = run_annotate(teacher_args(shared, spec, out, episodes, progress=progress))
+        except RefineError as exc:  # this teacher cannot run (no key, unreachable, ...): the others still do
+            print(f"pilot: {spec.label}: {exc}", file=sys.stderr, flush=True)
+            code, error = 1, str(exc)
         if code == 130:  # Ctrl-C: the annotate run said how to resume; the pilot's rerun resumes them all
             raise KeyboardInterrupt
         run = PilotRun(spec, out / spec.label, code)
@@ -322,7 +328,7 @@ def run_pilot(
         try:
             run.audit = audit_output(str(run.out), truth=truth, tolerance=tolerance).summary
         except RefineError as exc:  # nothing answered (every episode rejected): the table says so
-            run.audit = {"error": str(exc)}
+            run.audit = {"error": error or str(exc)}
         run.projection = projected_cost(
             spec.teacher, spec.model or _model_of(run.out), run.stats, source_episodes, prices
         )

@@ -75,6 +75,8 @@ def pilot(
     typer.echo(f"wrote {md} and {js.name}")
     if as_json:
         typer.echo(json.dumps(summary, default=str))
+    if any(t["exit_code"] for t in summary["teachers"]):  # the comparison is written; a teacher fell short
+        raise typer.Exit(1)
 
 
 def register(app: typer.Typer) -> None:

@@ -116,3 +116,22 @@ def test_more_episodes_than_the_source_and_no_teacher_are_one_line(tiny_rlds, tm
     assert r.exit_code != 0 and "--episodes 5: the source holds only 3 episode(s)" in r.output
     r = pilot(tiny_rlds(3), "--episodes", "2", "--out", str(tmp_path / "q"), "--teacher", "nope")
     assert r.exit_code != 0 and "--teacher 'nope'" in r.output and "Traceback" not in r.output
+
+
+def test_a_teacher_that_cannot_be_reached_is_reported_and_the_others_still_run(tiny_rlds, tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "pilot"
+    r = pilot(
+        *(tiny_rlds(4), "--episodes", "2", "--out", str(out), "--max-retries", "0", "--json"),
+        *("--teacher", f"openai-compatible:fake@http://127.0.0.1:{port}/v1", "--teacher", "rule-based"),
+    )
+    assert r.exit_code == 1, r.output
+    summary = json.loads((out / "pilot.json").read_text())
+    dead, alive = summary["teachers"]
+    assert dead["exit_code"] == 1 and "connection refused" in dead["audit"]["error"]
+    assert alive["exit_code"] == 0 and alive["settled"] == 2 and alive["audit"]["event_recall"] >= 0.9
+    assert "openai-compatible-fake" in (out / "pilot.md").read_text() and "Traceback" not in r.output
