@@ -34,7 +34,15 @@ from .errors import RefineError
 from .pricing import PriceTable
 from .prompts import FrameOptions, load_template, reask_messages
 from .ratelimit import RateLimiter
-from .records import AnnotationOutcome, Status, assemble_record, check_answer, commit_response, invalid_reason
+from .records import (
+    AnnotationOutcome,
+    Status,
+    assemble_record,
+    check_answer,
+    commit_response,
+    invalid_reason,
+    refused_reason,
+)
 from .store import ResultStore
 from .teacher_requests import PreparedRequest, prepare_request, teacher_request
 from .teachers.base import (
@@ -44,6 +52,13 @@ from .teachers.base import (
     TeacherResponse,
     TransientTeacherError,
     redact,
+)
+from .teachers.refusals import (
+    DEFAULT_REFUSALS_TO_STOP,
+    RefusalStreak,
+    is_episode_refusal,
+    refusal_signature,
+    repeated_refusal_error,
 )
 
 GAVE_UP = "gave up for this run after retries: "  # a failed episode's reason starts so (the summary strips it)
@@ -70,6 +85,8 @@ class EngineOptions:
     expected_completion_tokens: int = 1200  # estimate for TPM and budgets until real answers arrive
     ask: bool = True  # False: settle episodes from the store only (batch mode's final pass); the rest end "failed"
     unasked_reason: str = "not answered yet"  # the reason an episode the store cannot settle ends with (ask=False)
+    retry_rejected: bool = False  # ask the store's rejects again where `Reject.retryable` (refusals, re-asks left)
+    refusals_to_stop: int = DEFAULT_REFUSALS_TO_STOP  # identical refusals of distinct episodes in a row = setup error
 
 
 @dataclass
@@ -164,6 +181,8 @@ class Engine:
         self._hard_stop = False
         self._fatal: Exception | None = None  # e.g. the key was refused: every request would fail alike
         self._pause_until = 0.0  # a 429's Retry-After pauses every new request, not just the one
+        # refusals held (not stored) while they may turn out to be one refusal of the whole setup
+        self._streak: RefusalStreak[tuple[PreparedRequest, str]] = RefusalStreak(options.refusals_to_stop)
         self._rpm = RateLimiter(options.rpm) if options.rpm else None
         self._tpm = RateLimiter(options.tpm) if options.tpm else None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -321,6 +340,8 @@ class Engine:
                 task.add_done_callback(self._tasks.discard)
             if self._tasks:
                 await asyncio.gather(*list(self._tasks), return_exceptions=True)
+            # fewer identical refusals than make a setup error: each is its episode's reject
+            await self._settle_refusals(stored=self._fatal is None)
         finally:
             producer_stop.set()  # a producer waiting for room sees this within 0.1 s
             # ...and then closes the source: the caller may tear down what the source reads from
@@ -345,6 +366,8 @@ class Engine:
             return True
         rejected = item.stored.reject
         if rejected is not None:
+            if self.options.ask and self.options.retry_rejected and rejected.retryable(self.options.max_attempts):
+                return False  # asked again; the reject stays in the store until the new ask settles the key
             self._finish(item, "rejected", reason=rejected.reason, attempts=rejected.attempts, count_as_cached=True)
             return True
         return False
@@ -411,6 +434,8 @@ class Engine:
                     response = await self._ask(request, item.estimated_prompt_tokens)
                 finally:
                     slot.give_back()
+                if self._streak.held:  # the teacher answers this setup: the refusals held were about their episodes
+                    await self._settle_refusals(stored=True)
                 answer, errors = check_answer(response, request.context, opts.schema_id)
                 cost = self.prices.cost(self.teacher.model, response.prompt_tokens, response.completion_tokens)
                 # Committed before anything else looks at it: a crash from here on never pays again.
@@ -442,18 +467,13 @@ class Engine:
             await self._db(self.store.commit_reject, item.key, item.episode_id, reason, last_raw, attempt)
             self._finish(item, "rejected", reason=reason, attempts=attempt)
         except PermanentTeacherError as exc:
-            reason = redact(f"the teacher refused the request: {exc}")
-            await self._db(self.store.commit_reject, item.key, item.episode_id, reason, "", 0)
-            self._finish(item, "rejected", reason=reason)
+            await self._refused(item, exc)
         except _RetriesExhausted as exc:
             self._finish(item, "failed", reason=redact(f"{GAVE_UP}{exc}"))
         except _BudgetReached:
             self._finish(item, "stopped", reason="max-cost reached")
-        except RefineError as exc:  # not about this episode (a refused key): stop the run, reject nothing
-            self._fatal = self._fatal or exc
-            if not self._stop.is_set():  # a second stop would cancel requests in flight elsewhere
-                self.request_stop("error")
-            self._finish(item, "stopped", reason=str(exc))
+        except RefineError as exc:  # not about this episode (a refused key, a model without images): stop the run
+            self._stop_run(item, exc)
         except asyncio.CancelledError:
             self._finish(item, "stopped", reason="cancelled")
         except Exception as exc:  # the store cannot write (a full disk) or a bug: stop asking at once
@@ -466,6 +486,56 @@ class Engine:
         finally:
             self._reserved -= reserved
             slot.give_back()
+
+    def _stop_run(self, item: PreparedRequest, exc: RefineError) -> None:
+        """End the run on an error that is not about `item` (a refused key, a setup refusal); reject nothing."""
+        self._fatal = self._fatal or exc
+        if not self._stop.is_set():  # a second stop would cancel requests in flight elsewhere
+            self.request_stop("error")
+        self._finish(item, "stopped", reason=str(exc))
+
+    async def _refused(self, item: PreparedRequest, exc: PermanentTeacherError) -> None:
+        """An episode the teacher refused (a 400 that `refusals` did not name a setup error).
+
+        A refusal naming the episode (its length, its content) is its reject at once. Any other is held,
+        unstored, while the refusals in a row share its signature: `refusals_to_stop` distinct episodes
+        refused alike stop the run with nothing stored for them (the setup is wrong; a rerun after the fix
+        asks them); an answer, another refusal or the run's end first makes each held one its episode's reject.
+        """
+        reason = refused_reason(str(exc))
+        if self._fatal is not None:  # the run is stopping on a setup error: this is most likely the same one
+            self._finish(item, "stopped", reason=reason)
+            return
+        if self._streak.limit < 1 or is_episode_refusal(str(exc)):
+            await self._settle_refusals(stored=True)
+            await self._reject_refused(item, reason)
+            return
+        broken, setup_error = self._streak.add(refusal_signature(exc.status, str(exc)), item.episode_id, (item, reason))
+        await self._reject_all(broken)
+        if setup_error:
+            held = self._streak.take()
+            where = getattr(self.teacher, "base_url", None) or self.teacher.name
+            self._stop_run(item, repeated_refusal_error(len(held), str(exc), self.teacher.model, where))
+            for _, (other, why) in held:
+                if other is not item:
+                    self._finish(other, "stopped", reason=why)
+
+    async def _settle_refusals(self, *, stored: bool) -> None:
+        """Judge the refusals held: each its episode's reject (`stored`), or nothing stored (the run stops)."""
+        held = self._streak.take()
+        if stored:
+            await self._reject_all(held)
+            return
+        for _, (item, reason) in held:
+            self._finish(item, "stopped", reason=reason)
+
+    async def _reject_all(self, held: list[tuple[str, tuple[PreparedRequest, str]]]) -> None:
+        for _, (item, reason) in held:
+            await self._reject_refused(item, reason)
+
+    async def _reject_refused(self, item: PreparedRequest, reason: str) -> None:
+        await self._db(self.store.commit_reject, item.key, item.episode_id, reason, "", 0)
+        self._finish(item, "rejected", reason=reason)
 
     def _accept(self, item: PreparedRequest, answer: dict[str, Any], attempts: int) -> None:
         """Use an answer that is already committed to the store."""

@@ -30,6 +30,7 @@ from .cli_options import (
 )
 from .errors import RefineError
 from .sources.base import ReadOptions
+from .teachers.refusals import DEFAULT_REFUSALS_TO_STOP
 
 
 @dataclass
@@ -57,6 +58,21 @@ class AnnotateArgs:
     timeout: float = option(120.0, "Seconds per request.")
     max_attempts: int = option(3, "Answers per episode (ask + re-asks with the errors).")
     max_retries: int = option(6, "Retries per ask on 429/5xx/timeouts (never on a 400).")
+    retry_rejected: bool = option(
+        False,
+        "Ask again the episodes the output's store holds as rejected: those the teacher refused (an HTTP 400 "
+        "of an earlier run or setup) always, those whose answers failed the checks only while --max-attempts "
+        "allows more answers than they got (the re-asks go on from the stored answers). An old reject is "
+        "replaced only once the new ask settles the episode.",
+    )
+    refusals_to_stop: int = option(
+        DEFAULT_REFUSALS_TO_STOP,
+        "Identical refusals (same HTTP status and message, numbers and ids aside) of this many distinct "
+        "episodes in a row stop the run as a setup error, storing no reject for them; 0: never (each "
+        "refusal rejects its episode). Refusals that name the setup (a model without images, a schema the "
+        "server cannot compile, an unknown parameter) stop at the first; those that name one episode (its "
+        "context length, its content) never do.",
+    )
     retry_base: float = option(1.0, "First backoff in seconds (doubles).")
     max_cost: float | None = option(None, "Stop cleanly at this spend (USD).")
     limit: int | None = option(None, "At most N episodes (of this shard).")
@@ -259,6 +275,8 @@ def setup_run(args: AnnotateArgs) -> RunSetup:
         timeout=args.timeout,
         max_attempts=args.max_attempts,
         max_retries=args.max_retries,
+        retry_rejected=args.retry_rejected,
+        refusals_to_stop=args.refusals_to_stop,
         retry_base=args.retry_base,
         max_cost=args.max_cost,
         schema_id=args.schema_id,

@@ -439,13 +439,15 @@ def prepared_stream(ds: Any, expected: int) -> Iterator[PreparedRequest]:
 
 
 def settled_keys(setup: RunSetup) -> frozenset[str]:
-    """Keys the store has answered or rejected (the anti-join's right side)."""
+    """Keys the store has answered or rejected (the anti-join's right side), less the rejects
+    --retry-rejected asks again."""
     from .store import ResultStore
 
     if not setup.store_path.exists():
         return frozenset()
+    options = setup.options
     with ResultStore(setup.store_path) as store:
-        return store.settled_keys()
+        return store.settled_keys(options.max_attempts if options.retry_rejected else None)
 
 
 def run_on_ray(args: AnnotateArgs, setup: RunSetup) -> tuple[Any, Cluster]:

@@ -291,7 +291,9 @@ def run_replicas(ray: Any, args: Any, setup: Any, prepared: Any, replicas: int) 
             first_requests,
             batch_size=8,
             fn_kwargs={
-                "history": ray.put(store.open_attempts()),
+                "history": ray.put(
+                    store.open_attempts(setup.options.max_attempts if setup.options.retry_rejected else None)
+                ),
                 "sampling": sampling,
                 "template": setup.options.template,
             },

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..schemas import SemanticContext, semantic_errors, validate_teacher_answer
 from .prompts import EpisodeFacts
-from .store import Attempt, ResultStore
+from .store import REFUSED, Attempt, ResultStore
 from .teacher_requests import PreparedRequest
 from .teachers.base import TeacherResponse, redact
 
@@ -91,6 +91,11 @@ def commit_response(
     else:
         store.record_attempt(key, episode_id, model, stored)
     return stored
+
+
+def refused_reason(error: str) -> str:
+    """The reject reason of an episode the teacher refused (`--retry-rejected` asks these again)."""
+    return redact(REFUSED + error)
 
 
 def invalid_reason(attempts: int, errors: list[str]) -> str:

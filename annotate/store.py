@@ -112,13 +112,27 @@ class StoredAnswer:
     model: str
 
 
+REFUSED = "the teacher refused the request: "  # a refusal's reject reason starts so (what --retry-rejected asks again)
+
+
 @dataclass(frozen=True)
 class Reject:
     key: str
     episode_id: str
     reason: str
     raw: str
-    attempts: int
+    attempts: int  # answers received before it was given up (0 for a refusal of the first ask)
+
+    def retryable(self, max_attempts: int) -> bool:
+        """Whether `--retry-rejected` asks it again: a refusal always (it cost nothing, and a fixed setup may
+        answer it); answers that failed the checks only while `max_attempts` allows more than were received
+        (the re-asks go on from the stored answers and their errors, so nothing is paid for twice)."""
+        return retryable(self.reason, self.attempts, max_attempts)
+
+
+def retryable(reason: str, attempts: int, max_attempts: int) -> bool:
+    """`Reject.retryable` from a reject's reason and answer count."""
+    return reason.startswith(REFUSED) or attempts < max_attempts
 
 
 @dataclass(frozen=True)
@@ -284,10 +298,23 @@ class ResultStore:
         return [Attempt(a, raw, fr, json.loads(err), pt, ct, c, lat) for a, raw, fr, err, pt, ct, c, lat in rows]
 
     def commit_answer(self, key: str, episode_id: str, answer: dict[str, Any], attempts: int, model: str) -> None:
-        self._write(
-            "INSERT OR REPLACE INTO answers VALUES (?,?,?,?,?,?)",
-            (key, episode_id, json.dumps(answer, ensure_ascii=False), attempts, model, time.time()),
-        )
+        """The validated answer of `key`; an earlier reject of it (asked again with --retry-rejected) goes in the
+        same transaction, so the key is never both answered and rejected, nor neither."""
+        own = not self._db.in_transaction
+        if own:
+            self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute(
+                "INSERT OR REPLACE INTO answers VALUES (?,?,?,?,?,?)",
+                (key, episode_id, json.dumps(answer, ensure_ascii=False), attempts, model, time.time()),
+            )
+            self._db.execute("DELETE FROM rejects WHERE key = ?", (key,))
+        except BaseException:
+            if own:
+                self._db.execute("ROLLBACK")
+            raise
+        if own:
+            self._db.execute("COMMIT")
 
     def commit_reject(self, key: str, episode_id: str, reason: str, raw: str, attempts: int) -> None:
         self._write(
@@ -308,19 +335,34 @@ class ResultStore:
         ).fetchone()
         return Reject(*row) if row else None
 
-    def settled_keys(self) -> frozenset[str]:
-        """Keys with a final outcome (an answer or a reject): nothing more is asked for them."""
-        rows = self._db.execute("SELECT key FROM answers UNION SELECT key FROM rejects").fetchall()
-        return frozenset(r[0] for r in rows)
+    def settled_keys(self, retry_rejected_below: int | None = None) -> frozenset[str]:
+        """Keys with a final outcome (an answer or a reject): nothing more is asked for them.
 
-    def open_attempts(self) -> dict[str, list[tuple[str, list[str]]]]:
-        """(raw, errors) of each stored attempt of keys with no outcome yet: re-ask sequences a run left unfinished."""
+        `retry_rejected_below` (--retry-rejected: the run's --max-attempts) leaves out the rejects
+        `Reject.retryable` asks again.
+        """
+        answered = {r[0] for r in self._db.execute("SELECT key FROM answers")}
+        rejected = self._db.execute("SELECT key, reason, attempts FROM rejects")
+        if retry_rejected_below is None:
+            return frozenset(answered | {r[0] for r in rejected})
+        kept = {k for k, reason, n in rejected if not retryable(reason, n, retry_rejected_below)}
+        return frozenset(answered | kept)
+
+    def open_attempts(self, retry_rejected_below: int | None = None) -> dict[str, list[tuple[str, list[str]]]]:
+        """(raw, errors) of each stored attempt of keys with no outcome yet: re-ask sequences a run left unfinished.
+
+        `retry_rejected_below` (--retry-rejected: the run's --max-attempts) adds the rejects
+        `Reject.retryable` asks again, whose re-asks go on from their stored answers.
+        """
         rows = self._db.execute(
-            "SELECT key, raw, errors FROM attempts WHERE key NOT IN (SELECT key FROM answers) "
-            "AND key NOT IN (SELECT key FROM rejects) ORDER BY key, attempt"
+            "SELECT key, raw, errors FROM attempts WHERE key NOT IN (SELECT key FROM answers) ORDER BY key, attempt"
         ).fetchall()
+        rejected = {k: (reason, n) for k, reason, n in self._db.execute("SELECT key, reason, attempts FROM rejects")}
         out: dict[str, list[tuple[str, list[str]]]] = {}
+        retried = retry_rejected_below
         for key, raw, errors in rows:
+            if key in rejected and (retried is None or not retryable(*rejected[key], retried)):
+                continue
             out.setdefault(key, []).append((raw, json.loads(errors)))
         return out
 

@@ -41,10 +41,11 @@ from ..engine import Engine
 from ..episode import Episode
 from ..errors import RefineError
 from ..prompts import reask_messages
-from ..records import check_answer, commit_response, invalid_reason
+from ..records import check_answer, commit_response, invalid_reason, refused_reason
 from ..store import Attempt, BatchRow, ResultStore
 from ..teacher_requests import PreparedRequest, teacher_request
-from ..teachers.base import redact
+from ..teachers.base import TeacherConfigError, redact
+from ..teachers.refusals import is_episode_refusal, refusal_signature, repeated_refusal_error, setup_refusal
 from .provider import BatchProvider, BatchState
 
 REASK_MODES = ("batch", "live")
@@ -97,6 +98,7 @@ class BatchRunner:
         self.schema_id = engine.options.schema_id
         self.max_attempts = engine.options.max_attempts
         self.summary = BatchSummary()
+        self.retry: set[str] = set()  # --retry-rejected: the store's rejects to submit again (each once)
         limit = options.max_requests or provider.max_requests
         self.max_requests = max(1, min(limit, provider.max_requests))
 
@@ -108,6 +110,8 @@ class BatchRunner:
         propagates; what was submitted keeps running at the provider.
         """
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.engine.options.retry_rejected:
+            self.retry = {r.key for r in self.store.rejects() if r.retryable(self.max_attempts)}
         self.submit_recorded()
         while True:
             self.summary.rounds += 1
@@ -170,8 +174,12 @@ class BatchRunner:
     def _next_request(self, item: PreparedRequest, failures: dict[str, int]) -> tuple[list[dict[str, Any]], int] | None:
         """(messages, attempt number) to ask for `item`, or None when the store settles it."""
         look = self.store.lookup(item.key)
-        if look.answer is not None or look.reject is not None:
+        if look.answer is not None:
             return None
+        if look.reject is not None:
+            if item.key not in self.retry:
+                return None
+            self.retry.discard(item.key)  # asked again once per invocation: a new reject of it stands
         for att in look.attempts:
             if not att.errors:  # stored valid but not committed (a crash in between): commit it now
                 self.store.commit_answer(item.key, item.episode_id, json.loads(att.raw), att.attempt, self.model)
@@ -268,17 +276,26 @@ class BatchRunner:
 
     # ----------------------------------------------------------------- ingesting
     def ingest(self, row: BatchRow, state: BatchState) -> None:
-        """Commit every result line of a finished batch; lines without a result are marked for resubmission."""
+        """Commit every result line of a finished batch; lines without a result are marked for resubmission.
+
+        Refused lines are judged once the whole batch is read (`_judge_refusals`): a refusal of the setup
+        stops the run here, after the batch is marked ingested, with nothing stored for its lines.
+        """
         items = {it.key: it for it in self.store.batch_items(row.local_id)}
         seen: set[str] = set()
+        refused: list[_RefusedLine] = []
+        answered = 0  # lines with an answer, valid or not: the provider takes the run's requests
         for line in self.provider.results(state):
             it = items.get(line.key)
             if it is None or line.key in seen:
                 continue  # not ours, or a duplicate line
             seen.add(line.key)
             if line.response is None:
-                self._line_failed(it.key, it.episode_id, row.local_id, line.error or "no answer", line.status)
+                refusal = self._line_failed(it.key, it.episode_id, row.local_id, line.error or "no answer", line.status)
+                if refusal is not None:
+                    refused.append(refusal)
                 continue
+            answered += 1
             response = line.response
             context = SemanticContext(
                 it.context["num_steps"],
@@ -301,19 +318,60 @@ class BatchRunner:
         for key, it in items.items():
             if key not in seen and it.outcome is None:
                 self._line_failed(key, it.episode_id, row.local_id, f"no result line (batch {state.state})", None)
+        setup_error = self._judge_refusals(refused, answered)
         self.store.update_batch(row.local_id, state="ingested")
+        if setup_error is not None:
+            raise setup_error
 
-    def _line_failed(self, key: str, episode_id: str, local_id: int, error: str, status: int | None) -> None:
+    def _line_failed(
+        self, key: str, episode_id: str, local_id: int, error: str, status: int | None
+    ) -> _RefusedLine | None:
+        """Count a line that came back without an answer; a refusal (a 4xx) is returned to be judged with the
+        batch's others, anything else is marked for resubmission."""
         if status is None:
             found = re.match(r"HTTP (\d{3})", error)
             status = int(found.group(1)) if found else None
         self.summary.line_errors[_reason(error)] += 1
-        self.store.set_item_outcome(key, local_id, f"error: {redact(error)}")
         if status is not None and 400 <= status < 500 and status not in (408, 409, 429):
             # the request itself is wrong: asking again gives the same answer (live mode never retries a 400)
-            reason = redact(f"the teacher refused the request: {error}")
-            self.store.commit_reject(key, episode_id, reason, "", 0)
+            return _RefusedLine(key, episode_id, local_id, error, status)
+        self.store.set_item_outcome(key, local_id, f"error: {redact(error)}")
+        return None
+
+    def _judge_refusals(self, refused: list[_RefusedLine], answered: int) -> TeacherConfigError | None:
+        """Reject each refused line's episode, unless the refusals are of the run's setup (`teachers.refusals`):
+        a setup refusal (a model without images, a schema it cannot compile...), or the same refusal for
+        --refusals-to-stop distinct episodes of a batch that answered none. Those store nothing (a rerun after
+        the fix submits them again, their failures not counted against --max-resubmits); the error is returned."""
+        teacher = self.engine.teacher
+        where = getattr(teacher, "base_url", None) or f"the {self.provider.name} Batch API"
+        error: TeacherConfigError | None = None
+        setup: set[str] = set()  # keys refused by the setup
+        for line in refused:
+            kind = setup_refusal(line.status, line.error)
+            if kind is not None:
+                setup.add(line.key)
+                error = error or TeacherConfigError(redact(kind.explain(self.model, where, line.error)))
+        limit = self.engine.options.refusals_to_stop
+        if error is None and not answered and limit >= 1:
+            alike: dict[str, list[_RefusedLine]] = {}
+            for line in refused:
+                if not is_episode_refusal(line.error):
+                    alike.setdefault(refusal_signature(line.status, line.error), []).append(line)
+            for lines in alike.values():
+                count = len({line.episode_id for line in lines})
+                if count >= limit:
+                    setup = {line.key for line in lines}
+                    error = repeated_refusal_error(count, lines[0].error, self.model, where)
+                    break
+        for line in refused:
+            if line.key in setup:
+                self.store.set_item_outcome(line.key, line.local_id, f"setup: {redact(line.error)}")
+                continue
+            self.store.set_item_outcome(line.key, line.local_id, f"error: {redact(line.error)}")
+            self.store.commit_reject(line.key, line.episode_id, refused_reason(line.error), "", 0)
             self.summary.rejected += 1
+        return error
 
     def _reject(self, key: str, episode_id: str, last: Attempt, attempts: int) -> None:
         self.store.commit_reject(key, episode_id, invalid_reason(attempts, last.errors), last.raw, attempts)
@@ -328,6 +386,17 @@ class BatchRunner:
                 self.provider.cancel(row.batch_id)
                 cancelled.append(row.batch_id)
         return cancelled
+
+
+@dataclass(frozen=True)
+class _RefusedLine:
+    """A result line the provider refused (a 4xx), until the batch's refusals are judged together."""
+
+    key: str
+    episode_id: str
+    local_id: int
+    error: str
+    status: int
 
 
 class _InputFile:

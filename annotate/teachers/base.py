@@ -4,7 +4,8 @@ The engine owns scheduling, retries, re-asks, validation and the store; a teache
 turns one request into one raw answer (text + token usage), or raises a
 `TransientTeacherError` (worth retrying: 429, 5xx, timeouts, dropped connections) or a
 `PermanentTeacherError` (never retried: 400 and other client errors). That split is
-what lets the engine retry a 429 and never a 400.
+what lets the engine retry a 429 and never a 400. A refusal of the setup rather than of the
+episode (`refusals`) is a `TeacherConfigError` instead: it stops the run.
 """
 
 from __future__ import annotations
@@ -92,8 +93,10 @@ class TeacherAuthError(RefineError):
 
 
 class TeacherConfigError(RefineError):
-    """The server has no such model or endpoint (404): every request would fail alike, so the run
-    stops instead of rejecting (and caching the rejection of) every episode."""
+    """The teacher refuses the run's setup, not an episode: no such model or endpoint (404), a model that
+    takes no images, a response schema it cannot compile, a parameter it does not know (`refusals`).
+    Every request would fail alike, so the run stops instead of rejecting (and caching the rejection
+    of) every episode."""
 
 
 @runtime_checkable

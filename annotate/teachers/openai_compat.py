@@ -29,6 +29,7 @@ from .base import (
     redact,
     unreachable_reason,
 )
+from .refusals import setup_refusal
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,9 @@ class OpenAICompatTeacher:
                 raise TransientTeacherError(
                     summary, retry_after=parse_retry_after(exc.response.headers), status=status
                 ) from exc
+            setup = setup_refusal(status, summary)
+            if setup is not None:  # every request would be refused alike: stop, reject nothing
+                raise TeacherConfigError(redact(setup.explain(self.model, self.base_url, summary))) from None
             raise PermanentTeacherError(summary, status=status) from exc
         return parse_completion(raw, self.model)
 

@@ -4,7 +4,8 @@ The server is a real HTTP server on 127.0.0.1 (stdlib `ThreadingHTTPServer`), so
 `openai` client, its timeouts and its error mapping are exercised. Each episode (recognised
 by the seed in its instruction, "put the spoon <seed> on the towel") can be given a script of
 behaviours, consumed one per request: ok, 429, 500, 400, hang, badjson, length, schema,
-semantic, smallest (the smallest instance of the request's own `response_format` schema).
+semantic, smallest (the smallest instance of the request's own `response_format` schema), and the
+refusals of `REFUSALS` (vLLM's "not a multimodal model", an uncompilable schema, ...).
 Every request is recorded (path, headers, JSON body).
 """
 
@@ -36,6 +37,34 @@ from tests.annotate.smallest import smallest_instance
 from tests.conftest import tiny_episode
 
 SEED_RE = re.compile(r"put the spoon (\d+) on the towel")
+
+# HTTP 400 refusals by behaviour name: the error body for a request (its number on the server, its episode's seed).
+REFUSALS: dict[str, Callable[[int, int | None], dict[str, Any]]] = {
+    # vLLM serving a text-only model, in its error body (`ErrorResponse`): `MultiModalRegistry` raising
+    # "<model> is not a multimodal model" for a request with image parts
+    "not-multimodal": lambda n, seed: {
+        "error": {
+            "message": "Qwen/Qwen2.5-0.5B-Instruct is not a multimodal model",
+            "type": "BadRequestError",
+            "param": None,
+            "code": 400,
+        }
+    },
+    # vLLM's older error body (top level), refusing a response_format schema its grammar backend cannot compile
+    "uncompilable-schema": lambda n, seed: {
+        "object": "error",
+        "message": "The provided JSON schema contains features not supported by xgrammar.",
+        "type": "BadRequestError",
+        "param": None,
+        "code": 400,
+    },
+    # a refusal refinevla knows nothing of, the same for every request but for a request id
+    "refused-alike": lambda n, seed: {"error": {"message": f"request req-{n:06d} rejected by the gateway policy"}},
+    # a refusal of one episode: its prompt does not fit the context window
+    "too-long": lambda n, seed: {
+        "error": {"message": f"prompt too long: {9000 + (seed or 0)} tokens for episode {seed}"}
+    },
+}
 
 
 @dataclass
@@ -126,6 +155,9 @@ def _handler(state: FakeTeacherServer) -> type[BaseHTTPRequestHandler]:
                 return
             if kind == "400":
                 self._send(400, {"error": {"message": "bad request: invalid image"}})
+                return
+            if kind in REFUSALS:
+                self._send(400, REFUSALS[kind](len(state.requests), seed))
                 return
             if kind == "hang":
                 time.sleep(state.hang)
