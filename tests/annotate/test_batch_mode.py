@@ -167,6 +167,56 @@ def test_failed_lines_expiry_and_invalid_answers_end_as_described(tiny_rlds, tmp
     assert rejects["3"].startswith("invalid after 3 attempt(s)")
 
 
+def store_outcomes(out: Path) -> tuple[set[str], dict[str, str]]:
+    """Seeds answered, and seed -> reason of each reject, as the store holds them."""
+    with sqlite3.connect(out / ".refine" / "store.sqlite") as conn:
+        answers = {e.rsplit("#", 1)[-1] for (e,) in conn.execute("SELECT episode_id FROM answers")}
+        rejects = {e.rsplit("#", 1)[-1]: r for e, r in conn.execute("SELECT episode_id, reason FROM rejects")}
+    return answers, rejects
+
+
+def test_a_batch_the_model_refuses_for_its_images_stops_the_run_and_rejects_nothing(tiny_rlds, tmp_path):
+    uri = tiny_rlds(4)
+    out = tmp_path / "out"
+    text_only = lambda custom_id, body: (400, f"{MODEL} is not a multimodal model")  # noqa: E731
+    with FakeOpenAIBatch(api_key=SECRET, answer=text_only) as fake:
+        result = annotate(uri, out, fake.base_url, *batch_flags())
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "takes no images" in errors[0] and "vision-language model" in errors[0], errors
+    assert "Traceback" not in result.output and not (out / "refinevla.json").exists()
+    assert store_outcomes(out) == (set(), {})
+    # fixed: every episode is submitted again (the refused lines do not count against --max-resubmits) and answered
+    with FakeOpenAIBatch(api_key=SECRET, answer=rationale_answer) as fake:
+        again = annotate(uri, out, fake.base_url, *batch_flags("--max-resubmits", "0"))
+        assert again.exit_code == 0, again.output
+        assert sum(len(fake.batch_lines(b)) for b in fake.batches) == 4
+    assert manifest(out)["counts"]["episodes"] == 4
+
+
+def test_retry_rejected_submits_the_refused_lines_again_once(tiny_rlds, tmp_path):
+    uri = tiny_rlds(4)
+    out = tmp_path / "out"
+
+    def refusing_2(seed: int, n: int, body: dict[str, Any]) -> Any:
+        return (400, f"prompt too long: {9000 + seed} tokens") if seed == 2 else rationale_answer("", body)
+
+    too_long = counting(refusing_2)
+    with FakeOpenAIBatch(api_key=SECRET, answer=too_long) as fake:
+        assert annotate(uri, out, fake.base_url, *batch_flags()).exit_code == 0
+    assert set(store_outcomes(out)[1]) == {"2"}
+    with FakeOpenAIBatch(api_key=SECRET, answer=too_long) as fake:  # still refused: resubmitted once, not per round
+        result = annotate(uri, out, fake.base_url, *batch_flags("--retry-rejected"))
+        assert result.exit_code == 0, result.output
+        assert [seed_of(line["body"]) for b in fake.batches for line in fake.batch_lines(b)] == [2]
+    with FakeOpenAIBatch(api_key=SECRET, answer=rationale_answer) as fake:  # answered: the reject goes
+        result = annotate(uri, out, fake.base_url, *batch_flags("--retry-rejected"))
+        assert result.exit_code == 0, result.output
+        assert [seed_of(line["body"]) for b in fake.batches for line in fake.batch_lines(b)] == [2]
+    assert store_outcomes(out) == ({"0", "1", "2", "3"}, {})
+    assert manifest(out)["counts"]["episodes"] == 4 and manifest(out)["counts"]["rejected"] == 0
+
+
 def store_batches(out: Path) -> list[tuple[str, str | None]]:
     db = out / ".refine" / "store.sqlite"
     if not db.exists():
