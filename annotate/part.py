@@ -48,9 +48,15 @@ class AnnotateArgs:
     instruction_key: str | None = option(None, INSTRUCTION_KEY_FLAG)
     state_key: str | None = option(None, STATE_KEY_FLAG)
     action_key: str | None = option(None, ACTION_KEY_FLAG)
-    frames: int = option(6, "K evenly spaced keyframes (+ gripper events).")
+    frames: int = option(
+        6,
+        "K evenly spaced keyframes (+ gripper events). 0: a text-only prompt, no image at all (a teacher "
+        "without vision, or vLLM's CPU build); the answers then carry no object boxes.",
+    )
     image_size: int = option(256, "Longest keyframe side in pixels.")
-    prompt_template: str = option("rationale-v1", "Prompt template version.")
+    prompt_template: str | None = option(
+        None, "Prompt template version (default: rationale-v1; with --frames 0 rationale-v1-text: no image sent)."
+    )
     schema_id: str = "refinevla.rationale/1"  # not a flag: the schema the teacher answers in
     concurrency: int = option(16, "Requests in flight at most.")
     rpm: float | None = option(None, "Requests per minute limit.")
@@ -87,6 +93,12 @@ class AnnotateArgs:
     max_tokens: int = option(4096, "Completion token limit.")
     prices: Path | None = option(None, "JSON price table overriding the packaged one.")
     tensor_parallel_size: int = option(1, "GPUs for --teacher vllm.")
+    vllm_args: str | None = option(
+        None,
+        "--teacher vllm: the engine's arguments as a JSON object, what `vllm serve` takes as flags, e.g. "
+        '\'{"max_model_len": 16384, "gpu_memory_utilization": 0.85}\'. How the engine runs, not what is asked: '
+        "recorded in the manifest, not in the request keys.",
+    )
     progress: str = option("auto", "auto | rich | plain | none.")
     license: str | None = option(None, "Card license (Hub id); required where the source's is not known.")
     processes: int = option(1, "Engine processes on this machine (for fast local servers; limits are shared).")
@@ -161,6 +173,21 @@ def sample_indices(start: int, stop: int, n: int) -> tuple[int, ...]:
     return tuple(start + (i * span) // n for i in range(n))
 
 
+def parse_vllm_args(text: str | None) -> dict[str, Any] | None:
+    """`--vllm-args`: a JSON object of `vllm.LLM` keyword arguments (None when not given)."""
+    if text is None:
+        return None
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RefineError(f"--vllm-args: not JSON ({exc.msg} at character {exc.pos}): {text[:80]!r}") from None
+    if not isinstance(value, dict):
+        raise RefineError(f"--vllm-args: expected a JSON object of engine arguments, got {text[:80]!r}")
+    return value
+
+
 def default_out(source: str, teacher: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", source.rsplit("/", 1)[-1] if ":" in source else source).strip("-")
     return Path("runs") / f"{slug or 'source'}-{teacher}"
@@ -223,7 +250,7 @@ def setup_run(args: AnnotateArgs) -> RunSetup:
     from ..schemas import SCHEMA_DETAILS, default_detail
     from .engine import EngineOptions
     from .pricing import PriceTable
-    from .prompts import FrameOptions
+    from .prompts import FrameOptions, default_template, load_template
     from .source_args import open_cli_source
     from .teachers import make_teacher
 
@@ -231,11 +258,23 @@ def setup_run(args: AnnotateArgs) -> RunSetup:
     for name, value in (
         ("--concurrency", args.concurrency),
         ("--max-attempts", args.max_attempts),
-        ("--frames", args.frames),
         ("--processes", args.processes),
     ):
         if value < 1:
             raise RefineError(f"{name} must be at least 1")
+    if args.frames < 0:
+        raise RefineError("--frames must be at least 0 (0: a text-only prompt)")
+    template = args.prompt_template or default_template(args.frames)
+    try:
+        shows_images = load_template(template).images
+    except ValueError as exc:
+        raise RefineError(f"--prompt-template: {exc}") from None
+    if shows_images != (args.frames > 0):
+        raise RefineError(
+            f"--prompt-template {template} is asked with images: use it with --frames 1 or more"
+            if shows_images
+            else f"--prompt-template {template} sends no image: use it with --frames 0"
+        )
     if args.backend not in ("local", "ray"):
         raise RefineError(f"--backend must be local or ray, not {args.backend!r}")
     if args.backend == "ray":
@@ -262,6 +301,7 @@ def setup_run(args: AnnotateArgs) -> RunSetup:
         temperature=args.temperature,
         max_tokens=args.max_tokens,
         tensor_parallel_size=args.tensor_parallel_size,
+        engine_args=parse_vllm_args(args.vllm_args),
         require_key=not args.dry_run,  # a dry run sends nothing: estimate before setting up keys
     )
     prices = PriceTable.load(args.prices)
@@ -281,7 +321,7 @@ def setup_run(args: AnnotateArgs) -> RunSetup:
         max_cost=args.max_cost,
         schema_id=args.schema_id,
         schema_detail=detail,  # checked against SCHEMA_DETAILS above
-        template=args.prompt_template,
+        template=template,
         frames=FrameOptions(count=args.frames, camera=None, max_side=args.image_size),
         expected_completion_tokens=min(args.max_tokens, 1200),
     )

@@ -290,7 +290,7 @@ def prepare_unless_settled(
             states=episode.states,
             bundle=PromptBundle([], facts, [], None, template, frame_key),
             estimated_prompt_tokens=0,
-            context=SemanticContext(facts.num_steps, len(facts.segments)),
+            context=SemanticContext(facts.num_steps, len(facts.segments)),  # settled: never checked again
             response_format=response_format,
         ), False
     item = prepare_request(

@@ -61,13 +61,21 @@ def replicas_for(gpus: float, tensor_parallel_size: int) -> int:
     return replicas
 
 
-def processor_config(model: str, tensor_parallel_size: int, replicas: int, images_per_prompt: int) -> Any:
-    """The `vLLMEngineProcessorConfig` of the run (imports ray.data.llm, not vllm: buildable on any machine)."""
+def processor_config(
+    model: str,
+    tensor_parallel_size: int,
+    replicas: int,
+    images_per_prompt: int,
+    engine_args: dict[str, Any] | None = None,
+) -> Any:
+    """The `vLLMEngineProcessorConfig` of the run (imports ray.data.llm, not vllm: buildable on any machine).
+    `engine_args` (`--vllm-args`) go to every replica's engine, as to the local teacher's."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
     return vLLMEngineProcessorConfig(
         model_source=model,
         engine_kwargs={
+            **(engine_args or {}),
             "tensor_parallel_size": tensor_parallel_size,
             "limit_mm_per_prompt": {"image": images_per_prompt},
         },
@@ -283,7 +291,9 @@ def run_replicas(ray: Any, args: Any, setup: Any, prepared: Any, replicas: int) 
             f"up to {wanted.images} image(s) per prompt",
             file=sys.stderr,
         )
-    config = processor_config(teacher.model, args.tensor_parallel_size, replicas, wanted.images)
+    config = processor_config(
+        teacher.model, args.tensor_parallel_size, replicas, wanted.images, getattr(teacher, "engine_args", None)
+    )
     processor = build_processor(config, postprocess=postprocess)
     sampling = Sampling(args.temperature, args.max_tokens)
     with ResultStore(setup.store_path) as store:

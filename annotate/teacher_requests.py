@@ -109,9 +109,10 @@ def episode_request_key(
 ) -> str:
     """The request key of `episode` asked with the frames `frame_key` names (`prompts.frame_choice`): its
     content digest over exactly the frames shown, hashed as stored. The one place both a full preparation
-    and the Ray backend's decode-free anti-join compute it."""
+    and the Ray backend's decode-free anti-join compute it. A text-only prompt (no camera) hashes no frame."""
+    camera = frame_key["camera"]
     return request_key(
-        episode.content_digest({frame_key["camera"]: frame_key["steps"]}),
+        episode.content_digest({camera: frame_key["steps"]} if camera is not None else {}),
         frame_key,
         template.version,
         template.digest,

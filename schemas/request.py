@@ -6,7 +6,8 @@ schema leaves out, is a paid answer that must be rejected and re-asked. So the r
 derived from `rationale-v1.json` keeping every constraint keyword the backend enforces
 (`BACKENDS`, from each backend's documentation and, for xgrammar, measured), and in `episode`
 detail it also carries the facts of the one episode the semantic checks use: the step range,
-the number and numbers of the motion segments, the size of the first keyframe.
+the number and numbers of the motion segments, the size of the first keyframe (or, where none
+was sent, `objects` must be null).
 
 What no backend can express stays a semantic check with a re-ask: consecutive subtasks that
 tile the episode without gaps or overlaps (a relation between two values), x_min < x_max.
@@ -234,9 +235,10 @@ def _episode_reasons(reasons: dict[str, Any], ctx: SemanticContext, backend: Bac
 
 
 def _episode_objects(objects: dict[str, Any], ctx: SemanticContext, backend: Backend) -> dict[str, Any]:
-    """objects for one episode: box coordinates within the first keyframe (x in 0..w, y in 0..h)."""
+    """objects for one episode: box coordinates within the first keyframe (x in 0..w, y in 0..h); null
+    when no keyframe was sent (a text-only prompt: nothing to put a box on)."""
     if ctx.image_size is None:
-        return objects
+        return {"type": "null", "description": "null: no image was sent, so there are no boxes."}
     w, h = ctx.image_size
     item = copy.deepcopy(objects["items"])
     box = item["properties"]["box"]

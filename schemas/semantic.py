@@ -18,7 +18,9 @@ class SemanticContext:
 
     num_steps: int  # steps in the episode; plan ranges must cover 0 .. num_steps-1
     num_segments: int  # motion segments numbered in the prompt; one move reason each
-    image_size: tuple[int, int] | None = None  # (width, height) of the first keyframe sent, for boxes
+    # (width, height) of the first keyframe sent, which boxes are in; None: no keyframe was sent (a text-only
+    # prompt, `annotate --frames 0`), so there is nothing to put a box on and `objects` must be null or empty
+    image_size: tuple[int, int] | None = None
 
 
 def _blank(value: Any) -> bool:
@@ -71,7 +73,13 @@ def semantic_errors(answer: dict[str, Any], ctx: SemanticContext) -> list[str]:
         if _blank(r.get("reason")):
             errors.append(f"move_reasons/{i}/reason: must be a non-empty text")
 
-    for i, obj in enumerate(answer.get("objects") or []):
+    objects = answer.get("objects") or []
+    if ctx.image_size is None:
+        if objects:
+            errors.append("objects: no image was sent, so there is nothing to put a box on; answer null")
+        return errors
+    w, h = ctx.image_size
+    for i, obj in enumerate(objects):
         where = f"objects/{i}"
         if _blank(obj.get("name")):
             errors.append(f"{where}/name: must be a non-empty text")
@@ -82,8 +90,6 @@ def semantic_errors(answer: dict[str, Any], ctx: SemanticContext) -> list[str]:
         x0, y0, x1, y1 = box
         if not (x0 < x1 and y0 < y1):
             errors.append(f"{where}/box: {box} is empty or inverted (need x_min < x_max and y_min < y_max)")
-        if ctx.image_size is not None:
-            w, h = ctx.image_size
-            if min(x0, y0) < 0 or x1 > w or y1 > h:
-                errors.append(f"{where}/box: {box} is outside the {w}x{h} image")
+        if min(x0, y0) < 0 or x1 > w or y1 > h:
+            errors.append(f"{where}/box: {box} is outside the {w}x{h} image")
     return errors

@@ -198,7 +198,7 @@ def _write_manifest(
 
     source, teacher = setup.source, setup.teacher
     i, n = setup.shard
-    tmpl = load_template(args.prompt_template)
+    tmpl = load_template(setup.options.template)  # the one asked with (--frames 0 picks the text-only one)
     counts = part.counts
     rejected = part.statuses.get("rejected", 0)
     manifest = {
@@ -222,6 +222,8 @@ def _write_manifest(
             "model": teacher.model,
             "sampling": teacher.sampling(),
             "base_url": getattr(teacher, "base_url", None),
+            # a local engine's own record (vllm: its version, structured-output API and engine arguments)
+            **(teacher.provenance() if hasattr(teacher, "provenance") else {}),
             "written_by_model": teacher.name != "rule-based",
             "note": (
                 "rule-based: no model wrote these rationales; they are composed from the instruction, "

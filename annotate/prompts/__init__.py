@@ -3,7 +3,10 @@
 A template is a text file in this package (`rationale-v1.txt`) with `[system]`, `[user]` and
 `[reask]` sections and `$name` placeholders. Its sha256 goes into every request key and the
 manifest: editing a template makes new keys, so old answers are never passed off as answers
-to the new prompt.
+to the new prompt. Lines before the first section are its header: `#` comments, and `images: none`
+for a template asked without keyframes (`rationale-v1-text`, the default of `annotate --frames 0`:
+a text-only prompt, for a teacher that takes no images, or vLLM's CPU build, whose image path needs
+a GPU), which tells the teacher it sees no image and asks for no boxes.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = [
     "PromptBundle",
     "PromptTemplate",
     "build_prompt",
+    "default_template",
     "episode_facts",
     "load_template",
     "reask_messages",
@@ -44,6 +48,12 @@ __all__ = [
 ]
 
 DEFAULT_TEMPLATE = "rationale-v1"
+TEXT_TEMPLATE = "rationale-v1-text"  # the same questions asked from the facts alone (no keyframe sent)
+
+
+def default_template(frames: int) -> str:
+    """The template `annotate` asks with when none is named: the text-only one for `--frames 0`."""
+    return TEXT_TEMPLATE if frames == 0 else DEFAULT_TEMPLATE
 
 
 class DataURL(str):
@@ -81,6 +91,7 @@ class PromptTemplate:
     version: str  # file stem, e.g. "rationale-v1"
     text: str  # the whole file
     sections: dict[str, str]  # "system" / "user" / "reask" -> template text
+    images: bool = True  # False: asked without keyframes (header line `images: none`)
 
     @property
     def digest(self) -> str:
@@ -99,6 +110,7 @@ def load_template(version: str = DEFAULT_TEMPLATE) -> PromptTemplate:
         raise ValueError(f"unknown prompt template {version!r}") from None
     sections: dict[str, str] = {}
     current: str | None = None
+    images = True
     for line in text.splitlines(keepends=True):
         stripped = line.strip()
         if stripped.startswith("[") and stripped.endswith("]") and stripped[1:-1].isidentifier():
@@ -106,10 +118,12 @@ def load_template(version: str = DEFAULT_TEMPLATE) -> PromptTemplate:
             sections[current] = ""
         elif current is not None:
             sections[current] += line
+        elif stripped == "images: none":  # the header
+            images = False
     missing = {"system", "user", "reask"} - set(sections)
     if missing:
         raise ValueError(f"prompt template {version!r} lacks sections {sorted(missing)}")
-    return PromptTemplate(version, text, sections)
+    return PromptTemplate(version, text, sections, images)
 
 
 @dataclass
@@ -145,7 +159,7 @@ def episode_facts(episode: Episode) -> EpisodeFacts:
 class FrameOptions:
     """How keyframes are chosen and encoded (part of every request key)."""
 
-    count: int = 6  # K evenly spaced keyframes (gripper-event steps are added to these)
+    count: int = 6  # K evenly spaced keyframes (gripper-event steps are added to these); 0: no image at all
     camera: str | None = None  # None: the episode's primary (first) camera
     max_side: int = 256  # longest side in pixels after resizing (never upscaled)
     quality: int = 85  # JPEG quality when a frame has to be re-encoded
@@ -161,7 +175,7 @@ class PromptBundle:
     messages: list[dict[str, Any]]
     facts: EpisodeFacts
     keyframes: list[Keyframe]
-    image_size: tuple[int, int] | None  # (width, height) of the first keyframe sent
+    image_size: tuple[int, int] | None  # (width, height) of the first keyframe sent; None: none was sent
     template: PromptTemplate
     frame_key: dict[str, Any] = field(default_factory=dict)  # the frame choice, for the request key
 
@@ -178,10 +192,19 @@ def build_prompt(
     template: PromptTemplate | None = None,
     facts: EpisodeFacts | None = None,
 ) -> PromptBundle:
-    """The chat messages (OpenAI format, images as JPEG data URLs) asking for one episode's rationale."""
+    """The chat messages (OpenAI format, images as JPEG data URLs) asking for one episode's rationale.
+
+    With `frames.count == 0` no image part is sent (the user message is its text alone); the template
+    must then be one asked without images (`rationale-v1-text`), and the reverse: ValueError otherwise.
+    """
     frames = frames or FrameOptions()
     template = template or load_template()
     facts = facts or episode_facts(episode)
+    if template.images != (frames.count > 0):
+        raise ValueError(
+            f"prompt template {template.version!r} is asked {'with' if template.images else 'without'} images, "
+            f"but {frames.count} keyframes were chosen"
+        )
     frame_key = frame_choice(episode, facts, frames)
     camera, steps = frame_key["camera"], frame_key["steps"]
     keyframes = [encode_keyframe(episode.frames[camera], s, frames.max_side, frames.quality) for s in steps]
@@ -211,7 +234,10 @@ def frame_choice(episode: Episode, facts: EpisodeFacts, frames: FrameOptions) ->
     """The frames a prompt shows, as the request key records them: the frame options, the camera and
     the keyframe steps. A function of the states and flags alone (nothing is decoded), so a store's
     settled keys can be matched before any frame is (the Ray backend's anti-join).
-    ValueError when the episode has no such camera."""
+    With `count` 0 nothing is shown: no camera, no step (and no image size or quality, which then
+    change nothing). ValueError when the episode has no such camera."""
+    if frames.count == 0:
+        return {"count": 0, "camera": None, "steps": []}
     camera = frames.camera or episode.cameras[0]
     if camera not in episode.frames:
         raise ValueError(f"episode {episode.episode_id} has no camera {camera!r} (has {episode.cameras})")

@@ -40,9 +40,18 @@ def make_teacher(
     temperature: float = 0.2,
     max_tokens: int = 4096,
     tensor_parallel_size: int = 1,
+    engine_args: dict[str, Any] | None = None,
     **extra: Any,
 ) -> Teacher:
-    """Build the named teacher. Raises RefineError for unknown names or missing settings."""
+    """Build the named teacher. Raises RefineError for unknown names or missing settings.
+
+    `engine_args` are `vllm.LLM`'s keyword arguments (`--teacher vllm` only; a served model takes its
+    engine's arguments as `vllm serve` flags)."""
+    if engine_args and name != "vllm":
+        raise RefineError(
+            f"--vllm-args are for --teacher vllm (the local engine); a server's engine takes them as its own flags, "
+            f"not --teacher {name}"
+        )
     if name == "rule-based":
         from .rule_based import RuleBasedTeacher
 
@@ -64,6 +73,10 @@ def make_teacher(
         if not model:
             raise RefineError("--teacher vllm needs --model (a Hugging Face model id or local path)")
         return VllmTeacher(
-            model, tensor_parallel_size=tensor_parallel_size, temperature=temperature, max_tokens=max_tokens, **extra
+            model,
+            tensor_parallel_size=tensor_parallel_size,
+            temperature=temperature,
+            max_tokens=max_tokens,
+            engine_args=engine_args,
         )
     raise RefineError(f"unknown teacher {name!r}: choose one of {', '.join(TEACHERS)}")

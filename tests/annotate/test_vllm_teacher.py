@@ -129,6 +129,7 @@ def test_requests_are_batched_and_each_is_constrained_by_its_own_episode_schema(
     assert teacher.batches == [5] and len(work) == 1, "the 5 concurrent requests run as one batch"
     conversations, params = work[0]
     key = "structured_outputs" if new_api else "guided_decoding"
+    assert teacher.provenance()["structured_output_api"] == f"SamplingParams.{key}"  # what the manifest records
     assert len(params) == len(conversations) == 5
     for conv, p in zip(conversations, params, strict=True):
         text = conv[1]["content"][0]["text"]
