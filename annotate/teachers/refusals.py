@@ -57,7 +57,8 @@ SETUP_REFUSALS: tuple[SetupRefusal, ...] = (
     SetupRefusal(
         "no-images",
         "takes no images",
-        "serve a vision-language model (every prompt carries --frames keyframe images)",
+        "serve a vision-language model (every prompt carries --frames keyframe images), "
+        "or annotate text-only with --frames 0",
         (
             r"not a multimodal model",  # vLLM: "<model> is not a multimodal model"
             r"requires a multimodal processor",  # newer vLLM: "... requires a multimodal processor but none ..."
