@@ -301,9 +301,9 @@ class Engine:
         producer = threading.Thread(target=produce, name="refinevla-prepare", daemon=True)
         producer.start()
         sem = asyncio.Semaphore(self.options.concurrency)
+        started = False  # the teacher starts at the first episode the store cannot settle: settling from the
+        # store needs none, so a finished run's rerun opens no client and loads no vLLM engine
         try:
-            if self.options.ask:  # settling from the store needs no teacher (nor a vLLM engine loaded)
-                await self.teacher.start()
             while not self._stop.is_set():
                 if queue.empty():  # the producer fell behind: wait for it, or for a stop
                     get = asyncio.ensure_future(queue.get())
@@ -329,6 +329,9 @@ class Engine:
                     self.stop_reason = self.stop_reason or "max-cost"
                     self._finish(item, "stopped", reason="max-cost reached before asking")
                     break
+                if not started:
+                    started = True
+                    await self.teacher.start()
                 await sem.acquire()
                 if self._stop.is_set():
                     sem.release()

@@ -140,12 +140,16 @@ class VllmTeacher:
         """What the manifest records of this teacher beyond its name, model and sampling: the vLLM
         package and version, the structured-output API asked through, and the engine arguments."""
         dist = vllm_distribution()
+        field = self.structured_outputs_field
+        if field is None:  # not started (a rerun settled from the store): the API this vLLM would use
+            try:
+                field = structured_output_api()[0]
+            except RefineError:  # no vLLM here (nothing was asked)
+                field = None
         return {
             "vllm_package": dist[0] if dist else None,
             "vllm_version": dist[1] if dist else None,
-            "structured_output_api": (
-                f"SamplingParams.{self.structured_outputs_field}" if self.structured_outputs_field else None
-            ),
+            "structured_output_api": f"SamplingParams.{field}" if field else None,
             "engine_args": self.engine_args,
         }
 
