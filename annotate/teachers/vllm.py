@@ -48,7 +48,8 @@ def import_vllm() -> Any:
     except ImportError as exc:
         raise RefineError(
             "--teacher vllm needs vLLM on a CUDA machine: pip install 'refinevla[vllm]' "
-            f"({exc.msg if hasattr(exc, 'msg') else exc}); or serve the model with `vllm serve` and use "
+            f"({exc.msg if hasattr(exc, 'msg') else exc}), or its CPU build for text-only prompts (--frames 0; "
+            "README: vLLM on a CPU); or serve the model with `vllm serve` and use "
             "--teacher openai-compatible --base-url http://HOST:8000/v1"
         ) from None
     return vllm
