@@ -96,6 +96,7 @@ SETUP_REFUSALS: tuple[SetupRefusal, ...] = (
             r"(not supported|unsupported|compil|invalid|failed)",
             r"not supported by (xgrammar|outlines|guidance|lm-format-enforcer)",  # vLLM's backends
             r"too many states",  # Gemini: "the specified schema produces a constraint that has too many states"
+            r"schema is nested too deeply",  # vLLM: "The JSON schema is nested too deeply"
         ),
     ),
     SetupRefusal(

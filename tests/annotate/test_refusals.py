@@ -56,6 +56,7 @@ def asked(server: Any) -> dict[int | None, int]:
         (400, "Invalid content type. image_url is only supported by certain models.", "no-images"),
         (400, "At most 1 image(s) may be provided in one request.", "too-many-images"),
         (400, "The provided JSON schema contains features not supported by xgrammar.", "schema"),
+        (400, "The JSON schema is nested too deeply (max depth 32).", "schema"),
         (
             400,
             "Invalid schema for response_format 'rationale': In context=(), 'additionalProperties' is required",
