@@ -119,19 +119,6 @@ def source_truth_dir(data: Annotated) -> Path | None:
     return folder if truth_path(folder).is_file() else None
 
 
-def read_source_truth(data: Annotated) -> dict[str, EpisodeTruth]:
-    """The source's truth by episode id (empty when the source has none); a malformed file is one line."""
-    from ..schemas.truth import TruthError, read_truth
-
-    folder = source_truth_dir(data)
-    if folder is None:
-        return {}
-    try:
-        return read_truth(folder) or {}
-    except TruthError as exc:
-        raise RefineError(str(exc)) from None
-
-
 def episode_document(record: dict[str, Any] | None, reject: str | None) -> str:
     """The episode-level rationale as one Markdown document."""
     if record is None:
@@ -265,7 +252,8 @@ def view_dataset(out: str, selection: str | None, target: ViewTarget, data_dir: 
     chosen = select(data, selection, data_dir)
     recording = Recording(rr, f"refine-data-view:{data.root.name}", target)
     episodes = steps = boxes = 0
-    truths = read_source_truth(data)
+    truth_of = getattr(chosen.source, "truth", None)  # the RLDS reader's accessor: a demos folder's truth
+    truths: dict[str, EpisodeTruth] = (truth_of() if truth_of is not None else None) or {}
     for index, episode in chosen:
         note = None if chosen.ranked is None else chosen.ranked.get(episode.episode_id)
         boxes += log_episode(recording.stream, rr, index, episode, data, truths.get(episode.episode_id), note)
