@@ -17,8 +17,8 @@ Conventions (the same as the teacher's answer, `rationale-v1.json`):
 - a box is `[x_min, y_min, x_max, y_max]` in pixels of the episode's stored first frame (step 0 of its
   primary camera, `image_size` = (width, height)), origin at the top-left corner, edges continuous (a
   box over pixel columns 3..5 is x 3.0..6.0). `refine-data annotate` sends that frame as the first
-  keyframe, resized so its longest side is at most `--image-size` (default 256, never upscaled):
-  `scale_box` maps a truth box onto the keyframe the teacher saw;
+  keyframe, resized so its longest side is at most `--image-size` (default 256, never upscaled; its size:
+  `annotate.prompts.keyframes.keyframe_size`): `scale_box` maps a truth box onto the keyframe the teacher saw;
 - `grasp_step` / `release_step` are the first steps in the new gripper state (closed / open again), the
   convention of the episode's own gripper events (`annotate.primitives.GripperEvent`): a step's state
   holds the command in force before its action, so they fall one step after the `grasp` / `release`
@@ -176,14 +176,6 @@ def scale_box(box: Box, from_size: tuple[int, int], to_size: tuple[int, int]) ->
     """`box` (pixels of a from_size (w, h) image) in pixels of the same image resized to to_size."""
     sx, sy = to_size[0] / from_size[0], to_size[1] / from_size[1]
     return (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-
-
-def keyframe_size(image_size: tuple[int, int], max_side: int) -> tuple[int, int]:
-    """The size annotate sends a frame of image_size at (`--image-size`): longest side at most max_side,
-    never upscaled, aspect kept (as `annotate.prompts.encode_keyframe` resizes)."""
-    w, h = image_size
-    scale = min(1.0, max_side / max(w, h))
-    return (max(1, round(w * scale)), max(1, round(h * scale)))
 
 
 def truth_path(directory: str | Path) -> Path:

@@ -13,7 +13,6 @@ from refinevla.schemas.truth import (
     Leg,
     TruthError,
     TruthObject,
-    keyframe_size,
     read_truth,
     scale_box,
     write_truth,
@@ -79,7 +78,4 @@ def test_another_format_is_refused(tmp_path: Path) -> None:
 
 
 def test_boxes_follow_the_keyframe_resize() -> None:
-    assert keyframe_size((256, 256), 256) == (256, 256)
-    assert keyframe_size((640, 480), 256) == (256, 192)
-    assert keyframe_size((200, 100), 256) == (200, 100)  # never upscaled
     assert scale_box((64.0, 32.0, 128.0, 96.0), (256, 256), (128, 128)) == (32.0, 16.0, 64.0, 48.0)
