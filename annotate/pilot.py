@@ -25,10 +25,9 @@ from typing import Any
 import numpy as np
 
 from ..schemas.dataset_layout import PRIVATE_DIR
+from .commands.batch import BATCH_TEACHERS
 from .errors import RefineError
-
-TEACHERS = ("rule-based", "gemini", "openai", "openai-compatible", "vllm")
-BATCH_TEACHERS = ("openai", "gemini")  # the providers whose Batch API `annotate --batch` uses
+from .teachers import TEACHERS
 
 
 @dataclass(frozen=True)
