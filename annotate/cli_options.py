@@ -218,3 +218,7 @@ CAMERA_FLAG = Flag("Camera feature(s) to read, primary first (e.g. image_1).")
 INSTRUCTION_KEY_FLAG = Flag("Feature holding the instruction.")
 STATE_KEY_FLAG = Flag("Feature(s) forming the state, comma-separated.")
 ACTION_KEY_FLAG = Flag("Feature(s) forming the action, comma-separated.")
+# `refine-data annotate` and `refine-eval run` join a Ray cluster the same way (annotate/ray_backend.connect)
+RAY_ADDRESS_FLAG = Flag(
+    "--backend ray: the cluster (HOST:PORT of the head, or auto); default: a private one on this machine."
+)

@@ -23,6 +23,7 @@ from .cli_options import (
     CAMERA_FLAG,
     DATA_DIR_FLAG,
     INSTRUCTION_KEY_FLAG,
+    RAY_ADDRESS_FLAG,
     SOURCE_FLAG,
     SPLIT_FLAG,
     STATE_KEY_FLAG,
@@ -106,11 +107,9 @@ class AnnotateArgs:
         "local",
         "local | ray. ray: episodes are read and requests prepared (frames decoded, keyframes encoded) on a Ray "
         "cluster's CPUs; this process asks the teacher and commits every answer to OUT's store, as local does. "
-        "Needs the [ray] extra.",
+        "Needs the \\[ray] extra.",
     )
-    ray_address: str | None = option(
-        None, "--backend ray: the cluster (HOST:PORT of the head, or auto); default: a private one on this machine."
-    )
+    ray_address: str | None = option(None, RAY_ADDRESS_FLAG)
     ray_workers: int | None = option(None, "--backend ray: preparation tasks at once (default: the cluster's CPUs).")
     schema_detail: str | None = option(
         None,

@@ -58,9 +58,11 @@ def run(
     ] = True,
 ) -> None:
     """Run a policy through a suite's tasks; a rerun into the same --out continues where it stopped."""
-    from .runner import run_eval
-
     args = RunArgs(**flags)
+    if args.backend == "ray":
+        from .ray_backend import run_on_ray as run_eval
+    else:
+        from .runner import run_eval
     try:
         summary = run_eval(args, progress=typer.echo)
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from ..annotate.cli_options import Conversion, Flag, option
+from ..annotate.cli_options import RAY_ADDRESS_FLAG, Conversion, Flag, option
 from ..train.policy import TRUST_REMOTE_CODE
 
 
@@ -80,6 +80,22 @@ class RunArgs:
     robot: str | None = option(None, "Override the checkpoint's robot conventions: widowx | google_robot.")
     device: str | None = option(None, DEVICE)
     trust_remote_code: bool = option(False, TRUST_REMOTE_CODE)  # an OpenVLA checkpoint runs its own code
+    backend: str = option(
+        "local",
+        "local | ray. ray: the run's schedule spread over a Ray cluster's workers, each an actor holding the policy "
+        "(its GPU when the cluster has them) and --num-envs envs; this process writes episodes.jsonl and "
+        "videos/ as local does. Needs the \\[ray] extra.",
+    )
+    ray_address: str | None = option(None, RAY_ADDRESS_FLAG)
+    workers: int | None = option(
+        None, "--backend ray: workers at once (default: as many as the cluster's GPUs, or CPUs, hold)."
+    )
+    gpus_per_worker: float | None = option(
+        None, "--backend ray: GPUs per worker (default 1 on a cluster with GPUs, else 0: the policy on the CPU)."
+    )
+    cpus_per_worker: int | None = option(
+        None, "--backend ray: CPUs per worker (default 1; CPU physics runs --num-envs processes: give as many)."
+    )
 
 
 @dataclass

@@ -20,9 +20,13 @@ from ..train.policy import Generated, generate, resize_image
 from .errors import EvalError
 from .robots import ROBOTS, GripperState, env_actions, raw_action_dict
 
+DIGEST_SAMPLE = 1 << 20  # bytes read from each end of a weight file for the checkpoint digest
 
-class RefinePolicy:
-    """SimplerEnv-style policy around `refinevla.train.policy.Policy`."""
+
+class PolicySetup:
+    """How `refine-eval run` runs a refine-train checkpoint, read from its refinevla_policy.json alone (no
+    weights loaded): the robot's conventions, the reasoning mode, the rationale budget and what run.json
+    records. A `--backend ray` driver needs no more than this; its workers load the weights."""
 
     def __init__(
         self,
@@ -30,23 +34,18 @@ class RefinePolicy:
         robot: str | None = None,
         reasoning: bool = True,
         max_rationale_tokens: int | None = None,
-        device: str | None = None,
-        trust_remote_code: bool = False,
     ) -> None:
-        from ..train.policy import Policy, longest_rationale_tokens, rationale_budget
+        from ..train.policy import longest_rationale_tokens, rationale_budget, read_policy_info
 
-        if device is None:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.checkpoint = Policy(checkpoint, device=device, trust_remote_code=trust_remote_code)
-        self.info = self.checkpoint.info
-        self.robot = robot or self.info.get("robot")
-        if self.robot not in ROBOTS:
+        self.path = Path(checkpoint)
+        self.info = read_policy_info(self.path)
+        chosen = robot or self.info.get("robot")
+        if not isinstance(chosen, str) or chosen not in ROBOTS:
             raise EvalError(
                 f"{checkpoint}: the checkpoint names no robot (transform {self.info.get('transform')!r}); "
                 f"pass --robot {'|'.join(ROBOTS)}"
             )
+        self.robot = chosen
         if reasoning and not self.info.get("reasoning", True):
             reasoning = False  # an action-only policy writes no rationale: nothing to ask for
         self.reasoning = reasoning
@@ -59,6 +58,64 @@ class RefinePolicy:
             else None
         )
         self.image_size = (int(self.info["image_size"][0]), int(self.info["image_size"][1]))
+
+    def describe(self) -> dict[str, Any]:
+        """The checkpoint as run.json records it."""
+        info = self.info
+        return {
+            "path": str(self.path.resolve()),
+            "name": self.path.resolve().name,
+            "model_family": info.get("model_family"),
+            "base_model": info.get("base_model"),
+            "reasoning_trained": info.get("reasoning"),
+            "reasoning_weight": info.get("training", {}).get("reasoning_weight"),
+            "training": info.get("training"),
+            "unnorm_key": info.get("unnorm_key"),
+            "robot": self.robot,
+            "image_size": list(self.image_size),
+        }
+
+    def digest(self) -> str:
+        """What identifies a checkpoint: its description, statistics, and each weight file's name, size
+        and first and last MiB (a retrained model differs there; hashing gigabytes of weights would not
+        pay for itself on every rerun)."""
+        import hashlib
+
+        from ..train.policy import POLICY_FILE, STATS_FILE
+
+        h = hashlib.sha256()
+        for name in (POLICY_FILE, STATS_FILE):
+            h.update((self.path / name).read_bytes())
+        for weights in sorted(self.path.glob("*.safetensors")) + sorted(self.path.glob("*.bin")):
+            size = weights.stat().st_size
+            h.update(f"{weights.name}:{size}".encode())
+            with weights.open("rb") as fh:
+                h.update(fh.read(DIGEST_SAMPLE))
+                fh.seek(max(size - DIGEST_SAMPLE, 0))
+                h.update(fh.read(DIGEST_SAMPLE))
+        return h.hexdigest()
+
+
+class RefinePolicy(PolicySetup):
+    """SimplerEnv-style policy around `refinevla.train.policy.Policy`."""
+
+    def __init__(
+        self,
+        checkpoint: str | Path,
+        robot: str | None = None,
+        reasoning: bool = True,
+        max_rationale_tokens: int | None = None,
+        device: str | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        from ..train.policy import Policy
+
+        super().__init__(checkpoint, robot, reasoning, max_rationale_tokens)  # before minutes of loading
+        if device is None:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.checkpoint = Policy(checkpoint, device=device, trust_remote_code=trust_remote_code)
         self.instructions: list[str] = []
         self.gripper = GripperState(self.robot, 1)
         self.last: list[Generated] = []
@@ -95,19 +152,3 @@ class RefinePolicy:
     def rationales(self) -> list[str]:
         """What each env's policy wrote before its action at the last step."""
         return [g.rationale for g in self.last]
-
-    def describe(self) -> dict[str, Any]:
-        """The checkpoint as run.json records it."""
-        info = self.info
-        return {
-            "path": str(self.checkpoint.path.resolve()),
-            "name": self.checkpoint.path.resolve().name,
-            "model_family": info.get("model_family"),
-            "base_model": info.get("base_model"),
-            "reasoning_trained": info.get("reasoning"),
-            "reasoning_weight": info.get("training", {}).get("reasoning_weight"),
-            "training": info.get("training"),
-            "unnorm_key": info.get("unnorm_key"),
-            "robot": self.robot,
-            "image_size": list(self.image_size),
-        }

@@ -10,6 +10,7 @@ reasoning mode or asset digest is refused, so numbers made on different setups n
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
 import time
@@ -26,7 +27,7 @@ from .backends.base import Simulator
 from .config import RunArgs
 from .demos import DemoPairs, read_demo_pairs
 from .errors import EvalError
-from .policy import RefinePolicy
+from .policy import PolicySetup, RefinePolicy
 from .replay import ReplayPolicy, is_replay
 from .results import (
     RESULTS_FORMAT,
@@ -44,7 +45,6 @@ from .suites import Task, suite_tasks
 # run.json fields that must agree between a results folder and a rerun into it
 # (--episodes-per-config may grow: repeat r of config c keeps its seed, so earlier episodes stay valid)
 SAME_RUN = ("policy_digest", "reasoning", "seed", "max_rationale_tokens", "episodes_from", "held_out_from")
-DIGEST_SAMPLE = 1 << 20  # bytes read from each end of a weight file for the checkpoint digest
 
 
 @dataclass
@@ -53,27 +53,6 @@ class RunSummary:
     skipped: int = 0  # already in episodes.jsonl
     per_task: dict[str, tuple[int, int]] = field(default_factory=dict)  # task -> (successes, episodes), all so far
     forced_tags: int = 0  # policy steps whose rationale hit the budget
-
-
-def policy_digest(path: Path) -> str:
-    """What identifies a checkpoint: its description, statistics, and each weight file's name, size
-    and first and last MiB (a retrained model differs there; hashing gigabytes of weights would not
-    pay for itself on every rerun)."""
-    import hashlib
-
-    from ..train.policy import POLICY_FILE, STATS_FILE
-
-    h = hashlib.sha256()
-    for name in (POLICY_FILE, STATS_FILE):
-        h.update((path / name).read_bytes())
-    for weights in sorted(path.glob("*.safetensors")) + sorted(path.glob("*.bin")):
-        size = weights.stat().st_size
-        h.update(f"{weights.name}:{size}".encode())
-        with weights.open("rb") as fh:
-            h.update(fh.read(DIGEST_SAMPLE))
-            fh.seek(max(size - DIGEST_SAMPLE, 0))
-            h.update(fh.read(DIGEST_SAMPLE))
-    return h.hexdigest()
 
 
 def make_simulator(task: Task, args: RunArgs) -> Simulator:
@@ -156,6 +135,16 @@ def check_same_assets(out: Path, task: Task, description: dict[str, Any]) -> Non
 
 
 def run_eval(args: RunArgs, progress: Callable[[str], None] = print) -> RunSummary:
+    """The run on this machine (`--backend ray` is `ray_backend.run_on_ray`'s, which `refine-eval run` calls)."""
+    if args.backend == "ray":
+        raise EvalError("run_eval runs on this machine; --backend ray runs through ray_backend.run_on_ray")
+    tasks, demos = checked_run(args)
+    with holding(args):  # before minutes of model loading, too
+        return _run_held(args, tasks, progress, demos)
+
+
+def checked_run(args: RunArgs) -> tuple[list[Task], DemoPairs | None]:
+    """The run's tasks and demos, every flag checked (and, on this machine, the simulator and its assets)."""
     tasks = suite_tasks(args.suite, args.tasks)
     if args.suite.startswith("maniskill:") and not args.instruction:
         raise EvalError(f"--suite {args.suite}: give the policy's instruction with --instruction TEXT")
@@ -164,12 +153,36 @@ def run_eval(args: RunArgs, progress: Callable[[str], None] = print) -> RunSumma
             raise EvalError(f"{name} {value}: must be at least 1")
     if args.video_rationale and not args.video:
         raise EvalError("--video-rationale writes the rationale under the frames of --video: give both")
-    for task in tasks:
-        preflight(task)  # a missing simulator or asset is reported before minutes of model loading
-    demos = selected_demos(args, tasks)
+    check_backend_flags(args)
+    if args.backend == "local":  # on Ray each node the workers may run on is checked (ray_backend)
+        for task in tasks:
+            preflight(task)  # a missing simulator or asset is reported before minutes of model loading
+    return tasks, selected_demos(args, tasks)
+
+
+def holding(args: RunArgs) -> contextlib.AbstractContextManager[Path]:
+    """The lock on --out for the run (one run per results folder)."""
     command = "refine-eval " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "refine-eval run"
-    with hold_output(Path(args.out), command):  # before minutes of model loading, too
-        return _run_held(args, tasks, progress, demos)
+    return hold_output(Path(args.out), command)
+
+
+def check_backend_flags(args: RunArgs) -> None:
+    if args.backend not in ("local", "ray"):
+        raise EvalError(f"--backend must be local or ray, not {args.backend!r}")
+    counts = {
+        "--workers": args.workers,
+        "--cpus-per-worker": args.cpus_per_worker,
+        "--gpus-per-worker": args.gpus_per_worker,
+    }
+    if args.backend == "local":
+        given = [name for name, value in {**counts, "--ray-address": args.ray_address}.items() if value is not None]
+        if given:
+            raise EvalError(f"{', '.join(given)}: need --backend ray")
+        return
+    least = {"--workers": 1, "--cpus-per-worker": 1, "--gpus-per-worker": 0}  # a worker runs its envs on CPUs
+    for name, value in counts.items():
+        if value is not None and value < least[name]:
+            raise EvalError(f"{name} {value:g}: must be at least {least[name]}")
 
 
 def selected_demos(args: RunArgs, tasks: list[Task]) -> DemoPairs | None:
@@ -188,28 +201,31 @@ def selected_demos(args: RunArgs, tasks: list[Task]) -> DemoPairs | None:
     return demos
 
 
-def _run_held(
-    args: RunArgs, tasks: list[Task], progress: Callable[[str], None], demos: DemoPairs | None = None
-) -> RunSummary:
-    """The run proper, while this process holds --out."""
-    policy: RefinePolicy | ReplayPolicy
+def policy_setup(args: RunArgs) -> PolicySetup | ReplayPolicy:
+    """What the run evaluates, without loading weights (a replay policy is its own setup: it holds no model)."""
     if is_replay(args.policy):
-        policy = ReplayPolicy(args.policy, args.robot)
-        digest = policy.digest()
-    else:
-        policy = RefinePolicy(
-            args.policy, args.robot, args.reasoning, args.max_rationale_tokens, args.device, args.trust_remote_code
-        )
-        digest = policy_digest(Path(args.policy))
-        if policy.budget_warning:
-            progress(f"warning: {policy.budget_warning}")
-    budget = policy.max_rationale_tokens if isinstance(policy, RefinePolicy) and policy.reasoning else None
-    run = {
+        return ReplayPolicy(args.policy, args.robot)
+    return PolicySetup(args.policy, args.robot, args.reasoning, args.max_rationale_tokens)
+
+
+def load_policy(args: RunArgs, setup: PolicySetup | ReplayPolicy | None = None) -> RefinePolicy | ReplayPolicy:
+    """The policy that acts: `setup` itself for a replay, else the checkpoint's weights on --device."""
+    if is_replay(args.policy):
+        return setup if isinstance(setup, ReplayPolicy) else ReplayPolicy(args.policy, args.robot)
+    return RefinePolicy(
+        args.policy, args.robot, args.reasoning, args.max_rationale_tokens, args.device, args.trust_remote_code
+    )
+
+
+def run_fields(args: RunArgs, setup: PolicySetup | ReplayPolicy) -> dict[str, Any]:
+    """run.json's description of this run (what `check_same_run` compares with the folder's)."""
+    budget = setup.max_rationale_tokens if isinstance(setup, PolicySetup) and setup.reasoning else None
+    return {
         "format": RESULTS_FORMAT,
-        "policy": policy.describe(),
-        "policy_digest": digest,
+        "policy": setup.describe(),
+        "policy_digest": setup.digest(),
         "suite": args.suite,
-        "reasoning": policy.reasoning,
+        "reasoning": setup.reasoning,
         "seed": args.seed,
         "episodes_per_config": args.episodes_per_config,
         "max_rationale_tokens": budget,
@@ -217,38 +233,81 @@ def _run_held(
         "held_out_from": str(args.held_out_from) if args.held_out_from else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
-    check_same_run(args.out, run)
-    if (args.out / RUN_FILE).is_file():
-        old = read_run(args.out)
+
+
+def start_results(out: Path, run: dict[str, Any]) -> EpisodeLog:
+    """Write run.json (keeping the folder's creation time and simulators) and open episodes.jsonl."""
+    if (out / RUN_FILE).is_file():
+        old = read_run(out)
         run = {**run, "created": old.get("created"), "simulators": old.get("simulators", {})}
-    write_run(args.out, run)
-    log = EpisodeLog(args.out)
+    write_run(out, run)
+    return EpisodeLog(out)
+
+
+def open_task(
+    task: Task,
+    n_configs: int,
+    description: dict[str, Any],
+    args: RunArgs,
+    log: EpisodeLog,
+    demos: DemoPairs | None,
+    summary: RunSummary,
+    progress: Callable[[str], None],
+) -> list[Planned]:
+    """A task's simulator is up: check and record its assets, and return its episodes still to run."""
+    check_same_assets(args.out, task, description)
+    _record_run_fields(args.out, description)
+    todo, already = schedule(task, n_configs, args, log.done, demos)
+    summary.skipped += already
+    progress(f"{task.name} ({task.env_id}): {len(todo)} episodes to run, {already} already done")
+    return todo
+
+
+def record_episode(
+    log: EpisodeLog, result: EpisodeResult, summary: RunSummary, progress: Callable[[str], None]
+) -> None:
+    """One finished episode: its durable line in episodes.jsonl, then its progress line."""
+    log.append(result)
+    summary.done += 1
+    progress(
+        f"  {result.task} config {result.config} repeat {result.repeat}: "
+        f"{'success' if result.success else 'failure'}"
+        + (f", grasp {result.grasp}" if result.grasp is not None else "")
+        + f" ({result.steps} steps, {result.wall_s:.1f} s)"
+    )
+
+
+def tally(out: Path, summary: RunSummary) -> RunSummary:
+    """Successes and episodes per task, over every episode of the folder so far."""
+    for rec in read_episodes(out):
+        s, n = summary.per_task.get(rec["task"], (0, 0))
+        summary.per_task[rec["task"]] = (s + int(rec["success"]), n + 1)
+    return summary
+
+
+def _run_held(
+    args: RunArgs, tasks: list[Task], progress: Callable[[str], None], demos: DemoPairs | None = None
+) -> RunSummary:
+    """The run proper, while this process holds --out."""
+    setup = policy_setup(args)
+    run = run_fields(args, setup)
+    check_same_run(args.out, run)  # before minutes of model loading
+    policy = load_policy(args, setup)
+    if isinstance(setup, PolicySetup) and setup.budget_warning:
+        progress(f"warning: {setup.budget_warning}")
+    log = start_results(args.out, run)
     summary = RunSummary()
     for task in tasks:
         sim = make_simulator(task, args)
         try:
-            check_same_assets(args.out, task, sim.description)
-            _record_run_fields(args.out, sim.description)
-            todo, already = schedule(task, sim.n_configs, args, log.done, demos)
-            summary.skipped += already
-            progress(f"{task.name} ({task.env_id}): {len(todo)} episodes to run, {already} already done")
+            todo = open_task(task, sim.n_configs, sim.description, args, log, demos, summary, progress)
             for start in range(0, len(todo), sim.n_envs):
                 batch = todo[start : start + sim.n_envs]
                 for result in run_batch(sim, policy, task, batch, args, summary):
-                    log.append(result)
-                    summary.done += 1
-                    progress(
-                        f"  {task.name} config {result.config} repeat {result.repeat}: "
-                        f"{'success' if result.success else 'failure'}"
-                        + (f", grasp {result.grasp}" if result.grasp is not None else "")
-                        + f" ({result.steps} steps, {result.wall_s:.1f} s)"
-                    )
+                    record_episode(log, result, summary, progress)
         finally:
             sim.close()
-    for rec in read_episodes(args.out):
-        s, n = summary.per_task.get(rec["task"], (0, 0))
-        summary.per_task[rec["task"]] = (s + int(rec["success"]), n + 1)
-    return summary
+    return tally(args.out, summary)
 
 
 def _record_run_fields(out: Path, description: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from refinevla.annotate.sources import specs
 from refinevla.annotate.sources.rlds_writer import write_rlds
+from tests.annotate.ray_cluster import ray_cluster  # noqa: F401  (one Ray cluster for every Ray test of the session)
 
 IMAGE = (64, 64)
 

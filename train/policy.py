@@ -57,6 +57,7 @@ __all__ = [
     "logits_processor",
     "policy_description",
     "prompt_text",
+    "read_policy_info",
     "resize_frame",
     "resize_image",
     "save_policy",
@@ -198,6 +199,14 @@ TRUST_REMOTE_CODE = Flag(
 )
 
 
+def read_policy_info(path: Path) -> dict[str, Any]:
+    """A policy folder's refinevla_policy.json (no weights loaded); one line if the folder is no policy."""
+    if not is_policy(path):
+        raise TrainError(f"{path}: no {POLICY_FILE} (not a refine-train checkpoint)")
+    info: dict[str, Any] = json.loads((path / POLICY_FILE).read_text())
+    return info
+
+
 class Policy:
     """A trained checkpoint as refine-eval uses it: image + instruction -> rationale and 7-d action."""
 
@@ -207,9 +216,7 @@ class Policy:
         from .adapters import adapter_for_type
 
         self.path = Path(path)
-        if not is_policy(self.path):
-            raise TrainError(f"{self.path}: no {POLICY_FILE} (not a refine-train checkpoint)")
-        self.info = json.loads((self.path / POLICY_FILE).read_text())
+        self.info = read_policy_info(self.path)
         self.adapter = adapter_for_type(self.info["model_family"], str(self.path), trust_remote_code)
         self.processor = self.adapter.load_processor(str(self.path))
         self.model = self._load_model(torch.float32).to(device).eval()

@@ -32,7 +32,6 @@ import pytest
 from refinevla.annotate.batch.emulator.answers import rationale_for_prompt
 from refinevla.annotate.sources import specs
 from refinevla.annotate.sources.rlds_writer import write_rlds
-from tests.annotate.ray_cluster import ray_cluster  # noqa: F401  (one Ray cluster for the session's Ray tests)
 from tests.annotate.smallest import smallest_instance
 from tests.conftest import tiny_episode
 

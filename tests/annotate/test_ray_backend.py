@@ -29,7 +29,16 @@ from tests.annotate.test_crash_resume import seed
 pytest.importorskip("ray.data", reason="ray.data: needs the [ray] extra")
 
 from refinevla.annotate.ray_backend import JOURNAL_ENV
-from tests.annotate.ray_cluster import DRIVER_ENV, LocalRayCluster, alive_nodes, free_port, journal
+from tests.annotate.ray_cluster import (
+    DRIVER_ENV,
+    LocalRayCluster,
+    alive_nodes,
+    finish,
+    free_port,
+    journal,
+    lose_node_under,
+    wait_until,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -40,11 +49,6 @@ def _ray_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def on_ray(uri: str, url: str, out: Path, cluster: LocalRayCluster, *extra: str) -> subprocess.Popen[str]:
     return start_annotate(uri, url, out, "--backend", "ray", "--ray-address", cluster.address, *extra)
-
-
-def finish(proc: subprocess.Popen[str], timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    stdout, stderr = proc.communicate(timeout=timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def read(out: Path, sub: str) -> pl.DataFrame:
@@ -154,13 +158,6 @@ def test_rate_limits_server_errors_and_invalid_answers_are_settled_per_row(
     assert SECRET not in r.stderr + r.stdout
 
 
-def wait_until(condition, what: str, deadline: float = 120.0) -> None:  # type: ignore[no-untyped-def]
-    t0 = time.monotonic()
-    while not condition():
-        assert time.monotonic() - t0 < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
 def paid_twice(server) -> int:  # type: ignore[no-untyped-def]
     """Answers asked for more than once (this test's teacher answers every ask)."""
     return sum(n - 1 for n in Counter(q.seed for q in server.requests).values())
@@ -176,27 +173,15 @@ def test_a_node_lost_under_running_tasks_its_chunks_run_again_elsewhere_and_the_
     hold = tasks / "hold"
     hold.touch()  # every preparation task waits once it has started: the node is lost under running tasks
     monkeypatch.setenv(JOURNAL_ENV, str(tasks))
-    node = ray_cluster.add_node(cpus=2)  # this test's own third node, the one it loses
-    proc = None
-    try:
 
-        def started_there() -> list[dict[str, Any]]:
-            return [e for e in journal(tasks) if e["event"] == "start" and ray_cluster.node_of(e["pid"]) == node]
+    def started_there(node: str) -> list[dict[str, Any]]:
+        return [e for e in journal(tasks) if e["event"] == "start" and ray_cluster.node_of(e["pid"]) == node]
 
-        proc = on_ray(uri, teacher_server.url, out, ray_cluster)
-        wait_until(lambda: started_there() or proc.poll() is not None, "a task running on the node to lose")
-        lost = started_there()
-        assert lost and proc.poll() is None, journal(tasks)
-        lost_node = str(lost[0]["node"])
-        killed = ray_cluster.kill_node(node)  # SIGKILL to its raylet, agents and workers; returns once all ended
-        assert {e["pid"] for e in lost} <= set(killed) and not ray_cluster.node_pids(node)
-    except BaseException:
-        if proc is not None:
-            proc.kill()
-        raise
-    finally:
-        ray_cluster.kill_node(node)
-        hold.unlink()
+    proc, lost, killed = lose_node_under(
+        ray_cluster, lambda: on_ray(uri, teacher_server.url, out, ray_cluster), started_there, hold
+    )
+    lost_node = str(lost[0]["node"])
+    assert {e["pid"] for e in lost} <= set(killed)
     first = finish(proc)
     assert first.returncode == 0 and "Traceback" not in first.stderr, first.stderr  # the run itself completes
     manifest = json.loads((out / "refinevla.json").read_text())

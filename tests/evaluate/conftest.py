@@ -3,14 +3,20 @@
 The models are the train tests' offline ones (random weights from configs, a tokenizer trained
 here); the dataset is a Bridge-layout RLDS source annotated by `refine-data annotate` with the
 rule-based teacher, so the checkpoints are `bridge_orig` / WidowX policies exactly as a user's
-would be. Nothing is downloaded.
+would be. Nothing is downloaded. Also here: the simulator's environment, the demos, and the two local
+runs that several test files read (`carrot_run`, `replay_run`), made once per session.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -108,4 +114,62 @@ def demos_dir(sim_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory)
     r = subprocess.run([*cmd, "--video", "--out", str(out)], capture_output=True, text=True, env=sim_env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "carrot_on_plate: 2/2 tries kept" in r.stdout
+    return out
+
+
+def refine_eval(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "refinevla.evaluate", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def episodes(results: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (results / "episodes.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def carrot_run(tmp_path_factory: pytest.TempPathFactory, paligemma_policy: Path, sim_env: dict[str, str]) -> Path:
+    """3 carrot episodes with video and action logs: killed (SIGKILL) after the first, then resumed (the
+    run tests read it; the Ray tests compare theirs with it)."""
+    out = tmp_path_factory.mktemp("carrot") / "results"
+    args = ["run", "--policy", str(paligemma_policy), "--suite", "widowx", "--tasks", "carrot_on_plate"]
+    args += ["--max-episodes", "3", "--max-rationale-tokens", "6", "--video", "--log-actions", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "refinevla.evaluate", *args],
+        env=sim_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    log = out / "episodes.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if log.is_file() and log.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.communicate()[0]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = episodes(out)
+    assert len(killed) == 1, "the kill came after the first episode and before the run could finish another"
+    (out / "killed_first_line.json").write_text(json.dumps(killed[0]))
+
+    resumed = refine_eval(sim_env, *args)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "2 episodes to run, 1 already done" in resumed.stdout
+    return out
+
+
+@pytest.fixture(scope="session")
+def replay_run(demos_dir: Path, sim_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`--policy replay:DEMOS --episodes-from DEMOS`, run locally: the demos' own two carrot scenes (the demos
+    tests check it; the Ray tests compare theirs with it)."""
+    out = tmp_path_factory.mktemp("replay") / "results"
+    args = ["run", "--policy", f"replay:{demos_dir}", "--suite", "widowx", "--tasks", "carrot_on_plate"]
+    r = refine_eval(sim_env, *args, "--episodes-from", str(demos_dir), "--out", str(out), "--no-report")
+    assert r.returncode == 0, r.stderr[-3000:]
     return out

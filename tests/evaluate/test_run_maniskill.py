@@ -10,11 +10,8 @@ resumed; every check reads what the run left on disk.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,55 +19,10 @@ import numpy as np
 import pytest
 
 from refinevla.evaluate.robots import euler_to_axis_angle
+from tests.evaluate.conftest import episodes, refine_eval
 
 CARROT_STEPS = 60  # PutCarrotOnPlateInScene-v1's own step limit (SimplerEnv: 60 steps at 5 Hz)
 PICKCUBE_STEPS = 50  # PickCube-v1's max_episode_steps
-
-
-def refine_eval(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "refinevla.evaluate", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def episodes(results: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (results / "episodes.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def carrot_run(tmp_path_factory: pytest.TempPathFactory, paligemma_policy: Path, sim_env: dict[str, str]) -> Path:
-    """3 carrot episodes with video and action logs: killed (SIGKILL) after the first, then resumed."""
-    out = tmp_path_factory.mktemp("carrot") / "results"
-    args = ["run", "--policy", str(paligemma_policy), "--suite", "widowx", "--tasks", "carrot_on_plate"]
-    args += ["--max-episodes", "3", "--max-rationale-tokens", "6", "--video", "--log-actions", "--out", str(out)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "refinevla.evaluate", *args],
-        env=sim_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    log = out / "episodes.jsonl"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log.is_file() and log.read_bytes().count(b"\n") >= 1:
-            break
-        time.sleep(0.2)
-    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.communicate()[0]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed = episodes(out)
-    assert len(killed) == 1, "the kill came after the first episode and before the run could finish another"
-    (out / "killed_first_line.json").write_text(json.dumps(killed[0]))
-
-    resumed = refine_eval(sim_env, *args)
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "2 episodes to run, 1 already done" in resumed.stdout
-    return out
 
 
 def test_killed_run_resumes_without_repeating_an_episode(carrot_run: Path) -> None:
