@@ -273,7 +273,23 @@ def _write_manifest(
     }
     if batch is not None:
         manifest["batch"] = batch
-    write_manifest(setup.out, manifest, MANIFEST if n == 1 else f"{PRIVATE_DIR}/manifest{setup.suffix}.json")
+    name = MANIFEST if n == 1 else f"{PRIVATE_DIR}/manifest{setup.suffix}.json"
+    _keep_server_record(manifest["teacher"], Path(setup.out) / name)
+    write_manifest(setup.out, manifest, name)
+
+
+def _keep_server_record(teacher: dict[str, Any], previous: Path) -> None:
+    """A rerun that asked nothing never contacted the server: the server the earlier run recorded (same
+    model at the same URL) still describes who wrote the rows, so it is kept rather than dropped."""
+    if "server" in teacher or not previous.is_file():
+        return
+    try:
+        before = json.loads(previous.read_text(encoding="utf-8")).get("teacher") or {}
+    except (OSError, ValueError):  # an unreadable earlier manifest is replaced, as before
+        return
+    same = all(before.get(k) == teacher.get(k) for k in ("name", "model", "base_url"))
+    if same and isinstance(before.get("server"), dict):
+        teacher["server"] = before["server"]
 
 
 def _report_stop(args: AnnotateArgs, setup: RunSetup, part: PartResult, c: Any, spent: float, batch: bool) -> int:

@@ -30,6 +30,7 @@ from .base import (
     unreachable_reason,
 )
 from .refusals import setup_refusal
+from .server_info import ServerInfo, ask_server, context_too_small
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ class OpenAICompatTeacher:
         self._endpoint = "/chat/completions"
         self._format: Any = None  # the last response format serialised, and its JSON
         self._format_json = b""
+        self.server: ServerInfo | None = None  # what an openai-compatible server says of itself (start)
         # An openai-compatible server is often free (a local vLLM); a missing price is then not an error.
         self.paid = provider.name != "openai-compatible"
 
@@ -153,6 +155,17 @@ class OpenAICompatTeacher:
         # request instead of parsing and re-joining two.
         base = str(self._client.base_url)
         self._endpoint = base + "chat/completions" if "?" not in base else "/chat/completions"
+        if self.provider.name == "openai-compatible" and self.server is None:  # the hosted APIs are known
+            self.server = await ask_server(self._client, self.base_url, self.model)
+            too_small = context_too_small(self.max_tokens, self.server.max_model_len, self.model, self.base_url)
+            if too_small is not None:
+                raise too_small
+
+    def provenance(self) -> dict[str, Any]:
+        """What the manifest records beyond name, model and sampling: for a self-hosted server, the serving
+        software as it describes itself (vLLM: its version and the model's context window); nothing before
+        the teacher started (a rerun settled from the store asks the server nothing)."""
+        return {"server": self.server.record()} if self.server is not None else {}
 
     def request_body(self, request: TeacherRequest) -> dict[str, Any]:
         """The keyword arguments of `chat.completions.create` (= the JSON body sent)."""

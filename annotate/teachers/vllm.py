@@ -25,10 +25,14 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
+import logging
 from typing import Any
 
 from ..errors import RefineError
 from .base import TeacherRequest, TeacherResponse
+from .server_info import context_too_small
+
+log = logging.getLogger(__name__)
 
 PROBE_FIELD = "refinevla_probe_q7"
 PROBE_VALUE = "constrained-decoding-active"
@@ -164,9 +168,29 @@ class VllmTeacher:
                 )
             except Exception as exc:  # a wrong engine argument, a model it cannot load, no device: one line
                 raise engine_error(f"vLLM could not start an engine for {self.model!r}", exc) from None
-        await asyncio.to_thread(self.self_check)
+        try:
+            window = getattr(getattr(self._llm, "model_config", None), "max_model_len", None)
+            window = window if isinstance(window, int) else None
+            too_small = context_too_small(self.max_tokens, window, self.model, "the in-process vLLM engine")
+            if too_small is not None:  # every request would be refused as too long: stop before the first
+                raise too_small
+            await asyncio.to_thread(self.self_check)
+        except RefineError:  # the run stops here: its engine processes go now, not in a warning at exit
+            await asyncio.to_thread(self.shutdown_engine)
+            raise
         self._queue = asyncio.Queue()
         self._batcher = asyncio.create_task(self._run_batches())
+
+    def shutdown_engine(self) -> None:
+        """Stop the engine's core process (and free its shared memory) now; best effort, for a run that
+        stops at start-up. vLLM's `LLM` has no public close; its engine core client has `shutdown`."""
+        core = getattr(getattr(self._llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            try:
+                core.shutdown()
+            except Exception as exc:  # shutting down must not hide the error the run stops with
+                log.debug("vLLM engine shutdown: %s", exc)
+        self._llm = None
 
     def self_check(self) -> None:
         """Refuse to run when the engine does not honour the structured-output constraint."""

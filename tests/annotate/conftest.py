@@ -95,6 +95,9 @@ class FakeTeacherServer:
     requests: list[Recorded] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
+    # GET /v1/models and /version as `vllm serve` answers them (None: 404, as servers without them do)
+    model_cards: list[dict[str, Any]] | None = None
+    version: str | None = None
 
     def behaviour(self, seed: int | None) -> str:
         with self.lock:
@@ -125,6 +128,14 @@ def _handler(state: FakeTeacherServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeout test)
                 self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path.endswith("/v1/models") and state.model_cards is not None:
+                self._send(200, {"object": "list", "data": state.model_cards})
+            elif self.path == "/version" and state.version is not None:
+                self._send(200, {"version": state.version})
+            else:
+                self._send(404, {"error": {"message": "not found"}})
 
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))

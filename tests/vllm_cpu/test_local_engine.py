@@ -63,3 +63,14 @@ def test_an_engine_that_cannot_start_stops_the_run_in_one_line(tiny_model, tmp_p
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: vLLM could not start an engine for") and "no_such_engine_argument" in last, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_max_tokens_that_fill_the_engines_context_window_stop_the_run_before_any_request(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    small = {**ENGINE_ARGS, "max_model_len": 1024}  # annotate_sample asks --max-tokens 2048
+    r = refine_data(*annotate_sample(out, *vllm_teacher(tiny_model, small)))
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "--max-tokens 2048 leaves no room for the prompt" in last, r.stderr[-3000:]
+    assert "context window of 1024 tokens" in last and "in-process vLLM engine" in last
+    assert "Traceback" not in r.stderr and not (out / "refinevla.json").exists()

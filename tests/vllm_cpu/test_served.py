@@ -12,6 +12,7 @@ error messages here).
 from __future__ import annotations
 
 import asyncio
+import json
 
 import pytest
 
@@ -32,7 +33,7 @@ def server_teacher(served: Server) -> tuple[str, ...]:
     return ("--teacher", "openai-compatible", "--base-url", served.base_url, "--model", served.model)
 
 
-def test_the_served_model_annotates_text_only_episodes_and_a_rerun_asks_nothing(served, tmp_path):
+def test_the_served_model_annotates_text_only_episodes_and_a_rerun_asks_nothing(served, tiny_model, tmp_path):
     out = tmp_path / "out"
     args = annotate_sample(out, *server_teacher(served))
     first = refine_data(*args)
@@ -40,6 +41,10 @@ def test_the_served_model_annotates_text_only_episodes_and_a_rerun_asks_nothing(
     manifest = assert_settled_and_counted(out, EPISODES)
     assert manifest["teacher"]["base_url"] == served.base_url and manifest["teacher"]["model"] == served.model
     assert manifest["schema"]["request_detail"] == "episode"  # a grammar per episode: the default for a server
+    import vllm  # the server's own description of itself: GET /version and the model's card in /v1/models
+
+    window = json.loads((tiny_model / "config.json").read_text())["max_position_embeddings"]
+    assert manifest["teacher"]["server"] == {"software": "vllm", "version": vllm.__version__, "max_model_len": window}
     attempts = assert_every_answer_follows_the_schema(out)
     assert manifest["this_run"]["requests"] == len(attempts) >= EPISODES
 
@@ -47,7 +52,19 @@ def test_the_served_model_annotates_text_only_episodes_and_a_rerun_asks_nothing(
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = assert_settled_and_counted(out, EPISODES)
     assert rerun["this_run"]["requests"] == 0, "a rerun asks nothing"
+    assert rerun["teacher"] == manifest["teacher"], "and still names the server that wrote the rows"
     assert len(assert_every_answer_follows_the_schema(out)) == len(attempts)
+
+
+def test_max_tokens_that_fill_the_served_context_window_stop_the_run_before_any_request(served, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    window = json.loads((tiny_model / "config.json").read_text())["max_position_embeddings"]
+    r = refine_data(*annotate_sample(out, *server_teacher(served)), "--max-tokens", str(window))
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert f"--max-tokens {window} leaves no room for the prompt" in last, r.stderr[-3000:]
+    assert f"context window of {window} tokens" in last and "Traceback" not in r.stderr
+    assert not (out / "refinevla.json").exists(), "nothing annotated, nothing stored"
 
 
 def test_keyframes_for_a_text_only_model_stop_the_run_in_one_line(served, tmp_path):
