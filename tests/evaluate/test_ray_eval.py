@@ -119,6 +119,9 @@ def test_a_tiny_policy_on_ray_equals_the_local_run_and_a_killed_driver_resumes_w
     proc = on_ray(sim_env, ray_cluster, *args)
     log = out / "episodes.jsonl"
     try:
+        wait_until(lambda: (out / "run.json").is_file() or proc.poll() is not None, "the run to start", 300)
+        second = finish(on_ray(sim_env, ray_cluster, *args), timeout=120)  # the driver holds --out for the cluster
+        assert second.returncode == 1 and f"is in use by pid {proc.pid} " in second.stderr, second.stderr
         wait_until(lambda: (log.is_file() and b"\n" in log.read_bytes()) or proc.poll() is not None, "an episode", 300)
     finally:
         os.kill(proc.pid, signal.SIGKILL)  # no cleanup at all; its workers end with it (Ray ends an owner's actors)
