@@ -112,11 +112,11 @@ def test_replay_on_ray_equals_the_local_run_and_a_node_lost_under_an_episode_is_
 def test_a_tiny_policy_on_ray_equals_the_local_run_and_a_killed_driver_resumes_what_is_missing(
     carrot_run: Path, paligemma_policy: Path, sim_env: dict[str, str], ray_cluster: LocalRayCluster, tmp_path: Path
 ) -> None:
-    """The same command as `carrot_run` (3 episodes, videos, action logs), on two workers."""
+    """The same command as `carrot_run` (3 episodes, videos, action logs), on one worker, then two."""
     out = tmp_path / "ray"
     args = ["--policy", str(paligemma_policy), "--max-episodes", "3", "--max-rationale-tokens", "6"]
-    args += ["--video", "--log-actions", "--out", str(out), "--workers", "2"]
-    proc = on_ray(sim_env, ray_cluster, *args)
+    args += ["--video", "--log-actions", "--out", str(out)]
+    proc = on_ray(sim_env, ray_cluster, *args, "--workers", "1")  # one policy loading: the first episode sooner
     log = out / "episodes.jsonl"
     try:
         wait_until(lambda: (out / "run.json").is_file() or proc.poll() is not None, "the run to start", 300)
@@ -129,7 +129,7 @@ def test_a_tiny_policy_on_ray_equals_the_local_run_and_a_killed_driver_resumes_w
     first = len(episodes(out))
     assert 1 <= first < 3, first
 
-    rerun = finish(on_ray(sim_env, ray_cluster, *args), timeout=300)
+    rerun = finish(on_ray(sim_env, ray_cluster, *args, "--workers", "2"), timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert f"{3 - first} episodes to run, {first} already done" in rerun.stdout
     ray, local = by_key(out), by_key(carrot_run)
