@@ -200,12 +200,14 @@ def fractal_dir(tmp_path: Path) -> str:
 # together (its module fixtures are built once), and the files that share a costly session fixture travel
 # together, so a Ray cluster or the simulator's demos is built once per run, not once per worker.
 SHARED_FIXTURE_GROUPS = (
-    ("ray_cluster", "ray-cluster"),  # a local two-node Ray cluster (~10 s, and ~1 GiB)
     ("demos_dir", "simulator-demos"),  # refine-eval demos on the simulator (~20 s)
     ("paligemma_policy", "eval-policies"),  # refine-train checkpoints for the refine-eval tests
     ("idefics3_policy", "eval-policies"),
     ("eval_published", "eval-policies"),
     ("xvfb", "rerun-viewers"),  # spawned Rerun viewers on a virtual display (the native viewer's default ports)
+    # a local two-node Ray cluster (~10 s, and ~1 GiB): listed last, the cheapest to build twice, so the
+    # refine-eval Ray tests go with the demos or the policies they compare with (and start a cluster there)
+    ("ray_cluster", "ray-cluster"),
 )
 
 # The longest groups first (measured per file, --durations, 2 cores), so no long one starts last while
