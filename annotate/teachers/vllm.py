@@ -161,6 +161,12 @@ class VllmTeacher:
     async def start(self) -> None:
         self._vllm = import_vllm()
         self.structured_outputs_field = structured_output_api()[0]
+        declared = self.engine_args.get("max_model_len")  # --vllm-args: known before a minute of model loading
+        too_small = context_too_small(
+            self.max_tokens, declared if isinstance(declared, int) else None, self.model, "the in-process vLLM engine"
+        )
+        if too_small is not None:
+            raise too_small
         if self._llm is None:
             try:
                 self._llm = await asyncio.to_thread(

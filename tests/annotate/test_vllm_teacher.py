@@ -96,6 +96,33 @@ def test_self_check_refuses_an_engine_that_ignores_the_schema(monkeypatch):
         asyncio.run(teacher.start())
 
 
+def test_max_tokens_that_fill_the_context_window_stop_before_the_first_request(monkeypatch):
+    """Declared in --vllm-args: refused before the engine loads; otherwise read from the loaded engine."""
+    fake_vllm(monkeypatch)
+    loaded: list[dict[str, Any]] = []
+    monkeypatch.setattr(sys.modules["vllm"], "LLM", lambda **kw: loaded.append(kw) or FakeLLM())
+    declared = VllmTeacher("m", max_tokens=2048, engine_args={"max_model_len": 2048})
+    with pytest.raises(RefineError, match=r"--max-tokens 2048 leaves no room for the prompt.*context window of 2048"):
+        asyncio.run(declared.start())
+    assert loaded == [], "the engine never loads"
+
+    engine = FakeLLM()
+    engine.model_config = types.SimpleNamespace(max_model_len=1024)  # type: ignore[attr-defined]
+    found = VllmTeacher("m", max_tokens=2048, llm=engine)
+    with pytest.raises(RefineError, match="context window of 1024 tokens"):
+        asyncio.run(found.start())
+    assert engine.calls == [], "not even the start-up probe is asked"
+
+    fits = VllmTeacher("m", max_tokens=1000, llm=engine)
+
+    async def start_and_close() -> None:
+        await fits.start()
+        await fits.close()
+
+    asyncio.run(start_and_close())
+    assert len(engine.calls) == 1, "below the window: the engine is probed and the run goes on"
+
+
 @pytest.mark.parametrize("new_api", [True, False])
 def test_requests_are_batched_and_each_is_constrained_by_its_own_episode_schema(
     monkeypatch, tiny_rlds, tmp_path, new_api
