@@ -30,7 +30,7 @@ from .base import (
     unreachable_reason,
 )
 from .refusals import setup_refusal
-from .server_info import ServerInfo, ask_server, context_too_small
+from .server_info import ServerInfo, ask_server, check_context_window
 
 
 @dataclass(frozen=True)
@@ -157,9 +157,7 @@ class OpenAICompatTeacher:
         self._endpoint = base + "chat/completions" if "?" not in base else "/chat/completions"
         if self.provider.name == "openai-compatible" and self.server is None:  # the hosted APIs are known
             self.server = await ask_server(self._client, self.base_url, self.model)
-            too_small = context_too_small(self.max_tokens, self.server.max_model_len, self.model, self.base_url)
-            if too_small is not None:
-                raise too_small
+            check_context_window(self.max_tokens, self.server.max_model_len, self.model, self.base_url)
 
     def provenance(self) -> dict[str, Any]:
         """What the manifest records beyond name, model and sampling: for a self-hosted server, the serving

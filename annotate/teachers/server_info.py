@@ -10,7 +10,7 @@ Two things a run needs from the server that the chat endpoint does not say:
   `max_tokens` exceeds `max_model_len`, with the same "context length" message an over-long episode
   gets, which the refusal rules treat as that episode's reject. When `max_tokens` alone reaches the
   window, every episode would be rejected that way; the run stops before the first request instead
-  (`context_too_small`), asks and stores nothing.
+  (`check_context_window`), asks and stores nothing.
 
 Asking is best effort: a server that answers neither route is recorded as unknown, and the run goes on.
 """
@@ -77,11 +77,12 @@ async def ask_server(client: Any, base_url: str, model: str) -> ServerInfo:
     return ServerInfo(software, str(version) if version else None, length if isinstance(length, int) else None)
 
 
-def context_too_small(max_tokens: int, max_model_len: int | None, model: str, where: str) -> TeacherConfigError | None:
-    """The one-line stop when `--max-tokens` alone fills the model's context window (no room for a prompt)."""
-    if max_model_len is None or max_tokens < max_model_len:
-        return None
-    return TeacherConfigError(
+def check_context_window(max_tokens: int, max_model_len: object, model: str, where: str) -> None:
+    """Stop in one line when `--max-tokens` alone fills the model's context window (no room for a prompt);
+    an unknown window (`max_model_len` not an int) passes."""
+    if not isinstance(max_model_len, int) or max_tokens < max_model_len:
+        return
+    raise TeacherConfigError(
         redact(
             f"--max-tokens {max_tokens} leaves no room for the prompt: the model {model!r} at {where} has a "
             f"context window of {max_model_len} tokens, and every request would be refused; pass a --max-tokens "
@@ -90,4 +91,4 @@ def context_too_small(max_tokens: int, max_model_len: int | None, model: str, wh
     )
 
 
-__all__ = ["ServerInfo", "ask_server", "context_too_small", "model_card", "server_root"]
+__all__ = ["ServerInfo", "ask_server", "check_context_window", "model_card", "server_root"]

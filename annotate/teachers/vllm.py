@@ -30,9 +30,10 @@ from typing import Any
 
 from ..errors import RefineError
 from .base import TeacherRequest, TeacherResponse
-from .server_info import context_too_small
+from .server_info import check_context_window
 
 log = logging.getLogger(__name__)
+ENGINE_WHERE = "the in-process vLLM engine"  # where a context-window refusal says the model runs
 
 PROBE_FIELD = "refinevla_probe_q7"
 PROBE_VALUE = "constrained-decoding-active"
@@ -161,12 +162,8 @@ class VllmTeacher:
     async def start(self) -> None:
         self._vllm = import_vllm()
         self.structured_outputs_field = structured_output_api()[0]
-        declared = self.engine_args.get("max_model_len")  # --vllm-args: known before a minute of model loading
-        too_small = context_too_small(
-            self.max_tokens, declared if isinstance(declared, int) else None, self.model, "the in-process vLLM engine"
-        )
-        if too_small is not None:
-            raise too_small
+        # a window declared in --vllm-args is known before a minute of model loading
+        check_context_window(self.max_tokens, self.engine_args.get("max_model_len"), self.model, ENGINE_WHERE)
         if self._llm is None:
             try:
                 self._llm = await asyncio.to_thread(
@@ -175,11 +172,8 @@ class VllmTeacher:
             except Exception as exc:  # a wrong engine argument, a model it cannot load, no device: one line
                 raise engine_error(f"vLLM could not start an engine for {self.model!r}", exc) from None
         try:
-            window = getattr(getattr(self._llm, "model_config", None), "max_model_len", None)
-            window = window if isinstance(window, int) else None
-            too_small = context_too_small(self.max_tokens, window, self.model, "the in-process vLLM engine")
-            if too_small is not None:  # every request would be refused as too long: stop before the first
-                raise too_small
+            window = getattr(getattr(self._llm, "model_config", None), "max_model_len", None)  # the engine's own
+            check_context_window(self.max_tokens, window, self.model, ENGINE_WHERE)
             await asyncio.to_thread(self.self_check)
         except RefineError:  # the run stops here: its engine processes go now, not in a warning at exit
             await asyncio.to_thread(self.shutdown_engine)
