@@ -41,6 +41,7 @@ import numpy as np
 
 from ..train.policy import ACTION_TAG, N_ACTION, find_tag, generate, resize_image
 from .errors import EvalError
+from .policy import torch_device
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -245,11 +246,7 @@ def run_attention(
     from ..train.policy import Policy
 
     frame = read_frame(image_path)
-    if device is None:
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = Policy(policy_dir, device=device, trust_remote_code=trust_remote_code)
+    policy = Policy(policy_dir, device=torch_device(device), trust_remote_code=trust_remote_code)
     maps = attention_maps(policy, frame, instruction, layers, reasoning, max_rationale_tokens)
     write_attention(maps, frame, out)
     return maps

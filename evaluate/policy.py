@@ -96,6 +96,27 @@ class PolicySetup:
         return h.hexdigest()
 
 
+def torch_device(device: str | None) -> str:
+    """--device as torch takes it: by default cuda where torch sees one, else cpu.
+
+    A device torch cannot use here is one line before the checkpoint is read; torch's own error would be
+    an AssertionError ("Torch not compiled with CUDA enabled") from deep inside `.to()`, after the loading.
+    """
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        wanted = torch.device(device)
+    except RuntimeError as exc:
+        raise EvalError(f"--device {device}: not a torch device ({exc})") from None
+    if wanted.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (wanted.index is not None and wanted.index >= count):
+            raise EvalError(f"--device {device}: torch sees {count} CUDA device(s) on this machine")
+    return device
+
+
 class RefinePolicy(PolicySetup):
     """SimplerEnv-style policy around `refinevla.train.policy.Policy`."""
 
@@ -111,11 +132,7 @@ class RefinePolicy(PolicySetup):
         from ..train.policy import Policy
 
         super().__init__(checkpoint, robot, reasoning, max_rationale_tokens)  # before minutes of loading
-        if device is None:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.checkpoint = Policy(checkpoint, device=device, trust_remote_code=trust_remote_code)
+        self.checkpoint = Policy(checkpoint, device=torch_device(device), trust_remote_code=trust_remote_code)
         self.instructions: list[str] = []
         self.gripper = GripperState(self.robot, 1)
         self.last: list[Generated] = []

@@ -64,6 +64,7 @@ from .runner import (
     record_episode,
     run_batch,
     run_fields,
+    settled,
     start_results,
     tally,
 )
@@ -396,6 +397,9 @@ def run_held(args: RunArgs, tasks: list[Task], progress: Callable[[str], None], 
     setup = policy_setup(args)  # no weights: the workers load them
     run = run_fields(args, setup)  # the paths as given, as a local run records them
     check_same_run(args.out, run)
+    finished = settled(args, tasks, demos, progress)
+    if finished is not None:  # nothing to run: no cluster to join, no worker to start
+        return finished
     args = absolute(args)
     ray = connect(args.ray_address)
     try:

@@ -285,6 +285,35 @@ def tally(out: Path, summary: RunSummary) -> RunSummary:
     return summary
 
 
+def settled(
+    args: RunArgs, tasks: list[Task], demos: DemoPairs | None, progress: Callable[[str], None]
+) -> RunSummary | None:
+    """The summary of a run with nothing left to run, known from the results folder alone; else None.
+
+    A rerun of a finished run (to print its summary, or a loop over checkpoints run again) then loads
+    neither the policy nor a simulator, nor starts Ray workers: each task's configuration count is the
+    one run.json recorded when its simulator first opened (`simulators`), so the schedule is the same.
+    A task never opened, or one with an episode still missing, is None: the run proper decides.
+    """
+    if not (args.out / RUN_FILE).is_file():
+        return None
+    recorded = {key.split(":", 1)[-1]: sim for key, sim in read_run(args.out).get("simulators", {}).items()}
+    done = {episode_key(r["suite"], r["task"], r["config"], r["repeat"]) for r in read_episodes(args.out)}
+    summary, lines = RunSummary(), []
+    for task in tasks:
+        n_configs = recorded.get(task.env_id, {}).get("n_configs")
+        if not isinstance(n_configs, int):
+            return None
+        todo, already = schedule(task, n_configs, args, done, demos)
+        if todo:
+            return None
+        summary.skipped += already
+        lines.append(f"{task.name} ({task.env_id}): 0 episodes to run, {already} already done")
+    for line in lines:
+        progress(line)
+    return tally(args.out, summary)
+
+
 def _run_held(
     args: RunArgs, tasks: list[Task], progress: Callable[[str], None], demos: DemoPairs | None = None
 ) -> RunSummary:
@@ -292,6 +321,9 @@ def _run_held(
     setup = policy_setup(args)
     run = run_fields(args, setup)
     check_same_run(args.out, run)  # before minutes of model loading
+    finished = settled(args, tasks, demos, progress)
+    if finished is not None:
+        return finished
     policy = load_policy(args, setup)
     if isinstance(setup, PolicySetup) and setup.budget_warning:
         progress(f"warning: {setup.budget_warning}")

@@ -55,7 +55,8 @@ def frames(video: Path) -> list[np.ndarray]:
 def test_a_tiny_policy_on_ray_equals_the_local_run_and_a_killed_driver_resumes_what_is_missing(
     carrot_run: Path, paligemma_policy: Path, sim_env: dict[str, str], ray_cluster: LocalRayCluster, tmp_path: Path
 ) -> None:
-    """The same command as `carrot_run` (3 episodes, videos, action logs), on one worker, then two."""
+    """The same command as `carrot_run` (3 episodes, videos, action logs), on one worker, then two, then
+    once more when it is finished."""
     out = tmp_path / "ray"
     args = ["--policy", str(paligemma_policy), "--max-episodes", "3", "--max-rationale-tokens", "6"]
     args += ["--video", "--log-actions", "--out", str(out)]
@@ -83,6 +84,11 @@ def test_a_tiny_policy_on_ray_equals_the_local_run_and_a_killed_driver_resumes_w
         assert len(shipped) == len(here)
         assert max(np.abs(a - b).mean() for a, b in zip(shipped, here, strict=True)) < 1.0
     assert not list(out.rglob("*.partial"))
+    # finished: the same command runs nothing and joins no cluster (its address is now one where nothing answers)
+    nowhere = ("--backend", "ray", "--ray-address", f"127.0.0.1:{free_port()}")
+    again = finish(start_eval(sim_env, *nowhere, *args), timeout=120)
+    assert again.returncode == 0 and "0 episodes to run, 3 already done" in again.stdout, again.stdout + again.stderr
+    assert by_key(out) == local
 
 
 def test_a_cluster_without_the_assets_or_no_cluster_at_all_is_one_line_before_any_model_loads(

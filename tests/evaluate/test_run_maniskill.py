@@ -109,10 +109,17 @@ def test_report_beside_published_baselines(carrot_run: Path, tmp_path: Path, sim
 def test_rerun_of_a_finished_run_runs_nothing(
     carrot_run: Path, paligemma_policy: Path, sim_env: dict[str, str]
 ) -> None:
+    """Nothing left to run: the policy is not even loaded (a --device this machine lacks is never touched);
+    with one episode left it is, and that device is one line."""
     args = ["run", "--policy", str(paligemma_policy), "--suite", "widowx", "--tasks", "carrot_on_plate"]
-    result = refine_eval(sim_env, *args, "--max-episodes", "3", "--max-rationale-tokens", "6", "--out", str(carrot_run))
+    args += ["--max-rationale-tokens", "6", "--device", "cuda:7", "--out", str(carrot_run)]
+    result = refine_eval(sim_env, *args, "--max-episodes", "3")
     assert result.returncode == 0, result.stderr
     assert "0 episodes to run, 3 already done" in result.stdout
+    assert len(episodes(carrot_run)) == 3
+    more = refine_eval(sim_env, *args, "--max-episodes", "4")  # one episode to run: the policy loads, and fails
+    assert more.returncode == 1 and "--device cuda:7: torch sees 0 CUDA device(s)" in more.stderr, more.stderr
+    assert "Traceback" not in more.stderr
     assert len(episodes(carrot_run)) == 3
 
 
