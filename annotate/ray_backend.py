@@ -132,33 +132,48 @@ class Cluster:
         return out
 
 
-def check_address(address: str, timeout: float = 5.0) -> None:
-    """One line, quickly, when nothing listens at HOST:PORT (ray.init would wait a minute, then trace back)."""
+def check_address(address: str, timeout: float = 5.0, given: str | None = None) -> None:
+    """One line, quickly, when nothing listens at HOST:PORT (ray.init would wait a minute, then trace back).
+
+    `given`: how the user named it, when not as HOST:PORT (`--ray-address auto` through $RAY_ADDRESS)."""
+    flag = f"--ray-address {given or address}"
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
-        raise RefineError(f"--ray-address {address!r}: expected HOST:PORT (e.g. 127.0.0.1:6379), 'auto' or 'local'")
+        raise RefineError(f"{flag}: expected HOST:PORT (e.g. 127.0.0.1:6379), 'auto' or 'local'")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
     except OSError as exc:
         raise RefineError(
-            f"--ray-address {address}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
+            f"{flag}: no Ray cluster answers there ({exc.strerror or exc}); start one with "
             "`ray start --head` or give the head's address"
         ) from None
+
+
+def joined_address(address: str) -> str:
+    """What `--ray-address` joins: 'auto' is Ray's own `RAY_ADDRESS` when that is set (so it is checked and
+    recognised as a loopback cluster like a HOST:PORT given), else left to Ray (the cluster `ray start` on
+    this machine recorded)."""
+    if address == "auto":
+        return os.environ.get("RAY_ADDRESS", "").strip() or "auto"
+    return address
 
 
 def connect(address: str | None) -> Any:
     """ray.init for the run: 'local'/None starts a private cluster on this machine; 'auto' or HOST:PORT joins one."""
     ray = import_ray()
-    if address and address not in ("auto", "local"):
-        check_address(address.removeprefix("ray://"))
+    target = joined_address(address) if address else None
+    if target and target not in ("auto", "local"):
+        check_address(
+            target.removeprefix("ray://"), given=None if target == address else f"auto ($RAY_ADDRESS={target})"
+        )
     kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False, "include_dashboard": False}
-    if not address or address == "local":
+    if not target or target == "local":
         kwargs["address"] = "local"
         kwargs["_node_ip_address"] = "127.0.0.1"  # never bind a private cluster to the network
     else:
-        kwargs["address"] = address
-        if address.removeprefix("ray://").rpartition(":")[0] in ("127.0.0.1", "localhost"):
+        kwargs["address"] = target
+        if target.removeprefix("ray://").rpartition(":")[0] in ("127.0.0.1", "localhost"):
             kwargs["_node_ip_address"] = "127.0.0.1"  # a loopback cluster: else Ray picks the network address
     try:
         ray.init(**kwargs)

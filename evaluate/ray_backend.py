@@ -412,7 +412,8 @@ def run_held(args: RunArgs, tasks: list[Task], progress: Callable[[str], None], 
         alive = len([n for n in ray.nodes() if n.get("Alive")])
         cluster = {
             "name": "ray",
-            "address": args.ray_address or "local",
+            "address": args.ray_address or "local",  # as given ('auto', 'local', HOST:PORT)
+            "gcs_address": ray.get_runtime_context().gcs_address,  # the cluster it joined (a private one: its own)
             "nodes": alive,
             "workers": shape.workers,
             "cpus_per_worker": shape.cpus,

@@ -21,8 +21,12 @@ import pytest
 
 pytest.importorskip("ray.data", reason="ray.data: needs the [ray] extra")
 
+from refinevla.evaluate.ray_backend import JOURNAL_ENV
+from refinevla.evaluate.report import write_report
+from refinevla.evaluate.results import read_episodes, read_run
 from tests.annotate.ray_cluster import DRIVER_ENV, LocalRayCluster, finish, free_port, wait_until
 from tests.evaluate.conftest import episodes
+from tests.evaluate.test_report import cell, table
 
 CARROT = ["--suite", "widowx", "--tasks", "carrot_on_plate"]
 
@@ -89,6 +93,13 @@ def test_a_tiny_policy_on_ray_equals_the_local_run_and_a_killed_driver_resumes_w
     again = finish(start_eval(sim_env, *nowhere, *args), timeout=120)
     assert again.returncode == 0 and "0 episodes to run, 3 already done" in again.stdout, again.stdout + again.stderr
     assert by_key(out) == local
+    # the report reads a Ray run's folder as a local run's: the same cells, and nothing flagged as not comparable
+    md = write_report([carrot_run, out], out=tmp_path / "report").markdown.read_text()
+    rows, name = table(md, "WidowX"), read_run(out)["policy"]["name"]
+    for metric in ("success", "grasp"):
+        here, there = (cell(rows, "carrot_on_plate", f"{name} ({f.name}) {metric}") for f in (carrot_run, out))
+        assert here == there and "n=3" in here, (here, there)
+    assert "not comparable" not in md
 
 
 def test_a_cluster_without_the_assets_or_no_cluster_at_all_is_one_line_before_any_model_loads(
@@ -110,18 +121,29 @@ def test_a_cluster_without_the_assets_or_no_cluster_at_all_is_one_line_before_an
     assert r.returncode == 1 and "--workers: need --backend ray" in r.stderr, r.stderr
 
 
-def test_ctrl_c_while_the_workers_start_exits_130_with_the_resume_line(
+def test_ctrl_c_while_a_batch_runs_exits_130_with_the_resume_line_and_auto_joins_ray_address(
     paligemma_policy: Path, sim_env: dict[str, str], ray_cluster: LocalRayCluster, tmp_path: Path
 ) -> None:
-    proc = on_ray(sim_env, ray_cluster, "--policy", str(paligemma_policy), "--out", str(tmp_path / "o"))
-    assert proc.stdout is not None
-    for line in proc.stdout:  # the nodes are checked, run.json written, the workers asked for
-        if line.startswith("ray: "):
-            break
-    proc.send_signal(signal.SIGINT)
+    """Ctrl-C while a worker holds an episode; the cluster found by `--ray-address auto` from $RAY_ADDRESS."""
+    journal, out = tmp_path / "journal", tmp_path / "o"
+    journal.mkdir()
+    (journal / "hold").touch()  # the worker waits once it has started its batch: Ctrl-C lands mid-batch
+    env = {**sim_env, JOURNAL_ENV: str(journal), "RAY_ADDRESS": ray_cluster.address}
+    proc = start_eval(
+        env, "--backend", "ray", "--ray-address", "auto", "--policy", str(paligemma_policy), "--out", str(out)
+    )
+    started = journal / "batches.log"
+    try:
+        wait_until(lambda: started.is_file() or proc.poll() is not None, "a batch to start", 300)
+    finally:
+        proc.send_signal(signal.SIGINT)
     r = finish(proc, timeout=60)
-    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stdout + r.stderr
     assert "Run the same command again to continue" in r.stderr
+    assert "ray: " in r.stdout, r.stdout  # joined the session's cluster (its node count, workers)
+    assert read_episodes(out) == []  # the batch was in flight: nothing half-written
+    cluster = read_run(out)["cluster"]
+    assert cluster["address"] == "auto" and cluster["gcs_address"] == ray_cluster.address
 
 
 def test_help_does_not_import_ray() -> None:

@@ -70,3 +70,28 @@ def test_a_family_without_an_adapter_names_the_families(tmp_path):
     msg = str(exc.value)
     assert "'llava' has no refine-train adapter" in msg and "paligemma" in msg and "idefics3" in msg
     assert "\n" not in msg
+
+
+def test_a_small_training_set_decodes_each_frame_once_and_a_large_one_streams(published, cache_dir, monkeypatch):
+    from refinevla.train import data
+
+    table = build_table(open_published(str(published)), cache_dir=cache_dir)
+    decoded: list[int] = []
+    real = data.decode_resize
+    monkeypatch.setattr(data, "decode_resize", lambda frame, size: decoded.append(1) or real(frame, size))
+    indices = [0, 7, 20]
+    samples = StepSamples(table, indices, (32, 32))
+    first = [samples[k]["image"] for k in range(3)]
+    again = [samples[k]["image"] for k in range(3)]  # the next epoch
+    assert len(decoded) == 3 and all(a is b for a, b in zip(first, again, strict=True))
+    for image, index in zip(first, indices, strict=True):  # exactly what decoding gives
+        assert np.array_equal(image, real(table.row(index)["frame"], (32, 32)))
+    with pytest.raises(ValueError, match="read-only"):  # a transform writing into it fails, never the next epoch
+        first[0][0, 0, 0] = 1
+
+    monkeypatch.setattr(data, "FRAME_CACHE_BYTES", 2 * 32 * 32 * 3)  # two frames fit, not three: every item decodes
+    streaming = StepSamples(table, indices, (32, 32))
+    decoded.clear()
+    for _ in range(2):
+        assert [streaming[k]["image"].shape for k in range(3)] == [(32, 32, 3)] * 3
+    assert len(decoded) == 6
