@@ -307,8 +307,10 @@ class Dispatch:
                 ref = worker.open.remote(job.task) if job.batch is None else worker.run.remote(job.task, job.batch)
                 self.running[ref] = (worker, job)
             ready, _ = self.ray.wait([*self.running, *self.starting], num_returns=1, timeout=WAITING_NOTE_S)
+            if self.running or self.idle:
+                waited = time.monotonic()
             if not ready:
-                if not self.started and time.monotonic() - waited >= WAITING_NOTE_S:
+                if time.monotonic() - waited >= WAITING_NOTE_S:  # no worker alive: none placed yet, or all lost
                     self.progress(
                         f"waiting for the cluster to place a worker ({self.shape.cpus} CPU(s), "
                         f"{self.shape.gpus:g} GPU(s) each)"
