@@ -96,6 +96,11 @@ class RunArgs:
     cpus_per_worker: int | None = option(
         None, "--backend ray: CPUs per worker (default 1; CPU physics runs --num-envs processes: give as many)."
     )
+    placement_timeout: float | None = option(
+        None,
+        "--backend ray: stop, in one line, once no worker has been alive for this many seconds (none placed, or "
+        "all lost and none placed again); the same command continues the run. Default 600.",
+    )
 
 
 @dataclass

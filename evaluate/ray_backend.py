@@ -72,7 +72,10 @@ from .suites import Task
 
 WORKER_ENV = ("MS_ASSET_DIR",)  # the driver's, when set, are the workers' (the simulator reads them at import)
 LOSSES_PER_WORKER = 3  # workers lost per worker asked for before the run gives up: the cluster keeps failing
-WAITING_NOTE_S = 60.0  # say so when no worker has started after this long (the cluster cannot place them)
+WAITING_NOTE_S = 60.0  # say so when no worker has been alive for this long (the cluster cannot place one)
+# ... and stop when none has been for --placement-timeout (this by default): on a cluster that can never place
+# one (its only fitting node lost) the run would otherwise wait forever; an autoscaler adds a node in minutes.
+PLACEMENT_TIMEOUT_S = 600.0
 # Test hook: a directory every node can write (the tests' cluster is one machine). When the driver's
 # environment names one, each worker appends a JSON line to DIR/batches.log when it starts a batch (its
 # keys, node and pid) and when it ends one, and while DIR/hold exists waits after starting: a node can
@@ -184,6 +187,10 @@ class EvalWorker:
         self.sim: Any = None
         self.node = ""
 
+    def placed(self) -> bool:
+        """Answers once Ray has placed this actor (the driver then counts it alive while the policy loads)."""
+        return True
+
     def start(self) -> dict[str, Any]:
         """Load the policy (on the worker's GPU if Ray gave it one, else on the CPU): its node and GPUs."""
         import ray
@@ -285,6 +292,8 @@ class Dispatch:
         self.summary = RunSummary()
         self.jobs: deque[Job] = deque()
         self.starting: dict[Any, Any] = {}  # start() ref -> worker
+        self.placing: dict[Any, Any] = {}  # placed() ref -> its worker's start() ref: ready once Ray placed it
+        self.loading: set[Any] = set()  # start() refs of workers placed and loading the policy (alive)
         self.running: dict[Any, tuple[Any, Job]] = {}  # job ref -> (worker, job)
         self.idle: list[Any] = []
         self.assets: dict[str, str | None] = {}  # task env id -> the asset digest recorded
@@ -294,33 +303,51 @@ class Dispatch:
 
     def add_worker(self) -> None:
         worker = self.worker_class.remote(self.args, self.journal)
-        self.starting[worker.start.remote()] = worker
+        placed = worker.placed.remote()  # answers as soon as the actor exists: a policy may load for minutes
+        start = worker.start.remote()
+        self.starting[start] = worker
+        self.placing[placed] = start
 
     def run(self, tasks: list[Task]) -> RunSummary:
         self.jobs.extend(Job(task) for task in tasks)
         for _ in range(self.shape.workers):
             self.add_worker()
-        waited = time.monotonic()
+        limit = self.args.placement_timeout or PLACEMENT_TIMEOUT_S
+        alive = time.monotonic()  # the last time a worker was alive (or the run began)
         while self.jobs or self.running:
             while self.idle and self.jobs:
                 worker, job = self.idle.pop(), self.jobs.popleft()
                 ref = worker.open.remote(job.task) if job.batch is None else worker.run.remote(job.task, job.batch)
                 self.running[ref] = (worker, job)
-            ready, _ = self.ray.wait([*self.running, *self.starting], num_returns=1, timeout=WAITING_NOTE_S)
-            if self.running or self.idle:
-                waited = time.monotonic()
+            wait = min(WAITING_NOTE_S, max(0.0, limit - (time.monotonic() - alive)))
+            ready, _ = self.ray.wait([*self.running, *self.starting, *self.placing], num_returns=1, timeout=wait)
+            if ready and ready[0] in self.placing:
+                self.loading.add(self.placing.pop(ready[0]))
+            if self.running or self.idle or self.loading:
+                alive = time.monotonic()
             if not ready:
-                if time.monotonic() - waited >= WAITING_NOTE_S:  # no worker alive: none placed yet, or all lost
-                    self.progress(
-                        f"waiting for the cluster to place a worker ({self.shape.cpus} CPU(s), "
-                        f"{self.shape.gpus:g} GPU(s) each)"
-                    )
+                self.no_worker_for(time.monotonic() - alive, limit)
+                continue
+            if ready[0] not in self.starting and ready[0] not in self.running:  # a placed() answer
                 continue
             if ready[0] in self.starting:
                 self.started_one(ready[0])
             else:
                 self.finished(ready[0])
         return self.summary
+
+    def no_worker_for(self, seconds: float, limit: float) -> None:
+        """No worker alive (none placed yet, or all lost): a note each minute, and one line at --placement-timeout."""
+        shape = f"{self.shape.cpus} CPU(s) and {self.shape.gpus:g} GPU(s) each"
+        if seconds >= limit:
+            alive = len([n for n in self.ray.nodes() if n.get("Alive")])
+            raise EvalError(
+                f"no Ray worker ({shape}) could be placed in {limit:g} s (--placement-timeout) on the cluster's "
+                f"{alive} node(s); finished episodes are in {self.args.out}: run the same command again once the "
+                "cluster has room, or ask for less with --cpus-per-worker / --gpus-per-worker"
+            )
+        if seconds >= WAITING_NOTE_S:
+            self.progress(f"waiting for the cluster to place a worker ({shape})")
 
     def answer(self, ref: Any, worker: Any) -> Any:
         """The job's answer; None when its worker was lost (then replaced); a user's error raised as one line."""
@@ -341,6 +368,8 @@ class Dispatch:
 
     def started_one(self, ref: Any) -> None:
         worker = self.starting.pop(ref)
+        self.loading.discard(ref)
+        self.placing = {p: s for p, s in self.placing.items() if s != ref}  # lost before it was placed
         info = self.answer(ref, worker)
         if info is not None:
             self.started += 1

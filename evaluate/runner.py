@@ -173,6 +173,7 @@ def check_backend_flags(args: RunArgs) -> None:
         "--workers": args.workers,
         "--cpus-per-worker": args.cpus_per_worker,
         "--gpus-per-worker": args.gpus_per_worker,
+        "--placement-timeout": args.placement_timeout,
     }
     if args.backend == "local":
         given = [name for name, value in {**counts, "--ray-address": args.ray_address}.items() if value is not None]
@@ -181,8 +182,10 @@ def check_backend_flags(args: RunArgs) -> None:
         return
     least = {"--workers": 1, "--cpus-per-worker": 1, "--gpus-per-worker": 0}  # a worker runs its envs on CPUs
     for name, value in counts.items():
-        if value is not None and value < least[name]:
+        if value is not None and name in least and value < least[name]:
             raise EvalError(f"{name} {value:g}: must be at least {least[name]}")
+    if args.placement_timeout is not None and not args.placement_timeout > 0:
+        raise EvalError(f"--placement-timeout {args.placement_timeout:g}: must be more than 0 seconds")
 
 
 def selected_demos(args: RunArgs, tasks: list[Task]) -> DemoPairs | None:

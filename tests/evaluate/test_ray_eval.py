@@ -121,20 +121,32 @@ def test_a_cluster_without_the_assets_or_no_cluster_at_all_is_one_line_before_an
     assert r.returncode == 1 and "--workers: need --backend ray" in r.stderr, r.stderr
 
 
-def test_ctrl_c_while_a_batch_runs_exits_130_with_the_resume_line_and_auto_joins_ray_address(
+def test_ctrl_c_while_a_batch_runs_exits_130_with_the_resume_line_and_a_worker_never_placed_is_one_line(
     paligemma_policy: Path, sim_env: dict[str, str], ray_cluster: LocalRayCluster, tmp_path: Path
 ) -> None:
-    """Ctrl-C while a worker holds an episode; the cluster found by `--ray-address auto` from $RAY_ADDRESS."""
+    """Ctrl-C while a worker holds an episode (the cluster found by `--ray-address auto` from $RAY_ADDRESS); while
+    it holds, another run whose worker finds no room stops at --placement-timeout."""
     journal, out = tmp_path / "journal", tmp_path / "o"
     journal.mkdir()
     (journal / "hold").touch()  # the worker waits once it has started its batch: Ctrl-C lands mid-batch
     env = {**sim_env, JOURNAL_ENV: str(journal), "RAY_ADDRESS": ray_cluster.address}
-    proc = start_eval(
-        env, "--backend", "ray", "--ray-address", "auto", "--policy", str(paligemma_policy), "--out", str(out)
-    )
+    policy = ("--policy", str(paligemma_policy))
+    proc = start_eval(env, "--backend", "ray", "--ray-address", "auto", *policy, "--out", str(out))
     started = journal / "batches.log"
     try:
         wait_until(lambda: started.is_file() or proc.poll() is not None, "a batch to start", 300)
+        # meanwhile its workers (one per CPU) hold every CPU: another run's worker cannot be placed, and that run
+        # stops at its --placement-timeout, in one line (it would otherwise wait for as long as the first runs)
+        other = finish(
+            on_ray(
+                env, ray_cluster, *policy, "--workers", "1", "--placement-timeout", "3", "--out", str(tmp_path / "p")
+            )
+        )
+        assert other.returncode == 1 and other.stderr.count("\n") == 1, other.stdout + other.stderr
+        assert (
+            "no Ray worker (1 CPU(s) and 0 GPU(s) each) could be placed in 3 s (--placement-timeout)" in other.stderr
+        ), other.stderr
+        assert "run the same command again once the cluster has room" in other.stderr
     finally:
         proc.send_signal(signal.SIGINT)
     r = finish(proc, timeout=60)
