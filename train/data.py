@@ -58,30 +58,26 @@ def decode_resize(data: bytes, size: tuple[int, int]) -> np.ndarray:
         return resize_frame(opened.convert("RGB"), size)
 
 
-# A training set whose frames, decoded and resized, fit in this many bytes is decoded once per process:
-# each epoch of a few demonstrations otherwise decodes and resizes the same JPEGs again, a quarter of a tiny
-# model's step on the CPU (the closed loop: 4000 steps over 70 frames). A larger set is decoded per item as
-# it streams: with a shuffled order over more frames than fit, a cache would hit almost never.
+# A run whose frames, decoded and resized, fit in this many bytes decodes each of them once per process: every
+# epoch of a few demonstrations otherwise decodes and resizes the same JPEGs again, a quarter of a tiny model's
+# step on the CPU (the closed loop: 4000 steps over 70 frames). A larger set is decoded per item as it streams:
+# with a shuffled order over more frames than fit, a cache would hit almost never.
 FRAME_CACHE_BYTES = 512 << 20
 
 
-class StepSamples(torch.utils.data.Dataset[dict[str, Any]]):
-    """Table rows by position in `indices`, frames decoded and resized (in the worker that asks).
+class FrameCache:
+    """Decoded, resized frames by table row, kept across epochs (each epoch has a new DataLoader and dataset).
 
-    Decoded frames are kept (per process: each DataLoader worker has its own copy of this dataset) when all
-    of them fit in FRAME_CACHE_BYTES; they are read-only, so a transform that wrote into one would fail
-    instead of changing the next epoch's sample."""
+    Per process: with DataLoader workers (new processes each epoch) every epoch decodes again, in parallel;
+    without (the tiny CPU runs), the training process decodes each frame once. The frames are read-only, so a
+    transform that wrote into one would fail instead of changing the next epoch's sample."""
 
-    def __init__(self, table: TrainingTable, indices: Sequence[int], image_size: tuple[int, int]) -> None:
-        self.table = table
-        self.indices = list(indices)
+    def __init__(self, rows: int, image_size: tuple[int, int]) -> None:
         self.image_size = image_size
-        frame_bytes = image_size[0] * image_size[1] * 3
-        self.frames: dict[int, np.ndarray] | None = (
-            {} if len(set(self.indices)) * frame_bytes <= FRAME_CACHE_BYTES else None
-        )
+        fits = rows * image_size[0] * image_size[1] * 3 <= FRAME_CACHE_BYTES
+        self.frames: dict[int, np.ndarray] | None = {} if fits else None
 
-    def frame(self, index: int, data: bytes) -> np.ndarray:
+    def get(self, index: int, data: bytes) -> np.ndarray:
         if self.frames is None:
             return decode_resize(data, self.image_size)
         image = self.frames.get(index)
@@ -90,6 +86,23 @@ class StepSamples(torch.utils.data.Dataset[dict[str, Any]]):
             image.setflags(write=False)
             self.frames[index] = image
         return image
+
+
+class StepSamples(torch.utils.data.Dataset[dict[str, Any]]):
+    """Table rows by position in `indices`, frames decoded and resized (in the worker that asks), through
+    `frames` (the run's, shared by its epochs; by default one for these rows alone)."""
+
+    def __init__(
+        self,
+        table: TrainingTable,
+        indices: Sequence[int],
+        image_size: tuple[int, int],
+        frames: FrameCache | None = None,
+    ) -> None:
+        self.table = table
+        self.indices = list(indices)
+        self.image_size = image_size
+        self.frames = frames if frames is not None else FrameCache(len(set(self.indices)), image_size)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -104,7 +117,7 @@ class StepSamples(torch.utils.data.Dataset[dict[str, Any]]):
             "prompt": row["prompt"],
             "parts": loads_parts(row["parts"]),
             "action": np.asarray(row["action"], np.float32),
-            "image": self.frame(index, row["frame"]),
+            "image": self.frames.get(index, row["frame"]),
         }
 
 
@@ -167,7 +180,7 @@ class Collator:
         }
 
 
-__all__ = ["ACTION", "Collator", "StepSamples", "decode_resize", "epoch_order", "split_episodes"]
+__all__ = ["ACTION", "Collator", "FrameCache", "StepSamples", "decode_resize", "epoch_order", "split_episodes"]
 
 
 def to_device(inputs: dict[str, Any], device: Any) -> dict[str, Any]:

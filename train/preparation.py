@@ -8,14 +8,14 @@ The table is built once per dataset (rank 0 builds it, the others map it); stati
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .actions import ActionTokenizer, dataset_statistics, load_statistics
 from .adapters import ModelAdapter, adapter_for
 from .config import TrainConfig
-from .data import Collator, StepSamples, split_episodes
+from .data import Collator, FrameCache, StepSamples, split_episodes
 from .run_guard import ignore_interrupts
 from .table import TrainingTable, build_table, open_published
 
@@ -32,6 +32,7 @@ class Prepared:
     statistics: dict[str, Any]
     unnorm_key: str
     actions: ActionTokenizer
+    frames: FrameCache | None = field(default=None, repr=False)  # the run's decoded frames (make_loader's)
 
 
 def prepare(cfg: TrainConfig, accelerator: Any = None, checkpoint_statistics: bool = False) -> Prepared:
@@ -83,7 +84,10 @@ def make_loader(
         seed=cfg.seed,
         epoch=epoch,
     )
-    samples = StepSamples(p.table, [int(i) for i in indices], p.adapter.image_size(p.processor))
+    image_size = p.adapter.image_size(p.processor)
+    if p.frames is None:  # one for the whole run: each epoch's loader is new, its frames are not
+        p.frames = FrameCache(len(p.train_indices) + len(p.val_indices), image_size)
+    samples = StepSamples(p.table, [int(i) for i in indices], image_size, p.frames)
     workers = cfg.num_workers if len(samples) > (batch_size or cfg.batch_size) else 0
     return DataLoader(
         samples,

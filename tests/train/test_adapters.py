@@ -72,18 +72,30 @@ def test_a_family_without_an_adapter_names_the_families(tmp_path):
     assert "\n" not in msg
 
 
-def test_a_small_training_set_decodes_each_frame_once_and_a_large_one_streams(published, cache_dir, monkeypatch):
+def test_a_small_training_set_decodes_each_frame_once_per_run_and_a_large_one_streams(
+    published, cache_dir, paligemma_dir, monkeypatch
+):
+    from types import SimpleNamespace
+
     from refinevla.train import data
+    from refinevla.train.preparation import Prepared, make_loader
 
     table = build_table(open_published(str(published)), cache_dir=cache_dir)
     decoded: list[int] = []
     real = data.decode_resize
     monkeypatch.setattr(data, "decode_resize", lambda frame, size: decoded.append(1) or real(frame, size))
+    adapter = adapter_for(str(paligemma_dir))
+    processor = adapter.load_processor(str(paligemma_dir))
+    stats = dataset_statistics(table.episodes(), table.meta["transform"], "bridge_orig")["bridge_orig"]
+    actions = ActionTokenizer.from_statistics(stats, adapter.tokenizer(processor).vocab_size)
     indices = [0, 7, 20]
-    samples = StepSamples(table, indices, (32, 32))
-    first = [samples[k]["image"] for k in range(3)]
-    again = [samples[k]["image"] for k in range(3)]  # the next epoch
-    assert len(decoded) == 3 and all(a is b for a, b in zip(first, again, strict=True))
+    p = Prepared(table, adapter, processor, indices, [], {"bridge_orig": stats}, "bridge_orig", actions)
+    cfg = SimpleNamespace(reasoning=True, reasoning_dropout=0.0, seed=0, num_workers=0, batch_size=3)
+    epochs = [list(make_loader(p, indices, cfg, epoch=e, train=True)) for e in range(2)]  # a new loader each
+    assert len(decoded) == 3  # each frame once in the run, not once per epoch
+    assert torch.equal(epochs[0][0]["model_inputs"]["pixel_values"], epochs[1][0]["model_inputs"]["pixel_values"])
+    assert p.frames is not None and p.frames.frames is not None
+    first = [p.frames.frames[i] for i in indices]
     for image, index in zip(first, indices, strict=True):  # exactly what decoding gives
         assert np.array_equal(image, real(table.row(index)["frame"], (32, 32)))
     with pytest.raises(ValueError, match="read-only"):  # a transform writing into it fails, never the next epoch
