@@ -112,16 +112,20 @@ class _Connection(asyncio.Protocol):
             if len(self.buffer) < self.body_start + self.length:
                 return
             head = bytes(self.buffer[self.body_start : self.body_start + min(self.length, 16384)])
+            post = self.buffer.startswith(b"POST ")
             del self.buffer[: self.body_start + self.length]
             self.body_start = -1
+            if not post:  # the client asks what the server is (GET /v1/models): it says nothing
+                self._respond(b'{"error": {"message": "not found"}}', b"404 Not Found")
+                continue
             # jitter J: latency uniform in [L(1-J), L(1+J)], same mean (real servers' latency varies)
             delay = self.latency * (1.0 + self.jitter * (2.0 * random.random() - 1.0))
             asyncio.get_running_loop().call_later(delay, self._respond, _answer_for(head))
 
-    def _respond(self, body: bytes) -> None:
+    def _respond(self, body: bytes, status: bytes = b"200 OK") -> None:
         if not self.transport.is_closing():
-            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-            self.transport.write(head % len(body) + body)
+            head = b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            self.transport.write(head % (status, len(body)) + body)
 
 
 def serve(port_queue: Any, latency: float, cpu_queue: Any, stop: Any, jitter: float = 0.0) -> None:
