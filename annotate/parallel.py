@@ -52,7 +52,7 @@ def worker_args(args: AnnotateArgs, parts: int, budget: float | None) -> Annotat
         tpm=args.tpm / parts if args.tpm else args.tpm,
         max_cost=budget,
         progress="none",
-        processes=1,
+        processes="1",
     )
 
 
@@ -83,13 +83,13 @@ def _worker(args: AnnotateArgs, start: int, stop: int, index: int, rows_root: st
 
 
 def run_processes(args: AnnotateArgs, setup: RunSetup) -> PartResult:
-    """Run the selection in `args.processes` worker processes; merge their parts into `setup.out`."""
+    """Run the selection in `setup.processes` worker processes; merge their parts into `setup.out`."""
     import multiprocessing as mp
 
     from .engine import Counters
     from .store import ResultStore
 
-    ranges = split_range(setup.start, setup.stop, args.processes)
+    ranges = split_range(setup.start, setup.stop, setup.processes.count)
     parts = len(ranges)
     budget = args.max_cost
     if budget is not None:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
+from contextlib import redirect_stderr
 from pathlib import Path
 
 import polars as pl
+import pytest
 
-from refinevla.annotate.commands.annotate import PartResult
+from refinevla.annotate.commands.annotate import AnnotateArgs, PartResult, run_annotate
+from refinevla.annotate.errors import RefineError
 from refinevla.annotate.parallel import merge_parts, split_range
+from refinevla.annotate.processes import AUTO_MAX_PROCESSES, EPISODES_PER_PROCESS, choose_processes, parse_processes
 from tests.annotate.test_crash_resume import SECRET, answered, seed, start, wait_for_answers
 
 
@@ -99,3 +104,67 @@ def test_a_refused_key_in_one_worker_stops_them_all(tiny_rlds, teacher_server, t
     assert r.returncode == 1
     assert "refused the credentials" in r.stderr and "Traceback" not in r.stderr and SECRET not in r.stderr
     assert len(teacher_server.requests) <= 4  # each worker stops at its first refusal
+
+
+@pytest.mark.parametrize(
+    ("teacher", "episodes", "cores", "expected"),
+    [
+        ("openai-compatible", 10_000, 2, 2),  # a self-hosted server: one process per core
+        ("openai-compatible", 10_000, 16, 4),  # ... at most AUTO_MAX_PROCESSES
+        ("openai-compatible", 600, 16, 2),  # ... each with EPISODES_PER_PROCESS episodes or more
+        ("openai-compatible", 12, 2, 1),  # a small run: a worker's start-up would cost more than it saves
+        ("openai", 10_000, 16, 1),  # a hosted API: its rate limit is shared by every process
+        ("gemini", 10_000, 16, 1),
+        ("vllm", 10_000, 16, 1),  # the local engine holds its GPUs in one process
+        ("rule-based", 10_000, 16, 1),  # nothing to wait for
+    ],
+)
+def test_auto_processes_follow_the_cores_and_the_teacher(teacher, episodes, cores, expected) -> None:
+    assert AUTO_MAX_PROCESSES == 4 and EPISODES_PER_PROCESS == 256
+    choice = choose_processes("auto", teacher, episodes, cores=cores)
+    assert choice.count == expected and choice.requested == "auto"
+    assert choice.line().startswith(f"annotate: {expected} engine process")
+
+
+def test_a_number_of_processes_is_used_as_given_and_a_run_that_is_one_process_picks_one() -> None:
+    assert choose_processes("3", "openai", 10, cores=1).count == 3
+    alone = choose_processes("auto", "openai-compatible", 10_000, cores=8, alone="--batch: one process")
+    assert alone.count == 1 and "--batch" in alone.why
+    for bad in ("0", "-2", "two", ""):
+        with pytest.raises(RefineError, match="--processes must be auto or a number of at least 1"):
+            parse_processes(bad)
+
+
+def test_auto_processes_are_printed_first_and_recorded_in_the_manifest(
+    tiny_rlds, teacher_server, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("refinevla.annotate.processes.EPISODES_PER_PROCESS", 4)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    out = tmp_path / "out"
+    args = AnnotateArgs(
+        source=tiny_rlds(9),
+        teacher="openai-compatible",
+        base_url=teacher_server.url,
+        model="fake-model",
+        out=out,
+        progress="none",
+        license="mit",
+    )
+    assert args.processes == "auto"  # the default
+    with redirect_stderr(io.StringIO()) as err:
+        assert run_annotate(args) == 0
+    assert err.getvalue().splitlines()[0] == "annotate: 2 engine processes (auto: openai-compatible server, 2 cores)"
+    manifest = json.loads((out / "refinevla.json").read_text())
+    assert manifest["this_run"]["processes"] == 2
+    assert manifest["backend"] == {
+        "name": "local",
+        "processes": 2,
+        "processes_chosen": "auto: openai-compatible server, 2 cores",
+    }
+    assert sorted(q.seed for q in teacher_server.requests) == list(range(9))
+
+
+def test_a_bad_processes_value_is_one_line(tiny_rlds, teacher_server, tmp_path):
+    r = run(tiny_rlds(2), teacher_server.url, tmp_path / "out", "--processes", "many")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--processes must be auto or a number of at least 1, not 'many'" in r.stderr
