@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cli_stages
 import numpy as np
 from PIL import Image
 
@@ -206,8 +207,15 @@ def write_source(directory: str, n: int, steps: int, size: int = 256) -> str:
 
 
 def measure_cli(
-    port: int, args: argparse.Namespace, processes: int, source: str, tmp: str, *extra: str, env: Any = None
-) -> dict[str, float]:
+    port: int,
+    args: argparse.Namespace,
+    processes: int | str,
+    source: str,
+    tmp: str,
+    *extra: str,
+    env: Any = None,
+    spy: Path | None = None,
+) -> dict[str, Any]:
     """`refine-data annotate rlds:SOURCE --teacher openai-compatible` as a user runs it (reading included).
 
     `cpu` is the command's own CPU (its process and the processes it waited for): with `--backend ray`
@@ -224,19 +232,38 @@ def measure_cli(
         *("--concurrency", str(args.concurrency), "--frames", str(args.frames), "--processes", str(processes)),
         *("--out", out, "--license", "mit", "--progress", "none", *extra),
     ]
+    if spy is not None:  # every process and thread, idle ones too, 100 samples a second each
+        py_spy = str(Path(sys.executable).with_name("py-spy"))
+        record = (py_spy, "record", "--subprocesses", "--threads", "--idle", "--nonblocking", "--format", "raw")
+        cmd = [*record, "--rate", str(cli_stages.RATE), "--output", str(spy), "--", *cmd]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, env=env, text=True)
     wall = time.perf_counter() - t0
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {done.returncode}: {done.stderr[-2000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     manifest = json.loads(Path(out, "refinevla.json").read_text())
     run = manifest["this_run"]
     assert manifest["counts"]["episodes"] == args.requests and run["requests"] == args.requests
-    return {"command": wall, "seconds": run["seconds"], "requests": run["requests"], "cpu": cpu}
+    first = done.stderr.splitlines()[0] if done.stderr else ""
+    return {"command": wall, "seconds": run["seconds"], "requests": run["requests"], "cpu": cpu, "first": first}
 
 
-def measure_ray(port: int, args: argparse.Namespace, source: str, tmp: str) -> list[tuple[str, dict[str, float]]]:
+def profile_cli(port: int, args: argparse.Namespace, source: str, tmp: str, measured: dict[str, Any]) -> str:
+    """The `--cli` row (default options) again under py-spy: its per-stage table; the recording and its flame
+    graph are written to `args.profile`."""
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = out / "cli-auto.txt"
+    spied = measure_cli(port, args, "auto", source, tmp, spy=raw)
+    cli_stages.write_flamegraph(raw, out / "cli-auto.svg", f"refine-data annotate, {args.requests} requests")
+    prof = cli_stages.read_profile(raw, cli_stages.RATE)
+    return cli_stages.format_table(prof, int(spied["requests"]), spied["seconds"], measured["cpu"])
+
+
+def measure_ray(port: int, args: argparse.Namespace, source: str, tmp: str) -> list[tuple[str, dict[str, Any]]]:
     """The local command beside `--backend ray` on a one-node cluster on 127.0.0.1, per preparation worker count."""
     from refinevla.annotate.ray_local import local_cluster
 
@@ -376,7 +403,13 @@ def main() -> None:
     ap.add_argument("--jitter", type=float, default=0.0, help="latency spread: uniform in L*(1±J), same mean")
     ap.add_argument("--steps", type=int, default=38, help="steps per episode (Bridge averages ~38)")
     ap.add_argument("--frames", type=int, default=6)
-    ap.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="engine process counts to measure")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="engine process counts to measure (none: no engine row)",
+    )
     ap.add_argument(
         "--cli",
         action="store_true",
@@ -396,6 +429,18 @@ def main() -> None:
         help="also run `refine-data annotate --backend ray` (a Ray head on 127.0.0.1) with these preparation "
         "worker counts, beside the local command on the same RLDS shards",
     )
+    ap.add_argument(
+        "--cli-processes",
+        nargs="+",
+        default=["auto", "1", "2"],
+        help="--cli: the command's --processes values to measure (auto: its default)",
+    )
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="--cli: also run the default-options row under py-spy (every process and thread), print its time "
+        "per request by stage, and write the recording (DIR/cli-auto.txt) and a flame graph (DIR/cli-auto.svg)",
+    )
     args = ap.parse_args()
 
     ctx = mp.get_context("spawn")
@@ -405,6 +450,7 @@ def main() -> None:
     port = port_q.get(timeout=120)
     ideal = args.concurrency / args.latency
     rows = []
+    stages = ""
     with tempfile.TemporaryDirectory() as tmp:
         for processes in args.processes:
             r = measure(ctx, port, args, processes, tmp)
@@ -413,7 +459,9 @@ def main() -> None:
         if args.cli or args.ray:
             source = write_source(f"{tmp}/src", args.requests, args.steps, args.frame_size)
         if args.cli:
-            cli_rows = [(p, measure_cli(port, args, p, source, tmp)) for p in args.processes]
+            cli_rows = [(p, measure_cli(port, args, p, source, tmp)) for p in args.cli_processes]
+            if args.profile:
+                stages = profile_cli(port, args, source, tmp, cli_rows[0][1])
         if args.ray:
             ray_rows = measure_ray(port, args, source, tmp)
     stop.set()
@@ -445,10 +493,22 @@ def main() -> None:
             "engine s: the run's own clock (manifest this_run.seconds: reading, asking, storing, writing); "
             "command s: the whole process (Python start-up, imports, worker processes, card)"
         )
-        print(f"\n{'processes':>9} {'command s':>10} {'engine s':>9} {'req/s':>7} {'vs ideal':>9}")
+        print(f"\n{'processes':>9} {'command s':>10} {'engine s':>9} {'req/s':>7} {'vs ideal':>9} {'CPU ms/req':>11}")
         for processes, r in cli_rows:
             rate = r["requests"] / r["seconds"]
-            print(f"{processes:>9} {r['command']:>10.2f} {r['seconds']:>9.2f} {rate:>7.1f} {rate / ideal:>9.3f}")
+            print(
+                f"{processes:>9} {r['command']:>10.2f} {r['seconds']:>9.2f} {rate:>7.1f} {rate / ideal:>9.3f} "
+                f"{1000 * r['cpu'] / r['requests']:>11.2f}   {r['first']}"
+            )
+        print("CPU: the whole command, every process (rusage of the command and the processes it waited for)")
+    if stages:
+        print(
+            f"\nwhere the `--cli` row's time goes (--processes auto, under py-spy: {args.profile}/cli-auto.svg), per "
+            "request: CPU = busy samples of every thread of every process (a thread waiting for the GIL inside a "
+            "stage counts there), the whole command; loop = the engine processes' event-loop threads while the engine "
+            "ran, idle included, so that column sums to the engine's wall time (the check on the last line)"
+        )
+        print(stages)
     if ray_rows:
         local = ray_rows[0][1]
         print(
