@@ -78,8 +78,12 @@ def _answer(steps: int, segments: int) -> bytes:
 
 
 def _answer_for(head: bytes) -> bytes:
-    """The answer to a request whose body starts with `head` (the prompt text comes before the images)."""
-    steps = int(STEPS_RE.search(head).group(1))  # type: ignore[union-attr]
+    """The answer to a request whose body starts with `head` (the prompt text comes before the images); a
+    request that is no rationale prompt (a client's probe of the server) gets a one-step answer."""
+    found = STEPS_RE.search(head)
+    if found is None:
+        return _answer(1, 1)
+    steps = int(found.group(1))
     segments = max(int(m) for m in SEGMENT_RE.findall(head)) + 1 if SEGMENT_RE.search(head) else 1
     return _answer(steps, segments)
 
@@ -263,6 +267,43 @@ def profile_cli(port: int, args: argparse.Namespace, source: str, tmp: str, meas
     return cli_stages.format_table(prof, int(spied["requests"]), spied["seconds"], measured["cpu"])
 
 
+def measure_curator(port: int, args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    """bespokelabs-curator (`args.curator`: a Python with it installed) asking the same server the prompts
+    refinevla builds for the same episodes (`curator_row.py`); wall and CPU of its whole process."""
+    import base64
+    import resource
+    import subprocess
+
+    from refinevla.annotate.prompts import FrameOptions, build_prompt
+
+    pool = frame_pool(size=args.frame_size)
+    rows_path, pool_path = Path(tmp, "curator-rows.jsonl"), Path(tmp, "curator-pool.json")
+    pool_path.write_text(json.dumps(["data:image/jpeg;base64," + base64.b64encode(f).decode() for f in pool]))
+    with rows_path.open("w") as fh:
+        for i in range(args.requests):
+            bundle = build_prompt(make_episode(i, pool, args.steps), FrameOptions(count=args.frames))
+            system, user = bundle.messages[0]["content"], bundle.messages[1]["content"][0]["text"]
+            images = [(i * 7 + k.step) % len(pool) for k in bundle.keyframes]  # make_episode's frame order
+            fh.write(json.dumps({"episode": i, "system": system, "user": user, "images": images}) + "\n")
+    env = {**os.environ, "OPENAI_API_KEY": "EMPTY", "CURATOR_CACHE_DIR": f"{tmp}/curator-cache"}
+    env["CURATOR_DISABLE_RICH_DISPLAY"] = "1"
+    env["TELEMETRY_ENABLED"] = "false"  # the machine may have no network: nothing is sent anywhere
+    script = Path(__file__).with_name("curator_row.py")
+    cmd = [args.curator, str(script), str(rows_path), str(pool_path), f"http://127.0.0.1:{port}/v1"]
+    cmd.append(str(args.concurrency))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        raise RuntimeError(f"curator exited {done.returncode}: {(done.stdout + done.stderr)[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["requests"] == args.requests, result
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"command": wall, "seconds": result["seconds"], "requests": result["requests"], "cpu": cpu}
+
+
 def measure_ray(port: int, args: argparse.Namespace, source: str, tmp: str) -> list[tuple[str, dict[str, Any]]]:
     """The local command beside `--backend ray` on a one-node cluster on 127.0.0.1, per preparation worker count."""
     from refinevla.annotate.ray_local import local_cluster
@@ -436,6 +477,12 @@ def main() -> None:
         help="--cli: the command's --processes values to measure (auto: its default)",
     )
     ap.add_argument(
+        "--curator",
+        metavar="PYTHON",
+        help="--cli: also run bespokelabs-curator (installed for this Python, in an environment of its own) on "
+        "the same prompts against the same server (benchmarks/curator_row.py)",
+    )
+    ap.add_argument(
         "--profile",
         metavar="DIR",
         help="--cli: also run the default-options row under py-spy (every process and thread), print its time "
@@ -451,6 +498,7 @@ def main() -> None:
     ideal = args.concurrency / args.latency
     rows = []
     stages = ""
+    curator_row: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         for processes in args.processes:
             r = measure(ctx, port, args, processes, tmp)
@@ -460,6 +508,8 @@ def main() -> None:
             source = write_source(f"{tmp}/src", args.requests, args.steps, args.frame_size)
         if args.cli:
             cli_rows = [(p, measure_cli(port, args, p, source, tmp)) for p in args.cli_processes]
+            if args.curator:
+                curator_row = measure_curator(port, args, tmp)
             if args.profile:
                 stages = profile_cli(port, args, source, tmp, cli_rows[0][1])
         if args.ray:
@@ -499,6 +549,14 @@ def main() -> None:
             print(
                 f"{processes:>9} {r['command']:>10.2f} {r['seconds']:>9.2f} {rate:>7.1f} {rate / ideal:>9.3f} "
                 f"{1000 * r['cpu'] / r['requests']:>11.2f}   {r['first']}"
+            )
+        if curator_row is not None:
+            r = curator_row
+            rate = r["requests"] / r["seconds"]
+            print(
+                f"{'curator':>9} {r['command']:>10.2f} {r['seconds']:>9.2f} {rate:>7.1f} {rate / ideal:>9.3f} "
+                f"{1000 * r['cpu'] / r['requests']:>11.2f}   bespokelabs-curator, the same prompts and server "
+                "(engine s: its LLM call)"
             )
         print("CPU: the whole command, every process (rusage of the command and the processes it waited for)")
     if stages:
