@@ -14,6 +14,7 @@ import pytest
 
 from refinevla.annotate.commands.annotate import AnnotateArgs, PartResult, run_annotate
 from refinevla.annotate.errors import RefineError
+from refinevla.annotate.outputs import hold_output
 from refinevla.annotate.parallel import merge_parts, split_range
 from refinevla.annotate.processes import AUTO_MAX_PROCESSES, EPISODES_PER_PROCESS, choose_processes, parse_processes
 from tests.annotate.test_crash_resume import SECRET, answered, seed, start, wait_for_answers
@@ -168,3 +169,22 @@ def test_a_bad_processes_value_is_one_line(tiny_rlds, teacher_server, tmp_path):
     r = run(tiny_rlds(2), teacher_server.url, tmp_path / "out", "--processes", "many")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "--processes must be auto or a number of at least 1, not 'many'" in r.stderr
+
+
+def test_workers_do_not_keep_the_output_locked_after_their_parent_is_killed(tiny_rlds, teacher_server, tmp_path):
+    uri = tiny_rlds(16)
+    out = tmp_path / "out"
+    teacher_server.latency = 0.3
+    proc = start(uri, teacher_server.url, out, "--processes", "2")
+    wait_for_answers(proc, out, 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    # forked workers share the parent's open lock file unless they close it: the lock must die with the parent
+    with hold_output(out, "test"):
+        pass
+    committed = {seed(e) for e in answered(out)}
+    teacher_server.latency = 0.0
+    rerun = run(uri, teacher_server.url, out, "--processes", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert pl.read_parquet(out / "episodes").height == 16
+    assert committed <= {seed(e) for e in answered(out)}
