@@ -75,12 +75,18 @@ def test_processes_write_what_one_process_writes_and_a_rerun_with_other_p_pays_n
     assert SECRET not in r.stderr + again.stderr
 
 
-def test_ctrl_c_stops_every_worker_and_the_rerun_resumes(tiny_rlds, teacher_server, tmp_path):
+def _two_workers_answering(tiny_rlds, teacher_server, tmp_path) -> tuple[str, Path, subprocess.Popen[str]]:
+    """A run of 16 episodes with 2 processes, once 2 answers are committed: (source, OUT, the command)."""
     uri = tiny_rlds(16)
     out = tmp_path / "out"
     teacher_server.latency = 0.3
     proc = start(uri, teacher_server.url, out, "--processes", "2")
     wait_for_answers(proc, out, 2)
+    return uri, out, proc
+
+
+def test_ctrl_c_stops_every_worker_and_the_rerun_resumes(tiny_rlds, teacher_server, tmp_path):
+    uri, out, proc = _two_workers_answering(tiny_rlds, teacher_server, tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -172,11 +178,7 @@ def test_a_bad_processes_value_is_one_line(tiny_rlds, teacher_server, tmp_path):
 
 
 def test_workers_do_not_keep_the_output_locked_after_their_parent_is_killed(tiny_rlds, teacher_server, tmp_path):
-    uri = tiny_rlds(16)
-    out = tmp_path / "out"
-    teacher_server.latency = 0.3
-    proc = start(uri, teacher_server.url, out, "--processes", "2")
-    wait_for_answers(proc, out, 2)
+    uri, out, proc = _two_workers_answering(tiny_rlds, teacher_server, tmp_path)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     # forked workers share the parent's open lock file unless they close it: the lock must die with the parent
