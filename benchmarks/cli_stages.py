@@ -15,10 +15,11 @@ included) and this module sorts every sample into one stage by the deepest frame
     start/end  imports, setup, worker start-up, manifest, card, merging worker parts
     idle       a thread waiting (for an answer, a queue, a lock)
 
-Two views, per request: the CPU (non-idle samples of every thread of every process, the whole command
-from start-up to the card: time a thread was busy, which includes waiting for the GIL inside that
-stage), and the event loop's wall time while the engine ran (the engine processes' main threads in
-`run_part`'s event loop, idle included). The loop's samples cover the engine's measured time (the manifest's
+Two views, per request: busy time (non-idle samples of every thread of every process, the whole
+command from start-up to the card: a thread running, or waiting for the GIL or in a C call such as an
+fsync inside that stage, so it exceeds the CPU time, printed beside it from rusage), and the event
+loop's wall time while the engine ran (the engine processes' main threads in `run_part`'s event loop,
+idle included). The loop's samples cover the engine's measured time (the manifest's
 `this_run.seconds`), which checks that nothing was lost in sampling.
 """
 
@@ -120,7 +121,7 @@ class Profile:
     loop: Counter[str] = field(default_factory=Counter)  # stage (or "idle") -> samples of the engines' main threads
     loops: int = 0  # engine processes (main threads running an event loop)
 
-    def cpu_ms(self, stage: str, requests: int) -> float:
+    def busy_ms(self, stage: str, requests: int) -> float:
         return 1000.0 * self.cpu[stage] / self.rate / max(1, requests)
 
     def loop_ms(self, stage: str, requests: int) -> float:
@@ -186,17 +187,17 @@ def read_profile(path: str | Path, rate: float) -> Profile:
 
 
 def format_table(prof: Profile, requests: int, engine_s: float, cpu: float | None) -> str:
-    """The per-request breakdown: CPU by stage (all threads, processes) and the event loops' wall by stage."""
-    lines = [f"{'stage':<10} {'CPU ms/req':>10} {'loop ms/req':>12}"]
+    """The per-request breakdown: busy time by stage (all threads, processes) and the event loops' wall by stage."""
+    lines = [f"{'stage':<10} {'busy ms/req':>11} {'loop ms/req':>12}"]
     for stage in (*STAGES, "idle"):
-        c = prof.cpu_ms(stage, requests) if stage != "idle" else float("nan")
-        lines.append(f"{stage:<10} {c:>10.2f} {prof.loop_ms(stage, requests):>12.2f}")
+        c = prof.busy_ms(stage, requests) if stage != "idle" else float("nan")
+        lines.append(f"{stage:<10} {c:>11.2f} {prof.loop_ms(stage, requests):>12.2f}")
     total_cpu = sum(prof.cpu.values()) / prof.rate
-    measured = f", measured {1000 * cpu / requests:.2f} (rusage)" if cpu is not None else ""
+    measured = f"; CPU measured without py-spy {1000 * cpu / requests:.2f} ms/req (rusage)" if cpu is not None else ""
     lines.append(
-        f"{'sum':<10} {1000 * total_cpu / requests:>10.2f} "
+        f"{'sum':<10} {1000 * total_cpu / requests:>11.2f} "
         f"{sum(prof.loop_ms(s, requests) for s in prof.loop):>12.2f}   "
-        f"(sampled CPU {total_cpu:.1f} s{measured}; {prof.loops} loop(s), each sampled for {prof.covered_s:.1f} s "
+        f"(busy {total_cpu:.1f} s{measured}; {prof.loops} loop(s), each sampled for {prof.covered_s:.1f} s "
         f"of the engine's measured {engine_s:.1f} s wall)"
     )
     return "\n".join(lines)

@@ -562,9 +562,9 @@ def main() -> None:
     if stages:
         print(
             f"\nwhere the `--cli` row's time goes (--processes auto, under py-spy: {args.profile}/cli-auto.svg), per "
-            "request: CPU = busy samples of every thread of every process (a thread waiting for the GIL inside a "
-            "stage counts there), the whole command; loop = the engine processes' event-loop threads while the engine "
-            "ran, idle included, so that column sums to the engine's wall time (the check on the last line)"
+            "request: busy = samples of every thread of every process not waiting (running, or waiting for the GIL "
+            "or in a C call inside that stage), the whole command; loop = the engine processes' event-loop threads "
+            "while the engine ran, idle included, so that column sums to the engine's wall time (the last line)"
         )
         print(stages)
     if ray_rows:
