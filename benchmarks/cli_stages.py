@@ -19,8 +19,9 @@ Two views, per request: busy time (non-idle samples of every thread of every pro
 command from start-up to the card: a thread running, or waiting for the GIL or in a C call such as an
 fsync inside that stage, so it exceeds the CPU time, printed beside it from rusage), and the event
 loop's wall time while the engine ran (the engine processes' main threads in `run_part`'s event loop,
-idle included). The loop's samples cover the engine's measured time (the manifest's
-`this_run.seconds`), which checks that nothing was lost in sampling.
+idle included): each stage's share of the loop's samples times the engine's measured time (the
+manifest's `this_run.seconds`), since py-spy drops samples on a loaded machine; how much of that time
+the samples covered is printed with it.
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ IDLE_LEAVES = (
     "wait (subprocess",
     "main (multiprocessing/resource_tracker.py",  # the tracker process reading its pipe
 )
+ENGINE_SPAN = ("Runner.run ", "DatasetWriter.close", "ResultStore.close")  # frames of run_part the clock covers
 HEADER_RE = re.compile(r'^process (\d+):"(.*)"$')
 THREAD_RE = re.compile(r"^thread \((\d+)\): ?(.*)$")
 
@@ -124,9 +126,12 @@ class Profile:
     def busy_ms(self, stage: str, requests: int) -> float:
         return 1000.0 * self.cpu[stage] / self.rate / max(1, requests)
 
-    def loop_ms(self, stage: str, requests: int) -> float:
-        """The loop's wall ms per request spent in `stage`, over all engine processes (each runs its share)."""
-        return 1000.0 * self.loop[stage] / self.rate / max(1, requests)
+    def loop_ms(self, stage: str, requests: int, engine_s: float) -> float:
+        """The loops' wall ms per request spent in `stage`, over all engine processes (each runs its share): the
+        stage's share of the loops' samples times the engine's measured time. A loaded machine makes py-spy miss
+        samples (`covered_s` says how many it kept); the shares stay right, the totals come from the clock."""
+        sampled = sum(self.loop.values())
+        return 1000.0 * self.loops * engine_s * self.loop[stage] / max(1, sampled) / max(1, requests)
 
     @property
     def covered_s(self) -> float:
@@ -172,8 +177,9 @@ def read_profile(path: str | Path, rate: float) -> Profile:
         frames = parts[at + 1 :]
         if main and any("Engine.run" in f for f in frames):
             loop_pids.add(pid)
-        # the engine's span of that thread's life: run_part's event loop (not the imports and setup before it)
-        main = main and any("run_part" in f for f in frames) and any("Runner.run " in f for f in frames)
+        # the engine's span of that thread's life, as its clock counts it: run_part's event loop and the closing
+        # of the dataset's files after it (not the imports and setup before it)
+        main = main and any("run_part" in f for f in frames) and any(m in f for f in frames for m in ENGINE_SPAN)
         rows.append((pid, main, frames, int(count)))
     prof.loops = len(loop_pids)
     for pid, main, frames, n in rows:
@@ -191,14 +197,14 @@ def format_table(prof: Profile, requests: int, engine_s: float, cpu: float | Non
     lines = [f"{'stage':<10} {'busy ms/req':>11} {'loop ms/req':>12}"]
     for stage in (*STAGES, "idle"):
         c = prof.busy_ms(stage, requests) if stage != "idle" else float("nan")
-        lines.append(f"{stage:<10} {c:>11.2f} {prof.loop_ms(stage, requests):>12.2f}")
+        lines.append(f"{stage:<10} {c:>11.2f} {prof.loop_ms(stage, requests, engine_s):>12.2f}")
     total_cpu = sum(prof.cpu.values()) / prof.rate
     measured = f"; CPU measured without py-spy {1000 * cpu / requests:.2f} ms/req (rusage)" if cpu is not None else ""
     lines.append(
         f"{'sum':<10} {1000 * total_cpu / requests:>11.2f} "
-        f"{sum(prof.loop_ms(s, requests) for s in prof.loop):>12.2f}   "
-        f"(busy {total_cpu:.1f} s{measured}; {prof.loops} loop(s), each sampled for {prof.covered_s:.1f} s "
-        f"of the engine's measured {engine_s:.1f} s wall)"
+        f"{sum(prof.loop_ms(s, requests, engine_s) for s in prof.loop):>12.2f}   "
+        f"(busy {total_cpu:.1f} s{measured}; {prof.loops} loop(s) over the engine's measured {engine_s:.2f} s, "
+        f"each sampled for {prof.covered_s:.2f} s of it)"
     )
     return "\n".join(lines)
 

@@ -256,13 +256,15 @@ def measure_cli(
 
 
 def profile_cli(port: int, args: argparse.Namespace, source: str, tmp: str, measured: dict[str, Any]) -> str:
-    """The `--cli` row (default options) again under py-spy: its per-stage table; the recording and its flame
-    graph are written to `args.profile`."""
+    """The first `--cli` row (by default the default options) again under py-spy: its per-stage table; the
+    recording and its flame graph are written to `args.profile`."""
     out = Path(args.profile)
     out.mkdir(parents=True, exist_ok=True)
-    raw = out / "cli-auto.txt"
-    spied = measure_cli(port, args, "auto", source, tmp, spy=raw)
-    cli_stages.write_flamegraph(raw, out / "cli-auto.svg", f"refine-data annotate, {args.requests} requests")
+    processes = args.cli_processes[0]
+    raw = out / f"cli-{processes}.txt"
+    spied = measure_cli(port, args, processes, source, tmp, spy=raw)
+    title = f"refine-data annotate --processes {processes}, {args.requests} requests"
+    cli_stages.write_flamegraph(raw, out / f"cli-{processes}.svg", title)
     prof = cli_stages.read_profile(raw, cli_stages.RATE)
     return cli_stages.format_table(prof, int(spied["requests"]), spied["seconds"], measured["cpu"])
 
@@ -485,8 +487,8 @@ def main() -> None:
     ap.add_argument(
         "--profile",
         metavar="DIR",
-        help="--cli: also run the default-options row under py-spy (every process and thread), print its time "
-        "per request by stage, and write the recording (DIR/cli-auto.txt) and a flame graph (DIR/cli-auto.svg)",
+        help="--cli: also run the first --cli-processes row (default: auto) under py-spy (every process and thread), "
+        "print its time per request by stage, and write the recording (DIR/cli-P.txt) and flame graph (DIR/cli-P.svg)",
     )
     args = ap.parse_args()
 
@@ -561,7 +563,8 @@ def main() -> None:
         print("CPU: the whole command, every process (rusage of the command and the processes it waited for)")
     if stages:
         print(
-            f"\nwhere the `--cli` row's time goes (--processes auto, under py-spy: {args.profile}/cli-auto.svg), per "
+            f"\nwhere the `--cli` row's time goes (--processes {args.cli_processes[0]}, under py-spy: "
+            f"{args.profile}/cli-{args.cli_processes[0]}.svg), per "
             "request: busy = samples of every thread of every process not waiting (running, or waiting for the GIL "
             "or in a C call inside that stage), the whole command; loop = the engine processes' event-loop threads "
             "while the engine ran, idle included, so that column sums to the engine's wall time (the last line)"
