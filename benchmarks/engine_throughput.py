@@ -287,7 +287,8 @@ def measure_curator(port: int, args: argparse.Namespace, tmp: str) -> dict[str, 
             system, user = bundle.messages[0]["content"], bundle.messages[1]["content"][0]["text"]
             images = [(i * 7 + k.step) % len(pool) for k in bundle.keyframes]  # make_episode's frame order
             fh.write(json.dumps({"episode": i, "system": system, "user": user, "images": images}) + "\n")
-    env = {**os.environ, "OPENAI_API_KEY": "EMPTY", "CURATOR_CACHE_DIR": f"{tmp}/curator-cache"}
+    cache = tempfile.mkdtemp(prefix="curator-cache-", dir=tmp)  # its own each time: a cached run asks nothing
+    env = {**os.environ, "OPENAI_API_KEY": "EMPTY", "CURATOR_CACHE_DIR": cache}
     env["CURATOR_DISABLE_RICH_DISPLAY"] = "1"
     env["TELEMETRY_ENABLED"] = "false"  # the machine may have no network: nothing is sent anywhere
     script = Path(__file__).with_name("curator_row.py")
