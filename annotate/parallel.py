@@ -82,9 +82,16 @@ def _worker(args: AnnotateArgs, start: int, stop: int, index: int, rows_root: st
         queue.put(("crash", index, traceback.format_exc()))
 
 
+# teachers whose workers may be forked: HTTP clients and the rule-based one load nothing native in this process
+# (a vLLM teacher's worker loads its own engine: spawned, as before)
+FORKABLE_TEACHERS = frozenset({"openai-compatible", "openai", "gemini", "rule-based"})
+NATIVE_THREAD_MODULES = ("tensorflow", "torch", "jax", "vllm")  # loaded here: spawn (a fork copies no threads)
+
+
 def worker_context(teacher: str) -> Any:
     """How workers start: forked from this process once it has imported what a worker runs, where that is
-    safe (Linux, no thread started yet), else spawned (a fresh interpreter each).
+    safe (Linux, no thread started yet, no library with native thread pools loaded, a teacher that loads no
+    engine here), else spawned (a fresh interpreter each).
 
     A spawned worker imports everything again (the source's reader, the HTTP client, pyarrow: ~1.5 s of
     CPU each, measured to be most of a 2,560-request run's difference between 1 and 2 processes on 2
@@ -95,7 +102,9 @@ def worker_context(teacher: str) -> Any:
     import sys
     import threading
 
-    if sys.platform != "linux" or threading.active_count() > 1:
+    if sys.platform != "linux" or threading.active_count() > 1 or teacher not in FORKABLE_TEACHERS:
+        return mp.get_context("spawn")
+    if any(name in sys.modules for name in NATIVE_THREAD_MODULES):  # their pools are invisible to `threading`
         return mp.get_context("spawn")
     import pyarrow as pa
 

@@ -190,3 +190,23 @@ def test_workers_do_not_keep_the_output_locked_after_their_parent_is_killed(tiny
     assert rerun.returncode == 0, rerun.stderr
     assert pl.read_parquet(out / "episodes").height == 16
     assert committed <= {seed(e) for e in answered(out)}
+
+
+def test_workers_are_spawned_where_a_fork_would_not_be_safe(monkeypatch) -> None:
+    import sys
+    import threading
+
+    from refinevla.annotate.parallel import worker_context
+
+    assert worker_context("vllm").get_start_method() == "spawn"  # its worker loads its own engine
+    monkeypatch.setitem(sys.modules, "torch", sys.modules["json"])  # a library with native thread pools, loaded
+    assert worker_context("openai-compatible").get_start_method() == "spawn"
+    monkeypatch.delitem(sys.modules, "torch")
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:  # a running thread: a forked child would hold a copy of it stopped half-way
+        assert worker_context("openai-compatible").get_start_method() == "spawn"
+    finally:
+        stop.set()
+        thread.join()
