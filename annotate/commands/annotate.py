@@ -68,7 +68,8 @@ def run_annotate(args: AnnotateArgs) -> int:
 
 def _run_held(args: AnnotateArgs, setup: RunSetup) -> int:
     """The run proper, while this process holds OUT (or its shard of OUT)."""
-    typer.echo(setup.processes.line(), err=True)
+    if args.backend == "local":  # on Ray the driver is one process; its line names the cluster instead
+        typer.echo(setup.processes.line(), err=True)
     teacher = setup.teacher
     batch: dict[str, Any] | None = None
     if args.batch:
