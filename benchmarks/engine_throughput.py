@@ -219,6 +219,7 @@ def measure_cli(
     *extra: str,
     env: Any = None,
     spy: Path | None = None,
+    limit: int | None = None,
 ) -> dict[str, Any]:
     """`refine-data annotate rlds:SOURCE --teacher openai-compatible` as a user runs it (reading included).
 
@@ -235,6 +236,7 @@ def measure_cli(
         *("--teacher", "openai-compatible", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "bench-model"),
         *("--concurrency", str(args.concurrency), "--frames", str(args.frames), "--processes", str(processes)),
         *("--out", out, "--license", "mit", "--progress", "none", *extra),
+        *(("--limit", str(limit)) if limit is not None else ()),
     ]
     if spy is not None:  # every process and thread, idle ones too, 100 samples a second each
         py_spy = str(Path(sys.executable).with_name("py-spy"))
@@ -250,9 +252,20 @@ def measure_cli(
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     manifest = json.loads(Path(out, "refinevla.json").read_text())
     run = manifest["this_run"]
-    assert manifest["counts"]["episodes"] == args.requests and run["requests"] == args.requests
+    expected = args.requests if limit is None else limit
+    assert manifest["counts"]["episodes"] == expected and run["requests"] == expected
     first = done.stderr.splitlines()[0] if done.stderr else ""
     return {"command": wall, "seconds": run["seconds"], "requests": run["requests"], "cpu": cpu, "first": first}
+
+
+def with_steady_cpu(port: int, args: argparse.Namespace, source: str, tmp: str, row: dict[str, Any]) -> None:
+    """Add `steady`: the row's CPU per request less what a run costs whatever its size (imports, start-up, the
+    card), measured by the same command with the same process count over 2 episodes per process."""
+    found = re.search(r"annotate: (\d+) engine process", row["first"])
+    processes = int(found.group(1)) if found else 1
+    small = measure_cli(port, args, processes, source, tmp, limit=2 * processes)
+    row["fixed_cpu"] = small["cpu"]
+    row["steady"] = (row["cpu"] - small["cpu"]) / max(1, row["requests"] - small["requests"])
 
 
 def profile_cli(port: int, args: argparse.Namespace, source: str, tmp: str, measured: dict[str, Any]) -> str:
@@ -511,6 +524,8 @@ def main() -> None:
             source = write_source(f"{tmp}/src", args.requests, args.steps, args.frame_size)
         if args.cli:
             cli_rows = [(p, measure_cli(port, args, p, source, tmp)) for p in args.cli_processes]
+            for _, row in cli_rows:
+                with_steady_cpu(port, args, source, tmp, row)
             if args.curator:
                 curator_row = measure_curator(port, args, tmp)
             if args.profile:
@@ -546,12 +561,16 @@ def main() -> None:
             "engine s: the run's own clock (manifest this_run.seconds: reading, asking, storing, writing); "
             "command s: the whole process (Python start-up, imports, worker processes, card)"
         )
-        print(f"\n{'processes':>9} {'command s':>10} {'engine s':>9} {'req/s':>7} {'vs ideal':>9} {'CPU ms/req':>11}")
+        print(
+            f"\n{'processes':>9} {'command s':>10} {'engine s':>9} {'req/s':>7} {'vs ideal':>9} {'CPU ms/req':>11} "
+            f"{'fixed CPU s':>12} {'steady CPU ms/req':>18}"
+        )
         for processes, r in cli_rows:
             rate = r["requests"] / r["seconds"]
             print(
                 f"{processes:>9} {r['command']:>10.2f} {r['seconds']:>9.2f} {rate:>7.1f} {rate / ideal:>9.3f} "
-                f"{1000 * r['cpu'] / r['requests']:>11.2f}   {r['first']}"
+                f"{1000 * r['cpu'] / r['requests']:>11.2f} {r['fixed_cpu']:>12.2f} {1000 * r['steady']:>18.2f}   "
+                f"{r['first']}"
             )
         if curator_row is not None:
             r = curator_row
@@ -561,7 +580,10 @@ def main() -> None:
                 f"{1000 * r['cpu'] / r['requests']:>11.2f}   bespokelabs-curator, the same prompts and server "
                 "(engine s: its LLM call)"
             )
-        print("CPU: the whole command, every process (rusage of the command and the processes it waited for)")
+        print(
+            "CPU: the whole command, every process (rusage of the command and the processes it waited for); fixed: "
+            "the same command over 2 episodes per process (imports, start-up, card); steady: the rest per request"
+        )
     if stages:
         print(
             f"\nwhere the `--cli` row's time goes (--processes {args.cli_processes[0]}, under py-spy: "
