@@ -122,6 +122,7 @@ def _flock(path: Path, *, shared: bool, out: Path, flag: str) -> Iterator[IO[str
     import fcntl
 
     handle = path.open("a+", encoding="utf-8")
+    _lock_files.append(handle)
     try:
         try:
             fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -139,7 +140,27 @@ def _flock(path: Path, *, shared: bool, out: Path, flag: str) -> Iterator[IO[str
             return
         yield handle
     finally:
+        _lock_files.remove(handle)
         handle.close()  # releases the lock (so does the process's death)
+
+
+_lock_files: list[IO[str]] = []  # the lock files this process holds open
+
+
+def _drop_inherited_locks() -> None:
+    """In a child forked from a holder (`annotate --processes` workers): close its copies of the lock files.
+
+    A flock belongs to the open file, which a forked child shares; the kernel releases it when the last
+    copy is closed. Without this, a holder killed with `kill -9` would leave its lock held by its workers
+    until they noticed and exited, refusing the rerun meanwhile. The workers never lock or unlock.
+    """
+    for handle in _lock_files:
+        with contextlib.suppress(OSError, ValueError):
+            os.close(handle.fileno())
+    _lock_files.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def _write_holder(handle: IO[str] | None, command: str) -> None:

@@ -52,7 +52,7 @@ def worker_args(args: AnnotateArgs, parts: int, budget: float | None) -> Annotat
         tpm=args.tpm / parts if args.tpm else args.tpm,
         max_cost=budget,
         progress="none",
-        processes=1,
+        processes="1",
     )
 
 
@@ -82,14 +82,50 @@ def _worker(args: AnnotateArgs, start: int, stop: int, index: int, rows_root: st
         queue.put(("crash", index, traceback.format_exc()))
 
 
-def run_processes(args: AnnotateArgs, setup: RunSetup) -> PartResult:
-    """Run the selection in `args.processes` worker processes; merge their parts into `setup.out`."""
-    import multiprocessing as mp
+# teachers whose workers may be forked: HTTP clients and the rule-based one load nothing native in this process
+# (a vLLM teacher's worker loads its own engine: spawned, as before)
+FORKABLE_TEACHERS = frozenset({"openai-compatible", "openai", "gemini", "rule-based"})
+NATIVE_THREAD_MODULES = ("tensorflow", "torch", "jax", "vllm")  # loaded here: spawn (a fork copies no threads)
 
+
+def worker_context(teacher: str) -> Any:
+    """How workers start: forked from this process once it has imported what a worker runs, where that is
+    safe (Linux, no thread started yet, no library with native thread pools loaded, a teacher that loads no
+    engine here), else spawned (a fresh interpreter each).
+
+    A spawned worker imports everything again (the source's reader, the HTTP client, pyarrow: ~1.5 s of
+    CPU each, measured to be most of a 2,560-request run's difference between 1 and 2 processes on 2
+    cores); a forked one starts at once. The lock on OUT is not inherited (`outputs`), nor any store
+    connection (none is open here), so a worker forked or spawned behaves the same.
+    """
+    import multiprocessing as mp
+    import sys
+    import threading
+
+    if sys.platform != "linux" or threading.active_count() > 1 or teacher not in FORKABLE_TEACHERS:
+        return mp.get_context("spawn")
+    if any(name in sys.modules for name in NATIVE_THREAD_MODULES):  # their pools are invisible to `threading`
+        return mp.get_context("spawn")
+    import pyarrow as pa
+
+    from . import engine, store, writer  # noqa: F401  (imported for the workers)
+
+    pa.array([""], type=pa.string())  # pyarrow's one-time import of pandas, as DatasetWriter pays it
+    if teacher in ("openai-compatible", "openai", "gemini"):
+        import openai  # noqa: F401
+
+        from .teachers import openai_compat  # noqa: F401
+    if threading.active_count() > 1:  # an import started a thread: a fork would copy it half-way
+        return mp.get_context("spawn")
+    return mp.get_context("fork")
+
+
+def run_processes(args: AnnotateArgs, setup: RunSetup) -> PartResult:
+    """Run the selection in `setup.processes` worker processes; merge their parts into `setup.out`."""
     from .engine import Counters
     from .store import ResultStore
 
-    ranges = split_range(setup.start, setup.stop, args.processes)
+    ranges = split_range(setup.start, setup.stop, setup.processes.count)
     parts = len(ranges)
     budget = args.max_cost
     if budget is not None:
@@ -99,7 +135,8 @@ def run_processes(args: AnnotateArgs, setup: RunSetup) -> PartResult:
     wargs = worker_args(args, parts, budget)
     parts_root = setup.out / PRIVATE_DIR / f"parts{setup.suffix}"
     shutil.rmtree(parts_root, ignore_errors=True)  # rows of a crashed run: rebuilt from the store
-    ctx = mp.get_context("spawn")
+    total = Counters(total=setup.total)  # the run's clock starts before the workers do
+    ctx = worker_context(setup.teacher.name)
     queue = ctx.Queue()
     procs = [
         ctx.Process(
@@ -113,7 +150,6 @@ def run_processes(args: AnnotateArgs, setup: RunSetup) -> PartResult:
     for proc in procs:
         proc.start()
 
-    total = Counters(total=setup.total)
     snapshots: dict[int, dict[str, Any]] = {}
     results: dict[int, PartResult] = {}
     errors: list[tuple[str, str]] = []

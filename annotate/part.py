@@ -30,6 +30,7 @@ from .cli_options import (
     option,
 )
 from .errors import RefineError
+from .processes import ProcessChoice, choose_processes, parse_processes
 from .sources.base import ReadOptions
 from .teachers.refusals import DEFAULT_REFUSALS_TO_STOP
 
@@ -102,7 +103,12 @@ class AnnotateArgs:
     )
     progress: str = option("auto", "auto | rich | plain | none.")
     license: str | None = option(None, "Card license (Hub id); required where the source's is not known.")
-    processes: int = option(1, "Engine processes on this machine (for fast local servers; limits are shared).")
+    processes: str = option(
+        "auto",
+        "Engine processes on this machine, limits shared: auto = one per core (at most 4, each with 256+ "
+        "episodes) for --teacher openai-compatible (a self-hosted server: vLLM, SGLang), 1 for a rate-limited "
+        "API, a local vLLM engine, rule-based, --batch and --backend ray; or a number.",
+    )
     backend: str = option(
         "local",
         "local | ray. ray: episodes are read and requests prepared (frames decoded, keyframes encoded) on a Ray "
@@ -142,6 +148,14 @@ class AnnotateArgs:
             self.state_key,
             self.action_key,
         )
+
+
+# runs that are one engine process whatever --processes says (auto then picks 1): the reason, the flag
+_ONE_PROCESS = (
+    ("--batch: the provider answers in parallel", "batch"),
+    ("--backend ray: the cluster prepares", "backend"),
+    ("--dry-run asks nothing", "dry_run"),
+)
 
 
 def parse_shard(value: str) -> tuple[int, int]:
@@ -206,6 +220,7 @@ class RunSetup:
     shard: tuple[int, int]
     suffix: str  # "" for a single shard, "-i-of-n" otherwise: names the store, manifest and rejects
     indices: tuple[int, ...] | None = None  # --sample: the episodes of [start, stop) the run reads
+    processes: ProcessChoice = field(default_factory=lambda: ProcessChoice(1, "1", "as given"))  # engine processes
 
     @property
     def total(self) -> int:
@@ -254,11 +269,8 @@ def setup_run(args: AnnotateArgs) -> RunSetup:
     from .teachers import make_teacher
 
     shard = parse_shard(args.shard)
-    for name, value in (
-        ("--concurrency", args.concurrency),
-        ("--max-attempts", args.max_attempts),
-        ("--processes", args.processes),
-    ):
+    requested = parse_processes(args.processes)  # None: auto, chosen once the teacher and selection are known
+    for name, value in (("--concurrency", args.concurrency), ("--max-attempts", args.max_attempts)):
         if value < 1:
             raise RefineError(f"{name} must be at least 1")
     if args.frames < 0:
@@ -277,7 +289,7 @@ def setup_run(args: AnnotateArgs) -> RunSetup:
     if args.backend not in ("local", "ray"):
         raise RefineError(f"--backend must be local or ray, not {args.backend!r}")
     if args.backend == "ray":
-        if args.processes > 1:
+        if requested is not None and requested > 1:
             raise RefineError("--processes is for the local backend; on Ray the cluster prepares (--ray-workers)")
         if args.batch:
             raise RefineError("--batch asks through the provider's Batch API; it does not run on --backend ray")
@@ -324,8 +336,13 @@ def setup_run(args: AnnotateArgs) -> RunSetup:
         frames=FrameOptions(count=args.frames, camera=None, max_side=args.image_size),
         expected_completion_tokens=min(args.max_tokens, 1200),
     )
+    alone = next((why for why, flag in _ONE_PROCESS if getattr(args, flag) not in (False, "local")), None)
+    processes = choose_processes(
+        args.processes, teacher.name, stop - start if indices is None else len(indices), alone=alone
+    )
     i, n = shard
     return RunSetup(
+        processes=processes,
         source=source,
         start=start,
         stop=stop,

@@ -144,6 +144,12 @@ class Lookup:
     attempts: list[Attempt]
 
 
+_HOLDS_KEY = (
+    "SELECT EXISTS (SELECT 1 FROM answers WHERE key = ?) OR EXISTS (SELECT 1 FROM rejects WHERE key = ?) "
+    "OR EXISTS (SELECT 1 FROM attempts WHERE key = ?)"
+)
+
+
 @dataclass(frozen=True)
 class BatchRow:
     """One batch of batch mode, as the store knows it."""
@@ -241,7 +247,13 @@ class ResultStore:
         return ResultStore(self.path)
 
     def lookup(self, key: str) -> Lookup:
-        """The answer, reject and attempts of `key` (what a rerun needs to skip or resume it)."""
+        """The answer, reject and attempts of `key` (what a rerun needs to skip or resume it).
+
+        One query first says whether the store holds anything for the key: in a new run it holds nothing
+        for almost every key, and three queries per request were a tenth of preparation's CPU."""
+        held = self._db.execute(_HOLDS_KEY, (key, key, key)).fetchone()[0]
+        if not held:
+            return Lookup(None, None, [])
         return Lookup(self.answer(key), self.reject(key), self.attempts(key))
 
     def __enter__(self) -> ResultStore:

@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cli_stages
 import numpy as np
 from PIL import Image
 
@@ -77,8 +78,12 @@ def _answer(steps: int, segments: int) -> bytes:
 
 
 def _answer_for(head: bytes) -> bytes:
-    """The answer to a request whose body starts with `head` (the prompt text comes before the images)."""
-    steps = int(STEPS_RE.search(head).group(1))  # type: ignore[union-attr]
+    """The answer to a request whose body starts with `head` (the prompt text comes before the images); a
+    request that is no rationale prompt (a client's probe of the server) gets a one-step answer."""
+    found = STEPS_RE.search(head)
+    if found is None:
+        return _answer(1, 1)
+    steps = int(found.group(1))
     segments = max(int(m) for m in SEGMENT_RE.findall(head)) + 1 if SEGMENT_RE.search(head) else 1
     return _answer(steps, segments)
 
@@ -112,16 +117,20 @@ class _Connection(asyncio.Protocol):
             if len(self.buffer) < self.body_start + self.length:
                 return
             head = bytes(self.buffer[self.body_start : self.body_start + min(self.length, 16384)])
+            post = self.buffer.startswith(b"POST ")
             del self.buffer[: self.body_start + self.length]
             self.body_start = -1
+            if not post:  # the client asks what the server is (GET /v1/models): it says nothing
+                self._respond(b'{"error": {"message": "not found"}}', b"404 Not Found")
+                continue
             # jitter J: latency uniform in [L(1-J), L(1+J)], same mean (real servers' latency varies)
             delay = self.latency * (1.0 + self.jitter * (2.0 * random.random() - 1.0))
             asyncio.get_running_loop().call_later(delay, self._respond, _answer_for(head))
 
-    def _respond(self, body: bytes) -> None:
+    def _respond(self, body: bytes, status: bytes = b"200 OK") -> None:
         if not self.transport.is_closing():
-            head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-            self.transport.write(head % len(body) + body)
+            head = b"HTTP/1.1 %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+            self.transport.write(head % (status, len(body)) + body)
 
 
 def serve(port_queue: Any, latency: float, cpu_queue: Any, stop: Any, jitter: float = 0.0) -> None:
@@ -202,8 +211,16 @@ def write_source(directory: str, n: int, steps: int, size: int = 256) -> str:
 
 
 def measure_cli(
-    port: int, args: argparse.Namespace, processes: int, source: str, tmp: str, *extra: str, env: Any = None
-) -> dict[str, float]:
+    port: int,
+    args: argparse.Namespace,
+    processes: int | str,
+    source: str,
+    tmp: str,
+    *extra: str,
+    env: Any = None,
+    spy: Path | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
     """`refine-data annotate rlds:SOURCE --teacher openai-compatible` as a user runs it (reading included).
 
     `cpu` is the command's own CPU (its process and the processes it waited for): with `--backend ray`
@@ -219,20 +236,91 @@ def measure_cli(
         *("--teacher", "openai-compatible", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "bench-model"),
         *("--concurrency", str(args.concurrency), "--frames", str(args.frames), "--processes", str(processes)),
         *("--out", out, "--license", "mit", "--progress", "none", *extra),
+        *(("--limit", str(limit)) if limit is not None else ()),
     ]
+    if spy is not None:  # every process and thread, idle ones too, 100 samples a second each
+        py_spy = str(Path(sys.executable).with_name("py-spy"))
+        record = (py_spy, "record", "--subprocesses", "--threads", "--idle", "--nonblocking", "--format", "raw")
+        cmd = [*record, "--rate", str(cli_stages.RATE), "--output", str(spy), "--", *cmd]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, capture_output=True, env=env)
+    done = subprocess.run(cmd, capture_output=True, env=env, text=True)
     wall = time.perf_counter() - t0
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(cmd[:6])} ... exited {done.returncode}: {done.stderr[-2000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     manifest = json.loads(Path(out, "refinevla.json").read_text())
     run = manifest["this_run"]
-    assert manifest["counts"]["episodes"] == args.requests and run["requests"] == args.requests
-    return {"command": wall, "seconds": run["seconds"], "requests": run["requests"], "cpu": cpu}
+    expected = args.requests if limit is None else limit
+    assert manifest["counts"]["episodes"] == expected and run["requests"] == expected
+    first = done.stderr.splitlines()[0] if done.stderr else ""
+    return {"command": wall, "seconds": run["seconds"], "requests": run["requests"], "cpu": cpu, "first": first}
 
 
-def measure_ray(port: int, args: argparse.Namespace, source: str, tmp: str) -> list[tuple[str, dict[str, float]]]:
+def with_steady_cpu(port: int, args: argparse.Namespace, source: str, tmp: str, row: dict[str, Any]) -> None:
+    """Add `steady`: the row's CPU per request less what a run costs whatever its size (imports, start-up, the
+    card), measured by the same command with the same process count over 2 episodes per process."""
+    found = re.search(r"annotate: (\d+) engine process", row["first"])
+    processes = int(found.group(1)) if found else 1
+    small = measure_cli(port, args, processes, source, tmp, limit=2 * processes)
+    row["fixed_cpu"] = small["cpu"]
+    row["steady"] = (row["cpu"] - small["cpu"]) / max(1, row["requests"] - small["requests"])
+
+
+def profile_cli(port: int, args: argparse.Namespace, source: str, tmp: str, measured: dict[str, Any]) -> str:
+    """The first `--cli` row (by default the default options) again under py-spy: its per-stage table; the
+    recording and its flame graph are written to `args.profile`."""
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    processes = args.cli_processes[0]
+    raw = out / f"cli-{processes}.txt"
+    spied = measure_cli(port, args, processes, source, tmp, spy=raw)
+    title = f"refine-data annotate --processes {processes}, {args.requests} requests"
+    cli_stages.write_flamegraph(raw, out / f"cli-{processes}.svg", title)
+    prof = cli_stages.read_profile(raw, cli_stages.RATE)
+    return cli_stages.format_table(prof, int(spied["requests"]), spied["seconds"], measured["cpu"])
+
+
+def measure_curator(port: int, args: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    """bespokelabs-curator (`args.curator`: a Python with it installed) asking the same server the prompts
+    refinevla builds for the same episodes (`curator_row.py`); wall and CPU of its whole process."""
+    import base64
+    import resource
+    import subprocess
+
+    from refinevla.annotate.prompts import FrameOptions, build_prompt
+
+    pool = frame_pool(size=args.frame_size)
+    rows_path, pool_path = Path(tmp, "curator-rows.jsonl"), Path(tmp, "curator-pool.json")
+    pool_path.write_text(json.dumps(["data:image/jpeg;base64," + base64.b64encode(f).decode() for f in pool]))
+    with rows_path.open("w") as fh:
+        for i in range(args.requests):
+            bundle = build_prompt(make_episode(i, pool, args.steps), FrameOptions(count=args.frames))
+            system, user = bundle.messages[0]["content"], bundle.messages[1]["content"][0]["text"]
+            images = [(i * 7 + k.step) % len(pool) for k in bundle.keyframes]  # make_episode's frame order
+            fh.write(json.dumps({"episode": i, "system": system, "user": user, "images": images}) + "\n")
+    cache = tempfile.mkdtemp(prefix="curator-cache-", dir=tmp)  # its own each time: a cached run asks nothing
+    env = {**os.environ, "OPENAI_API_KEY": "EMPTY", "CURATOR_CACHE_DIR": cache}
+    env["CURATOR_DISABLE_RICH_DISPLAY"] = "1"
+    env["TELEMETRY_ENABLED"] = "false"  # the machine may have no network: nothing is sent anywhere
+    script = Path(__file__).with_name("curator_row.py")
+    cmd = [args.curator, str(script), str(rows_path), str(pool_path), f"http://127.0.0.1:{port}/v1"]
+    cmd.append(str(args.concurrency))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode:
+        raise RuntimeError(f"curator exited {done.returncode}: {(done.stdout + done.stderr)[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["requests"] == args.requests, result
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return {"command": wall, "seconds": result["seconds"], "requests": result["requests"], "cpu": cpu}
+
+
+def measure_ray(port: int, args: argparse.Namespace, source: str, tmp: str) -> list[tuple[str, dict[str, Any]]]:
     """The local command beside `--backend ray` on a one-node cluster on 127.0.0.1, per preparation worker count."""
     from refinevla.annotate.ray_local import local_cluster
 
@@ -372,7 +460,13 @@ def main() -> None:
     ap.add_argument("--jitter", type=float, default=0.0, help="latency spread: uniform in L*(1±J), same mean")
     ap.add_argument("--steps", type=int, default=38, help="steps per episode (Bridge averages ~38)")
     ap.add_argument("--frames", type=int, default=6)
-    ap.add_argument("--processes", type=int, nargs="+", default=[1, 2], help="engine process counts to measure")
+    ap.add_argument(
+        "--processes",
+        type=int,
+        nargs="*",
+        default=[1, 2],
+        help="engine process counts to measure (none: no engine row)",
+    )
     ap.add_argument(
         "--cli",
         action="store_true",
@@ -392,6 +486,24 @@ def main() -> None:
         help="also run `refine-data annotate --backend ray` (a Ray head on 127.0.0.1) with these preparation "
         "worker counts, beside the local command on the same RLDS shards",
     )
+    ap.add_argument(
+        "--cli-processes",
+        nargs="+",
+        default=["auto", "1", "2"],
+        help="--cli: the command's --processes values to measure (auto: its default)",
+    )
+    ap.add_argument(
+        "--curator",
+        metavar="PYTHON",
+        help="--cli: also run bespokelabs-curator (installed for this Python, in an environment of its own) on "
+        "the same prompts against the same server (benchmarks/curator_row.py)",
+    )
+    ap.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="--cli: also run the first --cli-processes row (default: auto) under py-spy (every process and thread), "
+        "print its time per request by stage, and write the recording (DIR/cli-P.txt) and flame graph (DIR/cli-P.svg)",
+    )
     args = ap.parse_args()
 
     ctx = mp.get_context("spawn")
@@ -401,6 +513,8 @@ def main() -> None:
     port = port_q.get(timeout=120)
     ideal = args.concurrency / args.latency
     rows = []
+    stages = ""
+    curator_row: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as tmp:
         for processes in args.processes:
             r = measure(ctx, port, args, processes, tmp)
@@ -409,7 +523,13 @@ def main() -> None:
         if args.cli or args.ray:
             source = write_source(f"{tmp}/src", args.requests, args.steps, args.frame_size)
         if args.cli:
-            cli_rows = [(p, measure_cli(port, args, p, source, tmp)) for p in args.processes]
+            cli_rows = [(p, measure_cli(port, args, p, source, tmp)) for p in args.cli_processes]
+            for _, row in cli_rows:
+                with_steady_cpu(port, args, source, tmp, row)
+            if args.curator:
+                curator_row = measure_curator(port, args, tmp)
+            if args.profile:
+                stages = profile_cli(port, args, source, tmp, cli_rows[0][1])
         if args.ray:
             ray_rows = measure_ray(port, args, source, tmp)
     stop.set()
@@ -441,10 +561,38 @@ def main() -> None:
             "engine s: the run's own clock (manifest this_run.seconds: reading, asking, storing, writing); "
             "command s: the whole process (Python start-up, imports, worker processes, card)"
         )
-        print(f"\n{'processes':>9} {'command s':>10} {'engine s':>9} {'req/s':>7} {'vs ideal':>9}")
+        print(
+            f"\n{'processes':>9} {'command s':>10} {'engine s':>9} {'req/s':>7} {'vs ideal':>9} {'CPU ms/req':>11} "
+            f"{'fixed CPU s':>12} {'steady CPU ms/req':>18}"
+        )
         for processes, r in cli_rows:
             rate = r["requests"] / r["seconds"]
-            print(f"{processes:>9} {r['command']:>10.2f} {r['seconds']:>9.2f} {rate:>7.1f} {rate / ideal:>9.3f}")
+            print(
+                f"{processes:>9} {r['command']:>10.2f} {r['seconds']:>9.2f} {rate:>7.1f} {rate / ideal:>9.3f} "
+                f"{1000 * r['cpu'] / r['requests']:>11.2f} {r['fixed_cpu']:>12.2f} {1000 * r['steady']:>18.2f}   "
+                f"{r['first']}"
+            )
+        if curator_row is not None:
+            r = curator_row
+            rate = r["requests"] / r["seconds"]
+            print(
+                f"{'curator':>9} {r['command']:>10.2f} {r['seconds']:>9.2f} {rate:>7.1f} {rate / ideal:>9.3f} "
+                f"{1000 * r['cpu'] / r['requests']:>11.2f}   bespokelabs-curator, the same prompts and server "
+                "(engine s: its LLM call)"
+            )
+        print(
+            "CPU: the whole command, every process (rusage of the command and the processes it waited for); fixed: "
+            "the same command over 2 episodes per process (imports, start-up, card); steady: the rest per request"
+        )
+    if stages:
+        print(
+            f"\nwhere the `--cli` row's time goes (--processes {args.cli_processes[0]}, under py-spy: "
+            f"{args.profile}/cli-{args.cli_processes[0]}.svg), per "
+            "request: busy = samples of every thread of every process not waiting (running, or waiting for the GIL "
+            "or in a C call inside that stage), the whole command; loop = the engine processes' event-loop threads "
+            "while the engine ran, idle included, so that column sums to the engine's wall time (the last line)"
+        )
+        print(stages)
     if ray_rows:
         local = ray_rows[0][1]
         print(

@@ -68,6 +68,8 @@ def run_annotate(args: AnnotateArgs) -> int:
 
 def _run_held(args: AnnotateArgs, setup: RunSetup) -> int:
     """The run proper, while this process holds OUT (or its shard of OUT)."""
+    if args.backend == "local":  # on Ray the driver is one process; its line names the cluster instead
+        typer.echo(setup.processes.line(), err=True)
     teacher = setup.teacher
     batch: dict[str, Any] | None = None
     if args.batch:
@@ -96,7 +98,7 @@ def _run_held(args: AnnotateArgs, setup: RunSetup) -> int:
         )
         if summary.stop_reason == "max-cost":
             typer.secho(f"--max-cost ${args.max_cost} reached: no more batches submitted", fg="yellow", err=True)
-    backend: dict[str, Any] = {"name": "local", "processes": args.processes}
+    backend = _local_backend(setup)
     if args.backend == "ray":
         from ..ray_backend import run_on_ray
 
@@ -105,7 +107,7 @@ def _run_held(args: AnnotateArgs, setup: RunSetup) -> int:
         typer.echo(
             f"ray: {cluster.nodes} node(s), {cluster.cpus:g} CPUs, {cluster.workers} preparation workers", err=True
         )
-    elif args.processes > 1 and setup.total > 1:
+    elif setup.processes.count > 1 and setup.total > 1:
         from ..parallel import run_processes
 
         part = run_processes(args, setup)
@@ -147,6 +149,12 @@ def _finalize(
     counts = part.counts
     typer.echo(f"wrote {out}: {counts['episodes']} episodes, {counts['steps']} steps, {len(rejects)} rejected")
     return _report_stop(args, setup, part, c, spend.cost, batch is not None)
+
+
+def _local_backend(setup: RunSetup) -> dict[str, Any]:
+    """The manifest's record of a local run: its engine processes and how that number was chosen."""
+    chosen = setup.processes
+    return {"name": "local", "processes": chosen.count, "processes_chosen": f"{chosen.requested}: {chosen.why}"}
 
 
 def _resume_command(args: AnnotateArgs) -> str:
@@ -265,9 +273,9 @@ def _write_manifest(
             "completion_tokens": c.completion_tokens,
             "cost_usd": round(c.cost, 6),
             "seconds": round(part.seconds, 2),
-            "processes": args.processes,
+            "processes": setup.processes.count,
         },
-        "backend": backend or {"name": "local", "processes": args.processes},
+        "backend": backend or _local_backend(setup),
         "complete": part.stop_reason is None and c.failed == 0,
         "stop_reason": part.stop_reason,
     }

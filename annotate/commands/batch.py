@@ -11,6 +11,7 @@ from ...schemas.dataset_layout import PRIVATE_DIR
 from ..batch.provider import BatchProvider
 from ..batch.runner import REASK_MODES, BatchOptions, BatchRunner, BatchSummary
 from ..errors import RefineError
+from ..processes import parse_processes
 
 BATCH_TEACHERS = ("openai", "gemini")
 GEMINI_OPENAI_SUFFIX = "/v1beta/openai/"  # live mode's Gemini endpoint; the Batch API lives at the host's root
@@ -40,7 +41,7 @@ def check_batch_args(args: Any, teacher: Any) -> None:
     """Refuse flag combinations batch mode cannot honour, before anything is sent."""
     if teacher.name not in BATCH_TEACHERS:
         raise _not_batchable(teacher.name)
-    if args.processes > 1:
+    if (parse_processes(args.processes) or 1) > 1:
         raise RefineError("--batch runs in one process (the provider answers in parallel); drop --processes")
     if args.reask not in REASK_MODES:
         raise RefineError(f"--reask must be one of {', '.join(REASK_MODES)}, not {args.reask!r}")

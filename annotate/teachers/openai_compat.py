@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,8 @@ from .base import (
 )
 from .refusals import setup_refusal
 from .server_info import ServerInfo, ask_server, check_context_window
+
+FORMATS_SERIALISED = 256  # response formats whose JSON is kept (episode detail: one per distinct episode context)
 
 
 @dataclass(frozen=True)
@@ -107,8 +110,8 @@ class OpenAICompatTeacher:
         self.max_tokens = max_tokens
         self._client: Any = None
         self._endpoint = "/chat/completions"
-        self._format: Any = None  # the last response format serialised, and its JSON
-        self._format_json = b""
+        # response formats serialised, by identity (the object kept, so its id is not reused while cached)
+        self._formats: OrderedDict[int, tuple[dict[str, Any], bytes]] = OrderedDict()
         self.server: ServerInfo | None = None  # what an openai-compatible server says of itself (start)
         # An openai-compatible server is often free (a local vLLM); a missing price is then not an error.
         self.paid = provider.name != "openai-compatible"
@@ -176,14 +179,23 @@ class OpenAICompatTeacher:
         }
 
     def encode(self, request: TeacherRequest) -> bytes:
-        """The JSON body sent for `request` (the response format is serialised once per teacher).
+        """The JSON body sent for `request` (each response format object is serialised once per teacher).
 
-        Response formats are treated as immutable: the engine derives one per run and never edits it.
+        Response formats are treated as immutable: the engine derives one per run (`static`) or shares
+        one per distinct episode context (`teacher_requests.episode_response_format`), never edited.
         """
-        fmt = request.response_format
-        if self._format is not fmt:
-            self._format, self._format_json = fmt, compact_json(fmt)
-        return encode_body(self.request_body(request), {"response_format": self._format_json})
+        return encode_body(self.request_body(request), {"response_format": self._format_json(request.response_format)})
+
+    def _format_json(self, fmt: dict[str, Any]) -> bytes:
+        cached = self._formats.get(id(fmt))
+        if cached is not None and cached[0] is fmt:
+            self._formats.move_to_end(id(fmt))
+            return cached[1]
+        data = compact_json(fmt)
+        self._formats[id(fmt)] = (fmt, data)
+        if len(self._formats) > FORMATS_SERIALISED:
+            self._formats.popitem(last=False)
+        return data
 
     async def complete(self, request: TeacherRequest, timeout: float) -> TeacherResponse:
         import openai

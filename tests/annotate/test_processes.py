@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
+from contextlib import redirect_stderr
 from pathlib import Path
 
 import polars as pl
+import pytest
 
-from refinevla.annotate.commands.annotate import PartResult
+from refinevla.annotate.commands.annotate import AnnotateArgs, PartResult, run_annotate
+from refinevla.annotate.errors import RefineError
+from refinevla.annotate.outputs import hold_output
 from refinevla.annotate.parallel import merge_parts, split_range
+from refinevla.annotate.processes import AUTO_MAX_PROCESSES, EPISODES_PER_PROCESS, choose_processes, parse_processes
 from tests.annotate.test_crash_resume import SECRET, answered, seed, start, wait_for_answers
 
 
@@ -69,12 +75,18 @@ def test_processes_write_what_one_process_writes_and_a_rerun_with_other_p_pays_n
     assert SECRET not in r.stderr + again.stderr
 
 
-def test_ctrl_c_stops_every_worker_and_the_rerun_resumes(tiny_rlds, teacher_server, tmp_path):
+def _two_workers_answering(tiny_rlds, teacher_server, tmp_path) -> tuple[str, Path, subprocess.Popen[str]]:
+    """A run of 16 episodes with 2 processes, once 2 answers are committed: (source, OUT, the command)."""
     uri = tiny_rlds(16)
     out = tmp_path / "out"
     teacher_server.latency = 0.3
     proc = start(uri, teacher_server.url, out, "--processes", "2")
     wait_for_answers(proc, out, 2)
+    return uri, out, proc
+
+
+def test_ctrl_c_stops_every_worker_and_the_rerun_resumes(tiny_rlds, teacher_server, tmp_path):
+    uri, out, proc = _two_workers_answering(tiny_rlds, teacher_server, tmp_path)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -99,3 +111,102 @@ def test_a_refused_key_in_one_worker_stops_them_all(tiny_rlds, teacher_server, t
     assert r.returncode == 1
     assert "refused the credentials" in r.stderr and "Traceback" not in r.stderr and SECRET not in r.stderr
     assert len(teacher_server.requests) <= 4  # each worker stops at its first refusal
+
+
+@pytest.mark.parametrize(
+    ("teacher", "episodes", "cores", "expected"),
+    [
+        ("openai-compatible", 10_000, 2, 2),  # a self-hosted server: one process per core
+        ("openai-compatible", 10_000, 16, 4),  # ... at most AUTO_MAX_PROCESSES
+        ("openai-compatible", 600, 16, 2),  # ... each with EPISODES_PER_PROCESS episodes or more
+        ("openai-compatible", 12, 2, 1),  # a small run: a worker's start-up would cost more than it saves
+        ("openai", 10_000, 16, 1),  # a hosted API: its rate limit is shared by every process
+        ("gemini", 10_000, 16, 1),
+        ("vllm", 10_000, 16, 1),  # the local engine holds its GPUs in one process
+        ("rule-based", 10_000, 16, 1),  # nothing to wait for
+    ],
+)
+def test_auto_processes_follow_the_cores_and_the_teacher(teacher, episodes, cores, expected) -> None:
+    assert AUTO_MAX_PROCESSES == 4 and EPISODES_PER_PROCESS == 256
+    choice = choose_processes("auto", teacher, episodes, cores=cores)
+    assert choice.count == expected and choice.requested == "auto"
+    assert choice.line().startswith(f"annotate: {expected} engine process")
+
+
+def test_a_number_of_processes_is_used_as_given_and_a_run_that_is_one_process_picks_one() -> None:
+    assert choose_processes("3", "openai", 10, cores=1).count == 3
+    alone = choose_processes("auto", "openai-compatible", 10_000, cores=8, alone="--batch: one process")
+    assert alone.count == 1 and "--batch" in alone.why
+    for bad in ("0", "-2", "two", ""):
+        with pytest.raises(RefineError, match="--processes must be auto or a number of at least 1"):
+            parse_processes(bad)
+
+
+def test_auto_processes_are_printed_first_and_recorded_in_the_manifest(
+    tiny_rlds, teacher_server, tmp_path, monkeypatch
+):
+    monkeypatch.setattr("refinevla.annotate.processes.EPISODES_PER_PROCESS", 4)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    out = tmp_path / "out"
+    args = AnnotateArgs(
+        source=tiny_rlds(9),
+        teacher="openai-compatible",
+        base_url=teacher_server.url,
+        model="fake-model",
+        out=out,
+        progress="none",
+        license="mit",
+    )
+    assert args.processes == "auto"  # the default
+    with redirect_stderr(io.StringIO()) as err:
+        assert run_annotate(args) == 0
+    assert err.getvalue().splitlines()[0] == "annotate: 2 engine processes (auto: openai-compatible server, 2 cores)"
+    manifest = json.loads((out / "refinevla.json").read_text())
+    assert manifest["this_run"]["processes"] == 2
+    assert manifest["backend"] == {
+        "name": "local",
+        "processes": 2,
+        "processes_chosen": "auto: openai-compatible server, 2 cores",
+    }
+    assert sorted(q.seed for q in teacher_server.requests) == list(range(9))
+
+
+def test_a_bad_processes_value_is_one_line(tiny_rlds, teacher_server, tmp_path):
+    r = run(tiny_rlds(2), teacher_server.url, tmp_path / "out", "--processes", "many")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--processes must be auto or a number of at least 1, not 'many'" in r.stderr
+
+
+def test_workers_do_not_keep_the_output_locked_after_their_parent_is_killed(tiny_rlds, teacher_server, tmp_path):
+    uri, out, proc = _two_workers_answering(tiny_rlds, teacher_server, tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    # forked workers share the parent's open lock file unless they close it: the lock must die with the parent
+    with hold_output(out, "test"):
+        pass
+    committed = {seed(e) for e in answered(out)}
+    teacher_server.latency = 0.0
+    rerun = run(uri, teacher_server.url, out, "--processes", "2")
+    assert rerun.returncode == 0, rerun.stderr
+    assert pl.read_parquet(out / "episodes").height == 16
+    assert committed <= {seed(e) for e in answered(out)}
+
+
+def test_workers_are_spawned_where_a_fork_would_not_be_safe(monkeypatch) -> None:
+    import sys
+    import threading
+
+    from refinevla.annotate.parallel import worker_context
+
+    assert worker_context("vllm").get_start_method() == "spawn"  # its worker loads its own engine
+    monkeypatch.setitem(sys.modules, "torch", sys.modules["json"])  # a library with native thread pools, loaded
+    assert worker_context("openai-compatible").get_start_method() == "spawn"
+    monkeypatch.delitem(sys.modules, "torch")
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:  # a running thread: a forked child would hold a copy of it stopped half-way
+        assert worker_context("openai-compatible").get_start_method() == "spawn"
+    finally:
+        stop.set()
+        thread.join()
