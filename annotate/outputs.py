@@ -154,9 +154,18 @@ def _drop_inherited_locks() -> None:
     copy is closed. Without this, a holder killed with `kill -9` would leave its lock held by its workers
     until they noticed and exited, refusing the rerun meanwhile. The workers never lock or unlock.
     """
-    for handle in _lock_files:
-        with contextlib.suppress(OSError, ValueError):
-            os.close(handle.fileno())
+    if not _lock_files:
+        return
+    # /dev/null takes each lock file's descriptor number: the child's copy of the open file (and so of the lock)
+    # is dropped, while the file object the child inherited still owns a valid descriptor, so its eventual
+    # close neither fails nor closes a descriptor number reused by something else.
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for handle in _lock_files:
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(null, handle.fileno())
+    finally:
+        os.close(null)
     _lock_files.clear()
 
 
