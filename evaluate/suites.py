@@ -3,6 +3,9 @@
 WidowX (Bridge) tasks run on ManiSkill3's GPU-parallel ports of SimplerEnv's scenes; Google
 Robot tasks exist only in the original SimplerEnv (SAPIEN 2, ManiSkill2_real2sim).
 `maniskill:ENV_ID` runs any ManiSkill3 task with the same policy and output.
+LIBERO (`--suite libero`, and LIBERO-PRO's perturbed suites as `--suite libero_pro`) is another simulator
+family: a task's `suite` is its LIBERO suite (libero_spatial, libero_spatial_swap, ...), so its rows are
+reported under that suite, never beside SimplerEnv's.
 """
 
 from __future__ import annotations
@@ -11,7 +14,23 @@ from dataclasses import dataclass
 
 from .errors import EvalError
 
-SUITES = ("widowx", "google-vm", "google-va")
+SUITES = ("widowx", "google-vm", "google-va", "libero", "libero_pro")
+LIBERO_FAMILIES = ("libero", "libero_pro")
+LIBERO_SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
+LIBERO_STANDARD = LIBERO_SUITES[:4]  # the four-suite table papers print (libero_10 = LIBERO-Long)
+LIBERO_TASKS = {"libero_90": 90}  # tasks per suite; the others have 10
+# LIBERO-PRO's perturbations of a standard suite (its suites `<base>_<perturbation>`): swapped initial
+# positions, other objects, paraphrased instructions, other tasks, other environments
+LIBERO_PRO_PERTURBATIONS = ("swap", "object", "lan", "task", "env")
+LIBERO_PRO_SUITES = tuple(f"{b}_{p}" for b in LIBERO_STANDARD for p in LIBERO_PRO_PERTURBATIONS)
+
+
+def libero_base(suite: str) -> str | None:
+    """The LIBERO suite `suite` is or perturbs (libero_spatial_swap -> libero_spatial); None if no LIBERO one."""
+    if suite in LIBERO_SUITES:
+        return suite
+    return suite.rsplit("_", 1)[0] if suite in LIBERO_PRO_SUITES else None
+
 
 WIDOWX_TASKS = {
     "spoon_on_towel": "PutSpoonOnTableClothInScene-v1",
@@ -34,9 +53,19 @@ class Task:
     suite: str  # widowx | google-vm | google-va | maniskill:ENV_ID
     name: str  # SimplerEnv's short name (the ENV_ID for maniskill:)
     env_id: str  # the simulator's task id
-    backend: str  # maniskill3 | simpler_env
-    robot: str | None  # widowx | google_robot | None (take the checkpoint's)
+    backend: str  # maniskill3 | simpler_env | libero
+    robot: str | None  # widowx | google_robot | libero_panda | None (take the checkpoint's)
     grasp: bool  # the task reports SimplerEnv's grasp metric
+
+
+# the robot whose conventions a suite's tasks take (maniskill:ENV_ID: the checkpoint's)
+SUITE_ROBOTS = {
+    "widowx": "widowx",
+    "google-vm": "google_robot",
+    "google-va": "google_robot",
+    "libero": "libero_panda",
+    "libero_pro": "libero_panda",
+}
 
 
 def parse_suite(suite: str) -> str:
@@ -53,6 +82,14 @@ def suite_tasks(suite: str, names: list[str] | None = None) -> list[Task]:
         if names:
             raise EvalError("--tasks does not apply to maniskill:ENV_ID (the suite is that one task)")
         return [Task(suite, env_id, env_id, "maniskill3", None, False)]
+    if suite in LIBERO_FAMILIES:
+        from .backends.libero import libero_tasks
+
+        # name = SUITE/ID (what --tasks takes), env_id = LIBERO's task name (its BDDL file)
+        return [
+            Task(t.suite, f"{t.suite}/{t.task_id}", t.name, "libero", "libero_panda", False)
+            for t in libero_tasks(suite, names)
+        ]
     table = WIDOWX_TASKS if suite == "widowx" else GOOGLE_TASKS
     chosen = names or (list(WIDOWX_TASKS) if suite == "widowx" else list(GOOGLE_DEFAULT))
     unknown = [n for n in chosen if n not in table]
