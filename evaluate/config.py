@@ -121,13 +121,20 @@ class DemosArgs:
     """`refine-eval demos`: scripted demonstrations in the WidowX scenes, written as BridgeData V2 RLDS."""
 
     out: Path = option(help="New folder for the dataset (features.json, TFRecord shards, refinevla_source.json).")
-    suite: str = option("widowx", "The suite whose scenes are recorded (widowx).")
+    suite: str = option(
+        "widowx", "The suite whose scenes are recorded: widowx (Bridge RLDS) | libero (a LeRobot v3 dataset)."
+    )
     tasks: list[str] | None = option(
         None,
         "Comma-separated WidowX tasks (carrot_on_plate, spoon_on_towel, ...); default all four.",
         conversion=COMMA_LIST,
     )
-    episodes: int = option(24, "Tries per task: every configuration in turn, a new seed each round; failures dropped.")
+    episodes: int = option(
+        24,
+        "Tries per task: every configuration in turn, a new seed each round; failures dropped. LIBERO: initial "
+        "states 0..N-1.",
+    )
     seed: int = option(0, "Seed of the first round of resets (round r uses seed + r).")
     noise: float = option(0.01, "Waypoint noise in metres (uniform, x and y), so demos of a scene differ.")
     video: bool = option(False, "Write an mp4 of every try under OUT/videos/TASK/ (dropped ones under failed/).")
+    resolution: int | None = option(None, "LIBERO: camera height and width in pixels (default 256).")

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 from .baselines import Baseline, baseline_suite, load_baselines
 from .errors import EvalError
+from .libero_names import LIBERO_PRO_SUITES, LIBERO_STANDARD, LIBERO_SUITES, LIBERO_TASKS, libero_base
 from .results import EPISODES_FILE, RESULTS_FORMAT, RUN_FILE, read_episodes, read_run
-from .suites import LIBERO_PRO_SUITES, LIBERO_STANDARD, LIBERO_SUITES, LIBERO_TASKS, WIDOWX_TASKS, libero_base
+from .suites import WIDOWX_TASKS
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -40,7 +40,7 @@ from .results import (
     write_run,
 )
 from .robots import flat_env_action
-from .suites import SUITE_ROBOTS, Task, suite_tasks
+from .suites import SUITE_ROBOTS, Task, scene_key, suite_tasks
 from .zero import ZeroPolicy, is_zero
 
 # run.json fields that must agree between a results folder and a rerun into it
@@ -116,10 +116,10 @@ def schedule(
         (c, r, args.seed + r * n_configs + c) for r in range(args.episodes_per_config) for c in range(n_configs)
     ]
     if demos is not None and args.episodes_from is not None:
-        seen = demos.pairs(task.env_id)
+        seen = demos.pairs(scene_key(task))
         pairs = [(c, [s for cc, s in seen if cc == c].index(s), s) for c, s in seen]
     elif demos is not None:
-        configs = {c for c, _ in demos.pairs(task.env_id)}
+        configs = {c for c, _ in demos.pairs(scene_key(task))}
         pairs = [p for p in pairs if p[0] not in configs]
     if args.max_episodes is not None:
         pairs = pairs[: args.max_episodes]
@@ -218,9 +218,10 @@ def selected_demos(args: RunArgs, tasks: list[Task]) -> DemoPairs | None:
     if folder is None:
         return None
     demos = read_demo_pairs(Path(folder), flag)
-    if not any(demos.pairs(task.env_id) for task in tasks):
+    if not any(demos.pairs(scene_key(task)) for task in tasks):
         held = ", ".join(sorted(demos.by_env)) or "none"
-        raise EvalError(f"{flag} {folder}: holds no episode of {', '.join(t.env_id for t in tasks)} (it holds: {held})")
+        wanted = ", ".join(scene_key(t) for t in tasks)
+        raise EvalError(f"{flag} {folder}: holds no episode of {wanted} (it holds: {held})")
     return demos
 
 
@@ -397,7 +398,7 @@ def run_batch(
     seeds = [s for _, _, s in padded]
     t0 = time.monotonic()
     if isinstance(policy, ReplayPolicy):  # it plays the recorded episode of each scene
-        policy.begin(task.env_id, list(zip(configs, seeds, strict=True)))
+        policy.begin(scene_key(task), list(zip(configs, seeds, strict=True)))
     out = sim.reset(seeds, configs)
     instructions = [args.instruction] * sim.n_envs if args.instruction else out.instructions
     if len(instructions) != sim.n_envs:

@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import EvalError
-from ..suites import LIBERO_PRO_SUITES, LIBERO_STANDARD, LIBERO_SUITES, libero_base
+from ..libero_names import LIBERO_PRO_SUITES, LIBERO_STANDARD, LIBERO_SUITES, libero_base
 from .base import StepOutput
 from .processes import ProcessSims
 

@@ -30,10 +30,12 @@ TASK = "libero_spatial/0"
 
 @pytest.fixture(scope="module")
 def spatial_sim() -> Any:
-    """libero_spatial task 0 in this process, reset to initial state 0 (its settle steps done)."""
+    """libero_spatial task 0 in this process, reset to initial state 0 (its settle steps done); `first` is what
+    the reset returned, `first_obs` the raw observation behind it."""
     choose_gl()
     sim = LiberoSim("libero_spatial", 0, resolution=RESOLUTION, max_steps=20)
-    sim.reset([0], [0])
+    sim.first = sim.reset([0], [0])
+    sim.first_obs = sim.obs
     yield sim
     sim.close()
 
@@ -73,8 +75,7 @@ def test_the_trivial_policy_episode_logs_the_right_keys(zero_run: Path) -> None:
 
 
 def test_the_policy_sees_frames_turned_and_the_8d_state(spatial_sim: Any) -> None:
-    out = spatial_sim.reset([0], [0])
-    raw = spatial_sim.obs
+    out, raw = spatial_sim.first, spatial_sim.first_obs
     assert out.images.shape == (1, RESOLUTION, RESOLUTION, 3) and out.images.dtype == np.uint8
     assert np.array_equal(out.images[0], raw["agentview_image"][::-1, ::-1])
     assert np.array_equal(out.extras["wrist"][0], raw["robot0_eye_in_hand_image"][::-1, ::-1])
@@ -105,10 +106,20 @@ def test_an_action_reaches_robosuite_with_its_sign_and_scale(
 
 
 def test_success_is_the_envs_own_predicate(spatial_sim: Any) -> None:
-    spatial_sim.reset([0], [0])
     out = spatial_sim.step(np.zeros((1, 7)))
     assert out.infos[0]["success"] is bool(spatial_sim.env.check_success()) is False
     assert not out.done
+
+
+def test_num_envs_runs_initial_states_side_by_side_in_processes(tmp_path: Path) -> None:
+    out = tmp_path / "two"
+    args = ["--policy", "zero:", "--suite", "libero", "--tasks", TASK, "--max-episodes", "2", "--num-envs", "2"]
+    result = invoke(*args, "--max-steps", "2", "--resolution", str(RESOLUTION), "--no-report", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert [(e["config"], e["steps"], e["success"]) for e in episodes] == [(0, 2, False), (1, 2, False)]
+    sim = json.loads((out / "run.json").read_text())["simulators"][f"libero:{TASK}"]
+    assert sim["processes"] == 2 and sim["mujoco_gl"] in ("egl", "osmesa")
 
 
 @pytest.fixture(scope="module")
@@ -189,3 +200,72 @@ def test_a_missing_gl_library_is_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1
     assert "MUJOCO_GL=osmesa: its library is not here (apt-get install libosmesa6)" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+# --- scripted demonstrations, LeRobot v3, replay ----------------------------------------------------------------
+
+DEMO_TASK = "libero_object/0"  # pick up the alphabet soup and place it in the basket
+
+
+@pytest.fixture(scope="module")
+def libero_demos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`refine-eval demos --suite libero`: the scripted expert from initial state 0 of one libero_object task."""
+    out = tmp_path_factory.mktemp("libero-demos") / "demos"
+    args = ["demos", "--suite", "libero", "--tasks", DEMO_TASK, "--episodes", "1", "--resolution", str(RESOLUTION)]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"{DEMO_TASK}: 1/1 tries kept" in result.output
+    return out
+
+
+def test_demos_write_a_lerobot_v3_dataset_that_the_lerobot_reader_reads_back(libero_demos: Path) -> None:
+    from refinevla.annotate.sources import ReadOptions, open_source
+
+    source = open_source(f"lerobot:{libero_demos}")
+    (episode,) = list(source.iter_episodes(ReadOptions()))
+    assert episode.instruction == "pick up the alphabet soup and place it in the basket"
+    assert episode.states.shape == (len(episode), 8) and episode.actions.shape == (len(episode), 7)
+    assert set(np.unique(episode.actions[:, 6])) == {-1.0, 1.0}  # opened, closed on the can
+    assert np.abs(episode.actions).max() <= 1.0
+    info = json.loads((libero_demos / "meta" / "info.json").read_text())
+    assert info["codebase_version"] == "v3.0" and info["robot_type"] == "panda"
+    features = info["features"]
+    assert features["observation.state"]["shape"] == [8] and features["action"]["shape"] == [7]
+    for camera in ("observation.images.image", "observation.images.wrist_image"):
+        assert features[camera]["shape"] == [RESOLUTION, RESOLUTION, 3]
+    scenes = json.loads((libero_demos / "refinevla_demos.json").read_text())
+    assert {k: scenes["0"][k] for k in ("suite", "task_id", "init_state", "seed")} == {
+        "suite": "libero_object",
+        "task_id": 0,
+        "init_state": 0,
+        "seed": 0,
+    }
+    assert source.declared["robot"] == "libero_panda" and source.declared["transform"] == "none"
+
+
+def test_the_policy_sees_exactly_the_frames_and_state_the_demos_store(libero_demos: Path) -> None:
+    from refinevla.annotate.sources import ReadOptions, SourceOverrides, open_source
+
+    both = SourceOverrides(cameras=("image", "wrist_image"))
+    (episode,) = list(open_source(f"lerobot:{libero_demos}", overrides=both).iter_episodes(ReadOptions()))
+    sim = LiberoSim("libero_object", 0, resolution=RESOLUTION)
+    try:
+        out = sim.reset([0], [0])
+    finally:
+        sim.close()
+    assert np.array_equal(episode.frames["image"][0], out.images[0])
+    assert np.array_equal(episode.frames["wrist_image"][0], out.extras["wrist"][0])
+    np.testing.assert_allclose(episode.states[0], out.extras["state"][0], rtol=1e-6)
+
+
+def test_the_replay_of_a_scripted_demo_succeeds(libero_demos: Path, tmp_path: Path) -> None:
+    out = tmp_path / "replay"
+    args = ["--policy", f"replay:{libero_demos}", "--suite", "libero", "--tasks", DEMO_TASK]
+    result = invoke(
+        *args, "--episodes-from", str(libero_demos), "--resolution", str(RESOLUTION), "--no-report", "--out", str(out)
+    )
+    assert result.exit_code == 0, result.output
+    (episode,) = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert episode["success"] is True and (episode["config"], episode["seed"]) == (0, 0)
+    run = json.loads((out / "run.json").read_text())
+    assert run["policy"]["robot"] == "libero_panda" and run["policy"]["transform"] == "none"
