@@ -6,8 +6,9 @@ end offline; a scripted expert closes the loop (demos -> refine-train -> refine-
 privileged poses of the task's two objects of interest (LIBERO's `obj_of_interest`: what to move and where, from
 the BDDL goal), then drives robosuite's OSC controller closed loop (a proportional step towards each waypoint,
 clipped to the action's [-1, 1]): above the object -> down to it -> close -> lift -> above the target (the object's
-offset in the hand kept) -> down -> open -> up, until the env's own success predicate holds (the episode ends
-there, as in LIBERO's reference evaluation) or the suite's step limit passes. Only successful tries are kept.
+offset in the hand kept) -> down -> open -> up (a bowl is taken by its rim, anything else about its origin), until
+the env's own success predicate holds (the episode ends there, as in LIBERO's reference evaluation) or the
+suite's step limit passes. Only successful tries are kept.
 Made for the pick-and-place tasks of libero_object ("pick up the X and place it in the basket") and
 libero_spatial ("pick up the black bowl ... and place it on the plate"); a task without a movable object and a
 target is refused in one line.
@@ -49,6 +50,9 @@ DECLARATION = {
 GAIN = 15.0  # action per metre of error: 1 (the controller's 5 cm) from about 7 cm away
 HOVER, LIFT, PLACE = 0.12, 0.20, 0.12  # heights (m) of the approach, the carry and the release above the origins
 GRIP_STEPS = 10  # steps spent closing or opening in place
+# where the fingers close, from the object's origin, by kind: a bowl by its rim, 5 cm off its centre along y (the
+# fingers close along y: they straddle the rim's wall) and 2 cm up; anything else 1 cm below its origin
+GRASP_AT = {"bowl": np.array([0.0, 0.05, 0.02])}
 
 
 @dataclass(frozen=True)
@@ -74,11 +78,12 @@ class LiberoExpert:
                 "one object onto or into another (libero_object, libero_spatial)"
             )
         self.obj, self.target = interest[0], interest[-1]
-        o = np.asarray(obs[f"{self.obj}_pos"], dtype=np.float64)
         up = np.array([0.0, 0.0, 1.0])
+        grasp = next((g for kind, g in GRASP_AT.items() if kind in self.obj), -0.01 * up)
+        o = np.asarray(obs[f"{self.obj}_pos"], dtype=np.float64) + grasp
         self.legs = [
             Leg("approach", o + HOVER * up, -1.0, 0.5, 0.006, 60),
-            Leg("descend", o - 0.01 * up, -1.0, 0.5, 0.008, 40),
+            Leg("descend", o, -1.0, 0.5, 0.008, 40),
             Leg("grasp", None, 1.0, 0.0, 0.0, GRIP_STEPS),
             Leg("lift", o + LIFT * up, 1.0, 0.5, 0.02, 40),
             Leg("transport", None, 1.0, 0.5, 0.02, 90),  # goal set at the end of the lift (the hand's offset)
