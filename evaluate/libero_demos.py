@@ -17,9 +17,12 @@ What is stored is what the policy sees and does, in LeRobot's LIBERO layout: `ob
 (agentview) and `observation.images.wrist_image`, both turned 180 degrees as in the published datasets and as
 `backends/libero.py` shows them to the policy, stored as PNG (lossless: a frame read back equals the one the
 policy saw); `observation.state` (8-D: eef position, eef axis-angle, finger joints); `action` (7-D, the env's
-own: OSC delta position and axis-angle in [-1, 1], gripper -1 open / +1 close). Per episode,
-`refinevla_demos.json` records its suite, task id, initial-state index and seed (the scene it replays in), and
-`refinevla_source.json` declares the robot (`libero_panda`) and that the actions need no transform.
+own: OSC delta position and axis-angle in [-1, 1], gripper -1 open / +1 close); and the 7-D end-effector state
+refinevla's motion primitives read (`observation.states.ee_state` xyz + roll/pitch/yaw, `observation.states.gripper`
+the finger opening in 0..1). Per episode, `refinevla_demos.json` records its suite, task id, initial-state index and
+seed (the scene it replays in), and `refinevla_source.json` declares the robot (`libero_panda`), that the actions
+need no transform, and those two features as the state: `refine-data annotate` and `refine-train` take the folder
+with no flag, and the trained policy declares LIBERO's conventions.
 """
 
 from __future__ import annotations
@@ -44,12 +47,19 @@ CAMERAS = ("image", "wrist_image")  # observation.images.<camera>, as LeRobot's 
 DECLARATION = {
     "transform": "none",
     "robot": "libero_panda",
+    # what refinevla reads as the episodes' state (annotate's motion primitives, training): the 7-D one;
+    # LIBERO's 8-D observation.state is there for policies that take it (`--state-key observation.state`)
+    "state_key": ["observation.states.ee_state", "observation.states.gripper"],
     "why": "actions are the env's own (robosuite OSC_POSE deltas in [-1, 1], gripper -1 open / +1 close), as "
     "LeRobot's LIBERO datasets store them: trained and replayed as stored",
 }
 GAIN = 15.0  # action per metre of error: 1 (the controller's 5 cm) from about 7 cm away
 HOVER, LIFT, PLACE = 0.12, 0.20, 0.12  # heights (m) of the approach, the carry and the release above the origins
 GRIP_STEPS = 10  # steps spent closing or opening in place
+FINGER_GAP = 0.08  # m between the Panda's fingers when open (robot0_gripper_qpos is +-0.04 each)
+# the 7-D state refine-data annotate's motion primitives need, as two features (LeRobot's LIBERO datasets name the
+# first); the folder declares them as its state (DECLARATION), so annotate and refine-train read them unasked
+EE_STATE_KEYS = ("observation.states.ee_state", "observation.states.gripper")
 # where the fingers close, from the object's origin, by kind: a bowl by its rim, 5 cm off its centre along y (the
 # fingers close along y: they straddle the rim's wall) and 2 cm up; anything else 1 cm below its origin
 GRASP_AT = {"bowl": np.array([0.0, 0.05, 0.02])}
@@ -160,12 +170,24 @@ class LiberoDemo:
     wrists: list[np.ndarray] = field(default_factory=list)
     states: list[np.ndarray] = field(default_factory=list)
     actions: list[np.ndarray] = field(default_factory=list)
+    ee_states: list[np.ndarray] = field(default_factory=list)  # 7-D: eef xyz, roll/pitch/yaw, gripper opening
     phases: list[str] = field(default_factory=list)
     success: bool = False
 
     def scene(self) -> dict[str, Any]:
         suite, task_id = self.task.name.split("/")
         return {"suite": suite, "task_id": int(task_id), "init_state": self.config, "seed": self.seed}
+
+
+def ee_state(obs: dict[str, Any]) -> np.ndarray:
+    """[x, y, z, roll, pitch, yaw, gripper opening in 0..1]: the 7-D end-effector state refinevla's motion
+    primitives read (`refine-data annotate --state-key` EE_STATE_KEYS), beside LIBERO's own 8-D state."""
+    from scipy.spatial.transform import Rotation
+
+    rpy = Rotation.from_quat(np.asarray(obs["robot0_eef_quat"], dtype=np.float64)).as_euler("xyz")  # xyzw
+    qpos = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)
+    opening = np.clip((qpos[0] - qpos[1]) / FINGER_GAP, 0.0, 1.0)
+    return np.concatenate([obs["robot0_eef_pos"], rpy, [opening]]).astype(np.float32)
 
 
 def record(sim: Any, task: Task, config: int, seed: int) -> LiberoDemo:
@@ -178,6 +200,7 @@ def record(sim: Any, task: Task, config: int, seed: int) -> LiberoDemo:
         demo.images.append(out.images[0])
         demo.wrists.append(out.extras["wrist"][0])
         demo.states.append(out.extras["state"][0])
+        demo.ee_states.append(ee_state(sim.obs))
         demo.actions.append(action.astype(np.float32))
         demo.phases.append(expert.phase)
         out = sim.step(action[None])
@@ -256,9 +279,31 @@ def write_libero_demos(demos: list[LiberoDemo], out: Path, fps: float) -> None:
             rewards=last.astype(np.float32),  # LIBERO's sparse reward: 1 at the success
         )
 
+    import pyarrow as pa
+
+    from ..annotate.sources.lerobot_writer import ExtraColumn
+
+    pose, grip = EE_STATE_KEYS
+    extras = {
+        pose: ExtraColumn(
+            [[s[:6].tolist() for s in d.ee_states] for d in demos],
+            pa.list_(pa.float32()),
+            {"dtype": "float32", "shape": [6], "names": ["x", "y", "z", "roll", "pitch", "yaw"]},
+        ),
+        grip: ExtraColumn(
+            [[s[6:].tolist() for s in d.ee_states] for d in demos],
+            pa.list_(pa.float32()),
+            {"dtype": "float32", "shape": [1], "names": ["gripper"]},
+        ),
+    }
     out.mkdir(parents=True, exist_ok=True)
     write_lerobot(
-        out, (episode(i, d) for i, d in enumerate(demos)), fps=fps, robot_type="panda", camera_storage="image"
+        out,
+        (episode(i, d) for i, d in enumerate(demos)),
+        fps=fps,
+        robot_type="panda",
+        camera_storage="image",
+        extra_columns=extras,
     )
     scenes = {str(i): {**d.scene(), "steps": len(d.actions), "phases": d.phases} for i, d in enumerate(demos)}
     (out / SCENES_FILE).write_text(json.dumps(scenes, indent=1) + "\n", encoding="utf-8")

@@ -92,7 +92,9 @@ class LeRobotSource:
         self.features: dict[str, dict[str, Any]] = self.info["features"]
         self.fps = float(self.info.get("fps") or 0) or None
         self.cameras = self._select_cameras()
-        self.state_keys = self._select_keys(self._overrides.state_key or ("observation.state",), "state", "--state-key")
+        # the state: --state-key, else the features the folder declares as its 7-d eef state, else LeRobot's own
+        declared_state = tuple(self.declared.get("state_key") or ()) or ("observation.state",)
+        self.state_keys = self._select_keys(self._overrides.state_key or declared_state, "state", "--state-key")
         self.action_keys = self._select_keys(self._overrides.action_key or ("action",), "action", "--action-key")
         if self._overrides.instruction_key:
             self._select_keys((self._overrides.instruction_key,), "instruction", "--instruction-key")

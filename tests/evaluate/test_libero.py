@@ -111,17 +111,6 @@ def test_success_is_the_envs_own_predicate(spatial_sim: Any) -> None:
     assert not out.done
 
 
-def test_num_envs_runs_initial_states_side_by_side_in_processes(tmp_path: Path) -> None:
-    out = tmp_path / "two"
-    args = ["--policy", "zero:", "--suite", "libero", "--tasks", TASK, "--max-episodes", "2", "--num-envs", "2"]
-    result = invoke(*args, "--max-steps", "2", "--resolution", str(RESOLUTION), "--no-report", "--out", str(out))
-    assert result.exit_code == 0, result.output
-    episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
-    assert [(e["config"], e["steps"], e["success"]) for e in episodes] == [(0, 2, False), (1, 2, False)]
-    sim = json.loads((out / "run.json").read_text())["simulators"][f"libero:{TASK}"]
-    assert sim["processes"] == 2 and sim["mujoco_gl"] in ("egl", "osmesa")
-
-
 @pytest.fixture(scope="module")
 def pro_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """`refine-eval run --policy zero: --suite libero_pro` on one episode of 2 steps."""
@@ -224,13 +213,17 @@ def test_demos_write_a_lerobot_v3_dataset_that_the_lerobot_reader_reads_back(lib
     source = open_source(f"lerobot:{libero_demos}")
     (episode,) = list(source.iter_episodes(ReadOptions()))
     assert episode.instruction == "pick up the alphabet soup and place it in the basket"
-    assert episode.states.shape == (len(episode), 8) and episode.actions.shape == (len(episode), 7)
+    # the state refinevla reads is the declared 7-D one (eef xyz, rpy, gripper opening in 0..1), for the primitives
+    assert episode.states.shape == (len(episode), 7) and episode.actions.shape == (len(episode), 7)
+    assert episode.states[0, 6] > 0.9 and episode.states[:, 6].min() < episode.states[0, 6] - 0.1  # open, then holding
     assert set(np.unique(episode.actions[:, 6])) == {-1.0, 1.0}  # opened, closed on the can
     assert np.abs(episode.actions).max() <= 1.0
     info = json.loads((libero_demos / "meta" / "info.json").read_text())
     assert info["codebase_version"] == "v3.0" and info["robot_type"] == "panda"
     features = info["features"]
     assert features["observation.state"]["shape"] == [8] and features["action"]["shape"] == [7]
+    assert features["observation.states.ee_state"]["shape"] == [6]
+    assert features["observation.states.gripper"]["shape"] == [1]
     for camera in ("observation.images.image", "observation.images.wrist_image"):
         assert features[camera]["shape"] == [RESOLUTION, RESOLUTION, 3]
     scenes = json.loads((libero_demos / "refinevla_demos.json").read_text())
@@ -246,7 +239,7 @@ def test_demos_write_a_lerobot_v3_dataset_that_the_lerobot_reader_reads_back(lib
 def test_the_policy_sees_exactly_the_frames_and_state_the_demos_store(libero_demos: Path) -> None:
     from refinevla.annotate.sources import ReadOptions, SourceOverrides, open_source
 
-    both = SourceOverrides(cameras=("image", "wrist_image"))
+    both = SourceOverrides(cameras=("image", "wrist_image"), state_key=("observation.state",))
     (episode,) = list(open_source(f"lerobot:{libero_demos}", overrides=both).iter_episodes(ReadOptions()))
     sim = LiberoSim("libero_object", 0, resolution=RESOLUTION)
     try:
@@ -269,3 +262,52 @@ def test_the_replay_of_a_scripted_demo_succeeds(libero_demos: Path, tmp_path: Pa
     assert episode["success"] is True and (episode["config"], episode["seed"]) == (0, 0)
     run = json.loads((out / "run.json").read_text())
     assert run["policy"]["robot"] == "libero_panda" and run["policy"]["transform"] == "none"
+
+
+def test_a_policy_trained_on_the_demos_runs_on_libero_unasked_and_widowx_refuses_it(
+    libero_demos: Path, tmp_path: Path
+) -> None:
+    """demos -> refine-data annotate -> refine-train (a tiny random model, 2 steps) -> refine-eval run --suite
+    libero with no --robot, two envs side by side in processes; the same policy on --suite widowx is one line."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from refinevla.annotate.commands.annotate import AnnotateArgs, run_annotate
+    from refinevla.train.cli import app as train_app
+    from refinevla.train.tiny import build_paligemma
+
+    published = tmp_path / "published"
+    source = f"lerobot:{libero_demos}"
+    assert run_annotate(AnnotateArgs(source=source, out=published, progress="none", license="apache-2.0")) == 0
+    ckpt = tmp_path / "ckpt"
+    args = ["--dataset", str(published), "--model", str(build_paligemma(tmp_path / "model")), "--output", str(ckpt)]
+    args += ["--cache-dir", str(tmp_path / "cache"), "--max-steps", "2", "--batch-size", "2", "--num-workers", "0"]
+    trained = CliRunner().invoke(train_app, [*args, "--val-fraction", "0"])
+    assert trained.exit_code == 0, trained.output
+    assert json.loads((ckpt / "refinevla_policy.json").read_text())["robot"] == "libero_panda"
+
+    out = tmp_path / "run"
+    run = ["--policy", str(ckpt), "--suite", "libero", "--tasks", TASK, "--max-episodes", "2", "--num-envs", "2"]
+    result = invoke(
+        *run,
+        "--max-steps",
+        "2",
+        "--resolution",
+        str(RESOLUTION),
+        "--max-rationale-tokens",
+        "4",
+        "--no-report",
+        "--out",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    episodes = [json.loads(line) for line in (out / "episodes.jsonl").read_text().splitlines()]
+    assert [(e["config"], e["steps"]) for e in episodes] == [(0, 2), (1, 2)]
+    meta = json.loads((out / "run.json").read_text())
+    assert meta["policy"]["robot"] == "libero_panda"
+    assert meta["simulators"][f"libero:{TASK}"]["processes"] == 2
+
+    refused = CliRunner().invoke(app, ["run", "--policy", str(ckpt), "--suite", "widowx", "--out", str(tmp_path / "w")])
+    assert refused.exit_code == 1
+    assert (
+        "drives libero_panda (its training data's conventions); --suite widowx needs a widowx policy" in refused.output
+    )
