@@ -90,11 +90,11 @@ def choose_gl() -> str:
     library fails deep in robosuite's renderer, so the choice is made (and checked) here."""
     given = os.environ.get("MUJOCO_GL")
     if given:
-        if given in GL_BACKENDS and not _loadable(given):
+        if given in GL_BACKENDS and not gl_library_loadable(given):
             raise EvalError(f"MUJOCO_GL={given}: its library is not here ({GL_HELP[given]})")
         return given
     for backend in GL_BACKENDS:
-        if _loadable(backend):
+        if gl_library_loadable(backend):
             os.environ["MUJOCO_GL"] = backend
             os.environ.setdefault("PYOPENGL_PLATFORM", backend)  # PyOpenGL (robosuite's renderer) must agree
             return backend
@@ -104,7 +104,9 @@ def choose_gl() -> str:
     )
 
 
-def _loadable(backend: str) -> bool:
+def gl_library_loadable(backend: str) -> bool:
+    """Whether this process can load the library behind a MUJOCO_GL backend (libEGL / libOSMesa), by dlopen:
+    what MuJoCo would do at import, asked before it does."""
     for name in GL_LIBRARIES.get(backend, ()):
         try:
             ctypes.CDLL(name)
