@@ -19,6 +19,8 @@ rule-based teacher, `refine-train`, `refine-eval run`), so a convention mismatch
   means something only above it.
 
 The simulator's assets come from `--assets DIR`, else `$MS_ASSET_DIR`, else `$REFINEVLA_SIMPLER_ASSETS`.
+`--suite libero` runs the same loop in a LIBERO scene (`--task libero_spatial/0`; the demos are a LeRobot v3
+dataset, the assets come with the `[libero]` extra; `--resolution 64` makes it affordable on a CPU).
 
 Every rate is printed with its n and a Wilson 95% interval. On 2 CPU cores with the tiny model
 (`--model tiny`, random weights built from a config) the numbers show that the plumbing is right,
@@ -27,6 +29,7 @@ for that.
 
     python benchmarks/closed_loop.py --task carrot_on_plate --demos 2 --mode overfit
     python benchmarks/closed_loop.py --task carrot_on_plate --demos 24 --mode heldout --reasoning-weight 1 --json
+    python benchmarks/closed_loop.py --suite libero --task libero_spatial/0 --demos 2 --resolution 64
 """
 
 from __future__ import annotations
@@ -114,9 +117,16 @@ def tiny_model(path: Path, image: int, hidden: int, layers: int) -> Path:
     return build_paligemma(path, image=image, hidden=hidden, layers=layers)
 
 
-def imitation(policy_dir: Path, demos: Path, episodes: int, trust_remote_code: bool = False) -> Rate:
+# per suite: how the demos folder is read, its camera, and the gripper value above which the command flips
+# (WidowX: open > 0.5, as SimplerEnv reads Bridge's absolute open-gripper; LIBERO: close > 0, robosuite's sign)
+SUITE_DEMOS = {"widowx": ("rlds", "image_0", 0.5), "libero": ("lerobot", "image", 0.0)}
+
+
+def imitation(
+    policy_dir: Path, demos: Path, episodes: int, trust_remote_code: bool = False, suite: str = "widowx"
+) -> Rate:
     """Training frames where the policy's free-running action is the training target's: the same bin in
-    each of the 6 movement dimensions and the same gripper command (open > 0.5, as WidowX reads it).
+    each of the 6 movement dimensions and the same gripper command (SUITE_DEMOS' threshold).
 
     At most `episodes` demos (0: all): with a rationale decoded before every action, each frame costs
     a full generation, and a few episodes already tell memorisation from the mode."""
@@ -129,18 +139,19 @@ def imitation(policy_dir: Path, demos: Path, episodes: int, trust_remote_code: b
     policy = Policy(policy_dir, trust_remote_code=trust_remote_code)
     budget = rationale_budget(policy.info)  # refine-eval run's default --max-rationale-tokens
     reasoning = bool(policy.info.get("reasoning", True))  # as Policy.predict decodes
+    kind, camera, flip = SUITE_DEMOS[suite]
     match = total = 0
-    for i, ep in enumerate(open_source(f"rlds:{demos}").iter_episodes(ReadOptions())):
+    for i, ep in enumerate(open_source(f"{kind}:{demos}").iter_episodes(ReadOptions())):
         if episodes and i >= episodes:
             break
-        frames = [np.asarray(f) for f in ep.frames["image_0"]]
+        frames = [np.asarray(f) for f in ep.frames[camera]]
         for gen, target in zip(
             generate(policy, frames, [ep.instruction] * len(frames), reasoning, budget),
             ep.actions,
             strict=True,
         ):
             same_bins = (policy.actions.encode(gen.action)[:6] == policy.actions.encode(target)[:6]).all()
-            match += bool(same_bins and (gen.action[6] > 0.5) == (target[6] > 0.5))
+            match += bool(same_bins and (gen.action[6] > flip) == (target[6] > flip))
             total += 1
     return Rate(match, total)
 
@@ -148,11 +159,15 @@ def imitation(policy_dir: Path, demos: Path, episodes: int, trust_remote_code: b
 def run(args: argparse.Namespace, work: Path) -> Loop:
     loop = Loop(args.task, args.mode, args.reasoning_weight)
     demos, annotated, ckpt = work / "demos", work / "annotated", work / "policy"
+    frames = ["--resolution", str(args.resolution)] if args.resolution else []  # LIBERO's cameras
     t = time.time()
     out = sh(
         [
             *cli("evaluate"),
             "demos",
+            "--suite",
+            args.suite,
+            *frames,
             "--tasks",
             args.task,
             "--episodes",
@@ -172,7 +187,7 @@ def run(args: argparse.Namespace, work: Path) -> Loop:
     loop.seconds["demos"] = time.time() - t
 
     t = time.time()
-    common = ["--suite", "widowx", "--tasks", args.task, "--no-report"]
+    common = ["--suite", args.suite, "--tasks", args.task, *frames, "--no-report"]
     replay = work / "replay"
     sh(
         [
@@ -192,7 +207,8 @@ def run(args: argparse.Namespace, work: Path) -> Loop:
     loop.seconds["replay"] = time.time() - t
 
     t = time.time()
-    annotate = [*cli("annotate"), "annotate", f"rlds:{demos}", "--out", str(annotated), "--license", "mit"]
+    kind = SUITE_DEMOS[args.suite][0]
+    annotate = [*cli("annotate"), "annotate", f"{kind}:{demos}", "--out", str(annotated), "--license", "mit"]
     sh([*annotate, "--progress", "none"], "refine-data annotate")  # the rule-based teacher: the default
     loop.seconds["annotate"] = time.time() - t
 
@@ -214,7 +230,7 @@ def run(args: argparse.Namespace, work: Path) -> Loop:
     loop.final_loss = losses[-1] if losses else None
 
     t = time.time()
-    loop.imitation = imitation(ckpt, demos, args.imitation_episodes, args.trust_remote_code)
+    loop.imitation = imitation(ckpt, demos, args.imitation_episodes, args.trust_remote_code, args.suite)
     loop.seconds["imitation"] = time.time() - t
 
     t = time.time()
@@ -268,7 +284,11 @@ def print_table(loop: Loop) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="carrot_on_plate", help="WidowX task (carrot_on_plate, spoon_on_towel, ...)")
+    p.add_argument("--suite", choices=tuple(SUITE_DEMOS), default="widowx", help="widowx | libero")
+    p.add_argument(
+        "--task", help="widowx: carrot_on_plate (default), spoon_on_towel, ...; libero: SUITE/ID (libero_spatial/0)"
+    )
+    p.add_argument("--resolution", type=int, help="libero: camera side in pixels (default 256)")
     p.add_argument("--demos", type=int, default=2, help="expert tries (failures are dropped)")
     p.add_argument("--mode", choices=("overfit", "heldout"), default="overfit")
     p.add_argument("--reasoning-weight", type=float, default=0.0, help="λ of the rationale loss")
@@ -291,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--assets", type=Path, help="SimplerEnv's assets (default $MS_ASSET_DIR, $REFINEVLA_SIMPLER_ASSETS)")
     p.add_argument("--work", type=Path, help="keep every stage's output here (default: a temporary folder)")
     args = p.parse_args(argv)
-    os.environ["MS_ASSET_DIR"] = str(simulator_assets(args.assets))
+    args.task = args.task or ("carrot_on_plate" if args.suite == "widowx" else "libero_spatial/0")
+    if args.suite == "widowx":  # LIBERO's scenes come with the [libero] extra
+        os.environ["MS_ASSET_DIR"] = str(simulator_assets(args.assets))
     with tempfile.TemporaryDirectory(prefix="refinevla-loop-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from .errors import EvalError
 
 COLUMNS = ("suite", "task", "metric", "model", "value")
 METRICS = ("success", "grasp")
-PACKAGED = "simplerenv_baselines.csv"
+PACKAGED = ("simplerenv_baselines.csv", "libero_baselines.csv")  # SimplerEnv's, LIBERO's (never in one table)
 
 # The run's suite name -> the CSV's. ManiSkill suites map to themselves: nothing is packaged
 # for them, but a user's CSV may carry rows for `maniskill:ENV_ID`.
@@ -49,8 +49,9 @@ def load_baselines(extra: Sequence[Path] = ()) -> list[Baseline]:
     Raises EvalError naming `file:line` for a missing column, a short row, an unknown metric,
     a value that is not a percentage, or a row that repeats one already loaded.
     """
-    packaged = importlib.resources.files("refinevla.evaluate") / PACKAGED
-    rows = _parse(packaged.read_text(encoding="utf-8"), PACKAGED)
+    rows: list[Baseline] = []
+    for name in PACKAGED:
+        rows += _parse((importlib.resources.files("refinevla.evaluate") / name).read_text(encoding="utf-8"), name)
     for path in extra:
         rows += _parse(_read(path), str(path))
     _reject_duplicates(rows)

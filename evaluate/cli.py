@@ -84,10 +84,24 @@ def run(
 @user_errors
 @options_from(DemosArgs)
 def demos(flags: Flags) -> None:
-    """Scripted demonstrations in SimplerEnv's WidowX scenes, kept when they succeed, as Bridge-layout RLDS."""
+    """Scripted demonstrations, kept when they succeed: WidowX scenes as Bridge-layout RLDS, LIBERO's as LeRobot v3."""
     from .demos import record_demos
+    from .errors import EvalError
 
     args = DemosArgs(**flags)
+    if args.suite == "libero":
+        from .libero_demos import record_libero_demos
+
+        if args.video:
+            raise EvalError("--video: LIBERO demos keep their frames in the dataset itself (observation.images.*)")
+        tries, kept_per_task = record_libero_demos(
+            args.suite, args.tasks, args.episodes, args.out, args.seed, args.resolution, progress=typer.echo
+        )
+        for task, n in tries.items():
+            k = kept_per_task.get(task, 0)
+            typer.echo(f"  {task}: {k}/{n} tries kept ({100.0 * k / n:.1f}%)")
+        typer.echo(f"wrote {args.out}: {sum(kept_per_task.values())} episodes (read it as lerobot:{args.out})")
+        return
     summary = record_demos(
         args.suite,
         args.tasks,

@@ -37,7 +37,10 @@ COMMA_LIST = Conversion(  # a list of names that the command line spells a,b,c
     to_cli=lambda value: ",".join(value) if value else None,
 )
 
-POLICY = Flag("refine-train checkpoint folder (refinevla_policy.json); run: or replay:DEMOS_DIR (a perfect imitator).")
+POLICY = Flag(
+    "refine-train checkpoint folder (refinevla_policy.json); replay:DEMOS_DIR (a perfect imitator); "
+    "zero: (the trivial policy: still, gripper open)."
+)
 REASONING = Flag("on: the policy writes its rationale, then the action; off: the action only.", conversion=ON_OFF)
 DEVICE = Flag("torch device of the policy; default cuda if there.")
 
@@ -45,10 +48,17 @@ DEVICE = Flag("torch device of the policy; default cuda if there.")
 @dataclass
 class RunArgs:
     policy: Path = option(help=POLICY)
-    suite: str = option(help="widowx | google-vm | google-va | maniskill:ENV_ID (any ManiSkill3 task).")
+    suite: str = option(
+        help="widowx | google-vm | google-va | maniskill:ENV_ID (any ManiSkill3 task) | libero | libero_pro "
+        "(LIBERO-PRO's perturbed suites). Needs the \\[libero] extra for libero*."
+    )
     out: Path = option(help="Results folder (episodes.jsonl, run.json, videos/).")
     tasks: list[str] | None = option(
-        None, "Comma-separated task names (carrot_on_plate, pick_coke_can, ...); default all.", conversion=COMMA_LIST
+        None,
+        "Comma-separated task names (carrot_on_plate, pick_coke_can, ...); default all. LIBERO: SUITE or "
+        "SUITE/ID (libero_spatial,libero_object/3; libero_pro: libero_spatial_swap/0); default the four "
+        "standard suites.",
+        conversion=COMMA_LIST,
     )
     episodes_per_config: int = option(1, "Episodes per built-in task configuration (new seed each).")
     max_episodes: int | None = option(None, "Per task, run at most the first N episodes of the schedule.")
@@ -77,7 +87,15 @@ class RunArgs:
     sim_backend: str | None = option(None, "ManiSkill3 physics: cpu | gpu (default gpu when CUDA is there).")
     camera: str | None = option(None, "maniskill:ENV_ID: the camera the policy sees (default the first).")
     control_mode: str | None = option(None, "maniskill:ENV_ID: a 7-d controller (default pd_ee_delta_pose).")
-    robot: str | None = option(None, "Override the checkpoint's robot conventions: widowx | google_robot.")
+    robot: str | None = option(
+        None, "Override the checkpoint's robot conventions: widowx | google_robot | libero_panda."
+    )
+    resolution: int | None = option(
+        None, "LIBERO: camera height and width in pixels (default 256, what LIBERO's datasets were rendered at)."
+    )
+    max_steps: int | None = option(
+        None, "Cap each episode below the task's own step limit (quick checks; not the benchmark's numbers)."
+    )
     device: str | None = option(None, DEVICE)
     trust_remote_code: bool = option(False, TRUST_REMOTE_CODE)  # an OpenVLA checkpoint runs its own code
     backend: str = option(
@@ -108,13 +126,20 @@ class DemosArgs:
     """`refine-eval demos`: scripted demonstrations in the WidowX scenes, written as BridgeData V2 RLDS."""
 
     out: Path = option(help="New folder for the dataset (features.json, TFRecord shards, refinevla_source.json).")
-    suite: str = option("widowx", "The suite whose scenes are recorded (widowx).")
+    suite: str = option(
+        "widowx", "The suite whose scenes are recorded: widowx (Bridge RLDS) | libero (a LeRobot v3 dataset)."
+    )
     tasks: list[str] | None = option(
         None,
         "Comma-separated WidowX tasks (carrot_on_plate, spoon_on_towel, ...); default all four.",
         conversion=COMMA_LIST,
     )
-    episodes: int = option(24, "Tries per task: every configuration in turn, a new seed each round; failures dropped.")
+    episodes: int = option(
+        24,
+        "Tries per task: every configuration in turn, a new seed each round; failures dropped. LIBERO: initial "
+        "states 0..N-1.",
+    )
     seed: int = option(0, "Seed of the first round of resets (round r uses seed + r).")
     noise: float = option(0.01, "Waypoint noise in metres (uniform, x and y), so demos of a scene differ.")
     video: bool = option(False, "Write an mp4 of every try under OUT/videos/TASK/ (dropped ones under failed/).")
+    resolution: int | None = option(None, "LIBERO: camera height and width in pixels (default 256).")

@@ -50,7 +50,7 @@ import numpy as np
 
 from ..annotate.outputs import hold_output
 from ..annotate.primitives import gripper_events
-from ..annotate.sources.rlds import DECLARATION_FILE
+from ..annotate.sources.base import DECLARATION_FILE
 from ..annotate.sources.rlds_writer import encode_jpeg, write_rlds
 from ..annotate.sources.specs import bridge_example, bridge_features
 from ..annotate.video import write_mp4
@@ -168,12 +168,13 @@ Scene = tuple[str, int, int]  # (env id, configuration, seed) of a demonstration
 
 
 def open_demos(folder: Path, what: str) -> Any:
-    """The RLDS source of a demos folder; one line naming `what` asked for it if it is none."""
+    """The source of a demos folder (RLDS; LIBERO's: LeRobot); one line naming `what` asked for it if it is none."""
     from ..annotate.errors import RefineError
     from ..annotate.sources import open_source
 
+    kind = "lerobot" if (folder / "meta" / "info.json").is_file() else "rlds"
     try:
-        return open_source(f"rlds:{folder}")
+        return open_source(f"{kind}:{folder}")
     except RefineError as exc:
         raise EvalError(f"{what}: not a refine-eval demos folder ({exc})") from None
 
@@ -182,9 +183,14 @@ def demo_episodes(source: Any, what: str) -> Iterator[tuple[Scene, Any]]:
     """Each episode of an opened demos folder with its scene; one line for an episode that is no demo."""
     from ..annotate.errors import RefineError
     from ..annotate.sources import ReadOptions
+    from .libero_demos import libero_scenes
 
+    libero = libero_scenes(source, what)
     try:
         for episode in source.iter_episodes(ReadOptions()):
+            if libero is not None:
+                yield libero(episode), episode
+                continue
             path = str(episode.metadata.get("file_path", ""))
             scene = parse_episode_path(path)
             if scene is None:

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from ..annotate.stats import auto_transform, compute_statistics, transform_episode
-from ..train.policy import ActionTokenizer, Generated
+from ..train.policy import ActionTokenizer
 from .demos import Scene, demo_episodes, open_demos
 from .errors import EvalError
-from .robots import ROBOTS, GripperState, env_actions, raw_action_dict
+from .robots import ROBOTS
+from .scripted import ScriptedPolicy
 
 PREFIX = "replay:"
 TOKENIZER_VOCAB = 32_000  # any vocabulary above the 256 bins gives the same round trip
@@ -31,10 +32,8 @@ def is_replay(policy: str | Path) -> bool:
     return str(policy).startswith(PREFIX)
 
 
-class ReplayPolicy:
+class ReplayPolicy(ScriptedPolicy):
     """Plays each episode's training view; the runner tells it which episodes it starts (`begin`)."""
-
-    reasoning = False
 
     def __init__(self, spec: str | Path, robot: str | None = None) -> None:
         from ..annotate.errors import RefineError
@@ -48,9 +47,10 @@ class ReplayPolicy:
             self.transform = auto_transform(source)
         except RefineError as exc:
             raise EvalError(f"{what}: {exc}") from None
-        self.robot = robot or getattr(source, "declared", {}).get("robot") or "widowx"
-        if self.robot not in ROBOTS:
-            raise EvalError(f"--policy {spec}: unknown robot {self.robot!r}")
+        chosen = robot or getattr(source, "declared", {}).get("robot") or "widowx"
+        if chosen not in ROBOTS:
+            raise EvalError(f"--policy {spec}: unknown robot {chosen!r}")
+        super().__init__(chosen)
         tokenizer = ActionTokenizer.from_statistics(compute_statistics(episodes, self.transform), TOKENIZER_VOCAB)
         self.views: dict[Scene, np.ndarray] = {}
         for scene, episode in scenes:
@@ -58,8 +58,6 @@ class ReplayPolicy:
             self.views[scene] = tokenizer.decode(tokenizer.encode(actions))
         self.playing: list[np.ndarray] = []
         self.t = 0
-        self.gripper = GripperState(self.robot, 1)
-        self.last: list[Generated] = []
 
     def begin(self, env_id: str, scenes: Sequence[tuple[int, int]]) -> None:
         """The (configuration, seed) of each env of the episodes about to start."""
@@ -72,11 +70,6 @@ class ReplayPolicy:
         self.playing = [self.views[(env_id, *s)] for s in scenes]
         self.t = 0
 
-    def reset(self, instructions: str | Sequence[str]) -> None:
-        n = 1 if isinstance(instructions, str) else len(instructions)
-        self.gripper = GripperState(self.robot, n)
-        self.last = []
-
     def step(self, image: np.ndarray, instructions: Any = None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         if not self.playing:
             raise EvalError("replay: no episode begun (the runner calls begin before each batch)")
@@ -88,12 +81,7 @@ class ReplayPolicy:
                 rows.append(np.concatenate([np.zeros(6), view[-1][6:]]))
         raw = np.stack(rows)
         self.t += 1
-        self.last = [Generated("", [], row, False, 0) for row in raw]
-        return raw_action_dict(raw), env_actions(raw, self.gripper)
-
-    @property
-    def rationales(self) -> list[str]:
-        return ["" for _ in self.last]
+        return self.act(raw)
 
     def describe(self) -> dict[str, Any]:
         return {

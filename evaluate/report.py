@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .baselines import Baseline, baseline_suite, load_baselines
 from .errors import EvalError
+from .libero_names import LIBERO_PRO_SUITES, LIBERO_STANDARD, LIBERO_SUITES, LIBERO_TASKS, libero_base
 from .results import EPISODES_FILE, RESULTS_FORMAT, RUN_FILE, read_episodes, read_run
 from .suites import WIDOWX_TASKS
 
@@ -60,7 +61,39 @@ SUITE_TITLES = {
     "google-vm": "Google Robot, visual matching",
     "google-va": "Google Robot, variant aggregation",
 }
-SUITE_ORDER = ("widowx", "google-vm", "google-va")
+# LIBERO: a section per suite (its tasks SUITE/ID, their average over all the suite's tasks, as papers average
+# a suite), and one overview, `libero`: each LIBERO and LIBERO-PRO suite run (its average), the perturbed ones
+# under the suite they perturb, and the mean of the four standard suites, as LIBERO papers print it.
+LIBERO_OVERVIEW = "libero"
+LIBERO_ORDER = tuple(
+    s for base in LIBERO_SUITES for s in (base, *(p for p in LIBERO_PRO_SUITES if libero_base(p) == base))
+)
+for _suite in LIBERO_ORDER:
+    TASK_ORDER[_suite] = AVERAGED[_suite] = tuple(
+        f"{_suite}/{i}" for i in range(LIBERO_TASKS.get(libero_base(_suite) or _suite, 10))
+    )
+TASK_ORDER[LIBERO_OVERVIEW] = LIBERO_ORDER
+AVERAGED[LIBERO_OVERVIEW] = LIBERO_STANDARD
+LIBERO_TITLES = {
+    "libero_spatial": "LIBERO-Spatial",
+    "libero_object": "LIBERO-Object",
+    "libero_goal": "LIBERO-Goal",
+    "libero_10": "LIBERO-Long (LIBERO-10)",
+    "libero_90": "LIBERO-90",
+}
+PERTURBATION_TITLES = {
+    "swap": "swapped initial positions",
+    "object": "other objects",
+    "lan": "paraphrased instructions",
+    "task": "other tasks",
+    "env": "other environments",
+}
+SUITE_TITLES.update(LIBERO_TITLES)
+SUITE_TITLES[LIBERO_OVERVIEW] = "LIBERO and LIBERO-PRO, per suite"
+for _suite in LIBERO_PRO_SUITES:
+    _base, _kind = _suite.rsplit("_", 1)
+    SUITE_TITLES[_suite] = f"LIBERO-PRO: {LIBERO_TITLES[_base]}, {PERTURBATION_TITLES[_kind]}"
+SUITE_ORDER = ("widowx", "google-vm", "google-va", LIBERO_OVERVIEW, *LIBERO_ORDER)
 
 
 @dataclass(frozen=True)
@@ -174,7 +207,25 @@ def summarise(episodes: Iterable[Mapping[str, Any]]) -> list[TaskSummary]:
         average = _average(suite, rows)
         if average is not None:
             out.append(average)
-    return out
+    return _with_libero_overview(out)
+
+
+def _with_libero_overview(rows: list[TaskSummary]) -> list[TaskSummary]:
+    """`rows` with the `libero` overview inserted before the LIBERO suites: a row per LIBERO suite run (its
+    average, or its one task), then the mean of the standard suites among them."""
+    suites = [s for s in LIBERO_ORDER if any(r.suite == s for r in rows)]
+    if not suites:
+        return rows
+    per_suite: dict[str, TaskSummary] = {}
+    for suite in suites:
+        mine = [r for r in rows if r.suite == suite]
+        summary = next((r for r in mine if r.task == AVERAGE), mine[0])
+        per_suite[suite] = replace(summary, suite=LIBERO_OVERVIEW, task=suite)
+    overview = list(per_suite.values())
+    average = _average(LIBERO_OVERVIEW, per_suite)
+    overview += [average] if average is not None else []
+    first = next(i for i, r in enumerate(rows) if r.suite in suites)
+    return rows[:first] + overview + rows[first:]
 
 
 def _suite_order(suites: Iterable[str]) -> list[str]:
@@ -489,9 +540,13 @@ def _percent(value: float | None) -> str:
 
 
 def _suite_notes(view: _SuiteView) -> list[str]:
+    noisy = (
+        "LIBERO rates: 50 episodes per task (its fixed initial states), so one episode is 2 points"
+        if view.suite == LIBERO_OVERVIEW or view.suite in LIBERO_ORDER
+        else "SimplerEnv rates are noisy: one episode of 24 is 4 points"
+    )
     notes = [
-        "SimplerEnv rates are noisy: one episode of 24 is 4 points, so compare intervals, not point "
-        "estimates. Intervals are Wilson score 95%; n is the number of episodes."
+        f"{noisy}; compare intervals, not point estimates. Intervals are Wilson score 95%; n is the number of episodes."
     ]
     if view.suite in GOOGLE_SUITES:
         notes.append(
@@ -500,7 +555,8 @@ def _suite_notes(view: _SuiteView) -> list[str]:
         )
     averaged = AVERAGED.get(view.suite)
     if AVERAGE in view.tasks:
-        over = ", ".join(averaged) if averaged else "the tasks run"
+        over = ", ".join(averaged) if averaged and len(averaged) <= 6 else f"its {len(averaged or ())} tasks"
+        over = over if averaged else "the tasks run"
         notes.append(
             f"average = the unweighted mean of the per-task success rates over {over}; n counts the episodes "
             "it spans and its interval is Wilson at the mean's effective sample size."

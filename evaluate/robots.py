@@ -5,6 +5,10 @@ world vector (3), roll/pitch/yaw deltas (3), and an absolute open-gripper value 
 The simulators want `[world_vector, axis-angle rotation, gripper]`:
 
 - **WidowX** (`bridge_orig`): gripper `2 * (open > 0.5) - 1` (+1 open, -1 close).
+- **LIBERO's Panda** (`libero_panda`, LeRobot's LIBERO datasets): the dataset's action *is* the env's —
+  robosuite OSC_POSE delta position (3) and delta axis-angle (3) in [-1, 1], gripper -1 open / +1 close —
+  so it goes through as is (no Euler conversion: the rotation is already the controller's axis-angle),
+  the gripper binarised at 0 (`backends/libero.py` gives the sources).
 - **Google Robot** (`fractal`): the gripper is *relative* — previous open value minus the
   current one — and once |Δ| > 0.5 that command is held ("sticky") for `STICKY_REPEAT` steps,
   as SimplerEnv's RT-1 / Octo / OpenVLA wrappers do, because the real robot's controller
@@ -21,8 +25,8 @@ import numpy as np
 
 from .errors import EvalError
 
-ROBOTS = ("widowx", "google_robot")
-STICKY_REPEAT = {"widowx": 1, "google_robot": 15}  # SimplerEnv's sticky_gripper_num_repeat
+ROBOTS = ("widowx", "google_robot", "libero_panda")
+STICKY_REPEAT = {"widowx": 1, "google_robot": 15, "libero_panda": 1}  # SimplerEnv's sticky_gripper_num_repeat
 
 
 def euler_to_axis_angle(rpy: np.ndarray) -> np.ndarray:
@@ -69,6 +73,8 @@ class GripperState:
         current = np.asarray(open_gripper, dtype=np.float64).reshape(self.n_envs)
         if self.robot == "widowx":
             return (2.0 * (current > 0.5) - 1.0)[:, None]
+        if self.robot == "libero_panda":  # already robosuite's sign: +1 close, -1 open
+            return np.where(current > 0.0, 1.0, -1.0)[:, None]
         relative = np.zeros(self.n_envs) if self.previous is None else self.previous - current
         self.previous = current
         start = (np.abs(relative) > 0.5) & ~self.sticky_on
@@ -86,9 +92,10 @@ class GripperState:
 def env_actions(raw: np.ndarray, gripper: GripperState) -> dict[str, np.ndarray]:
     """(B, 7) unnormalised model outputs -> SimplerEnv's action dict (B, ...) for this robot."""
     raw = np.asarray(raw, dtype=np.float64).reshape(-1, 7)
+    rotation = raw[:, 3:6].copy() if gripper.robot == "libero_panda" else euler_to_axis_angle(raw[:, 3:6])
     return {
         "world_vector": raw[:, :3].copy(),
-        "rot_axangle": euler_to_axis_angle(raw[:, 3:6]),
+        "rot_axangle": rotation,
         "gripper": gripper.command(raw[:, 6]),
         "terminate_episode": np.zeros((len(raw), 1)),
     }

@@ -40,11 +40,23 @@ from .results import (
     write_run,
 )
 from .robots import flat_env_action
-from .suites import Task, suite_tasks
+from .suites import SUITE_ROBOTS, Task, scene_key, suite_tasks
+from .zero import ZeroPolicy, is_zero
 
 # run.json fields that must agree between a results folder and a rerun into it
 # (--episodes-per-config may grow: repeat r of config c keeps its seed, so earlier episodes stay valid)
-SAME_RUN = ("policy_digest", "reasoning", "seed", "max_rationale_tokens", "episodes_from", "held_out_from")
+SAME_RUN = (
+    "policy_digest",
+    "reasoning",
+    "seed",
+    "max_rationale_tokens",
+    "episodes_from",
+    "held_out_from",
+    "max_steps",
+    "resolution",
+)
+Policy = RefinePolicy | ReplayPolicy | ZeroPolicy  # what acts in an episode
+Setup = PolicySetup | ReplayPolicy | ZeroPolicy  # what run.json describes (no weights loaded)
 
 
 @dataclass
@@ -56,6 +68,11 @@ class RunSummary:
 
 
 def make_simulator(task: Task, args: RunArgs) -> Simulator:
+    if task.backend == "libero":
+        from .backends.libero import make_libero
+
+        task_id = int(task.name.rsplit("/", 1)[1])
+        return make_libero(task.suite, task_id, args.num_envs, args.resolution, args.max_steps)
     if task.backend == "maniskill3":
         from .backends.maniskill import make_maniskill
 
@@ -71,6 +88,10 @@ def preflight(task: Task) -> None:
         from .backends.maniskill import check_assets
 
         check_assets(task.env_id)
+    elif task.backend == "libero":
+        from .backends.libero import import_libero
+
+        import_libero()
     else:
         from .backends.simpler import import_simpler
 
@@ -95,10 +116,10 @@ def schedule(
         (c, r, args.seed + r * n_configs + c) for r in range(args.episodes_per_config) for c in range(n_configs)
     ]
     if demos is not None and args.episodes_from is not None:
-        seen = demos.pairs(task.env_id)
+        seen = demos.pairs(scene_key(task))
         pairs = [(c, [s for cc, s in seen if cc == c].index(s), s) for c, s in seen]
     elif demos is not None:
-        configs = {c for c, _ in demos.pairs(task.env_id)}
+        configs = {c for c, _ in demos.pairs(scene_key(task))}
         pairs = [p for p in pairs if p[0] not in configs]
     if args.max_episodes is not None:
         pairs = pairs[: args.max_episodes]
@@ -122,7 +143,8 @@ def check_same_assets(out: Path, task: Task, description: dict[str, Any]) -> Non
     """Per backend: the asset digest recorded the first time must match."""
     run = read_run(out)
     sims = run.setdefault("simulators", {})
-    key = f"{description['backend']}:{task.env_id}"
+    # a LIBERO-PRO suite perturbs its base suite's tasks under the same task names: LIBERO keys by SUITE/ID
+    key = f"{description['backend']}:{task.name if task.backend == 'libero' else task.env_id}"
     old = sims.get(key)
     if old is not None and old.get("assets", {}).get("digest") != description.get("assets", {}).get("digest"):
         raise EvalError(
@@ -154,6 +176,7 @@ def checked_run(args: RunArgs) -> tuple[list[Task], DemoPairs | None]:
     if args.video_rationale and not args.video:
         raise EvalError("--video-rationale writes the rationale under the frames of --video: give both")
     check_backend_flags(args)
+    check_policy_robot(args)  # before any simulator or weights load
     if args.backend == "local":  # on Ray each node the workers may run on is checked (ray_backend)
         for task in tasks:
             preflight(task)  # a missing simulator or asset is reported before minutes of model loading
@@ -198,29 +221,66 @@ def selected_demos(args: RunArgs, tasks: list[Task]) -> DemoPairs | None:
     if folder is None:
         return None
     demos = read_demo_pairs(Path(folder), flag)
-    if not any(demos.pairs(task.env_id) for task in tasks):
+    if not any(demos.pairs(scene_key(task)) for task in tasks):
         held = ", ".join(sorted(demos.by_env)) or "none"
-        raise EvalError(f"{flag} {folder}: holds no episode of {', '.join(t.env_id for t in tasks)} (it holds: {held})")
+        wanted = ", ".join(scene_key(t) for t in tasks)
+        raise EvalError(f"{flag} {folder}: holds no episode of {wanted} (it holds: {held})")
     return demos
 
 
-def policy_setup(args: RunArgs) -> PolicySetup | ReplayPolicy:
-    """What the run evaluates, without loading weights (a replay policy is its own setup: it holds no model)."""
-    if is_replay(args.policy):
-        return ReplayPolicy(args.policy, args.robot)
-    return PolicySetup(args.policy, args.robot, args.reasoning, args.max_rationale_tokens)
+def policy_setup(args: RunArgs) -> Setup:
+    """What the run evaluates, without loading weights (a replay or the zero policy is its own setup: it
+    holds no model). Refused in one line when the policy drives another robot than the suite's."""
+    setup: Setup
+    if is_zero(args.policy):
+        setup = ZeroPolicy(args.policy, args.robot or SUITE_ROBOTS.get(args.suite))
+    elif is_replay(args.policy):
+        setup = ReplayPolicy(args.policy, args.robot)
+    else:
+        setup = PolicySetup(args.policy, args.robot, args.reasoning, args.max_rationale_tokens)
+    refuse_other_robot(args, setup.robot)
+    return setup
 
 
-def load_policy(args: RunArgs, setup: PolicySetup | ReplayPolicy | None = None) -> RefinePolicy | ReplayPolicy:
-    """The policy that acts: `setup` itself for a replay, else the checkpoint's weights on --device."""
-    if is_replay(args.policy):
-        return setup if isinstance(setup, ReplayPolicy) else ReplayPolicy(args.policy, args.robot)
+def check_policy_robot(args: RunArgs) -> None:
+    """A policy for another robot than the suite's is refused from its description alone (a replay's robot
+    is its demos folder's: `policy_setup` checks it as the folder loads)."""
+    if is_replay(args.policy) or args.suite not in SUITE_ROBOTS:
+        return
+    from ..train.policy import is_policy, read_policy_info
+
+    robot: object = args.robot
+    if robot is None and is_zero(args.policy):
+        robot = SUITE_ROBOTS[args.suite]
+    elif robot is None and is_policy(Path(args.policy)):
+        robot = read_policy_info(Path(args.policy)).get("robot")
+    if robot is not None:  # no checkpoint there, or one naming no robot: refused with its own message as it loads
+        refuse_other_robot(args, str(robot))
+
+
+def refuse_other_robot(args: RunArgs, robot: str) -> None:
+    suite_robot = SUITE_ROBOTS.get(args.suite)
+    if suite_robot is not None and robot != suite_robot:
+        raise EvalError(
+            f"--policy {args.policy} drives {robot} (its training data's conventions); "
+            f"--suite {args.suite} needs a {suite_robot} policy"
+        )
+
+
+def load_policy(args: RunArgs, setup: Setup | None = None) -> Policy:
+    """The policy that acts: `setup` itself for a replay or the zero policy, else the checkpoint's weights."""
+    if isinstance(setup, ReplayPolicy | ZeroPolicy):
+        return setup
+    if is_zero(args.policy) or is_replay(args.policy):
+        acting = policy_setup(args)  # these setups are their own policy
+        assert isinstance(acting, ReplayPolicy | ZeroPolicy)
+        return acting
     return RefinePolicy(
         args.policy, args.robot, args.reasoning, args.max_rationale_tokens, args.device, args.trust_remote_code
     )
 
 
-def run_fields(args: RunArgs, setup: PolicySetup | ReplayPolicy) -> dict[str, Any]:
+def run_fields(args: RunArgs, setup: Setup) -> dict[str, Any]:
     """run.json's description of this run (what `check_same_run` compares with the folder's)."""
     budget = setup.max_rationale_tokens if isinstance(setup, PolicySetup) and setup.reasoning else None
     return {
@@ -234,6 +294,8 @@ def run_fields(args: RunArgs, setup: PolicySetup | ReplayPolicy) -> dict[str, An
         "max_rationale_tokens": budget,
         "episodes_from": str(args.episodes_from) if args.episodes_from else None,
         "held_out_from": str(args.held_out_from) if args.held_out_from else None,
+        "max_steps": args.max_steps,
+        "resolution": args.resolution,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -349,6 +411,8 @@ def _record_run_fields(out: Path, description: dict[str, Any]) -> None:
     """run.json's top-level backend / versions / assets (the report prints them)."""
     run = read_run(out)
     run["backend"] = description["backend"]
+    if "mujoco_gl" in description:  # LIBERO: the GL backend MuJoCo rendered with (egl / osmesa)
+        run["mujoco_gl"] = description["mujoco_gl"]
     run["versions"] = {**run.get("versions", {}), **description.get("versions", {})}
     run["assets"] = description.get("assets", {})
     write_run(out, run)
@@ -356,7 +420,7 @@ def _record_run_fields(out: Path, description: dict[str, Any]) -> None:
 
 def run_batch(
     sim: Simulator,
-    policy: RefinePolicy | ReplayPolicy,
+    policy: Policy,
     task: Task,
     batch: Sequence[Planned],
     args: RunArgs,
@@ -369,7 +433,7 @@ def run_batch(
     seeds = [s for _, _, s in padded]
     t0 = time.monotonic()
     if isinstance(policy, ReplayPolicy):  # it plays the recorded episode of each scene
-        policy.begin(task.env_id, list(zip(configs, seeds, strict=True)))
+        policy.begin(scene_key(task), list(zip(configs, seeds, strict=True)))
     out = sim.reset(seeds, configs)
     instructions = [args.instruction] * sim.n_envs if args.instruction else out.instructions
     if len(instructions) != sim.n_envs:
@@ -421,7 +485,7 @@ def run_batch(
                 success_once=bool(success_once[i]),
                 grasp=bool(grasp_ever[i]) if task.grasp and "consecutive_grasp" in info else None,
                 grasped_once=bool(grasped_ever[i]) if task.grasp and "is_src_obj_grasped" in info else None,
-                steps=steps,
+                steps=int(info.get("elapsed_steps", steps)) if task.backend == "libero" else steps,
                 wall_s=round(wall, 3),
                 rationales=rationales[i],
                 actions=actions[i] if args.log_actions else None,

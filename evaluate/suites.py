@@ -3,6 +3,9 @@
 WidowX (Bridge) tasks run on ManiSkill3's GPU-parallel ports of SimplerEnv's scenes; Google
 Robot tasks exist only in the original SimplerEnv (SAPIEN 2, ManiSkill2_real2sim).
 `maniskill:ENV_ID` runs any ManiSkill3 task with the same policy and output.
+LIBERO (`--suite libero`, and LIBERO-PRO's perturbed suites as `--suite libero_pro`) is another simulator
+family: a task's `suite` is its LIBERO suite (libero_spatial, libero_spatial_swap, ...), so its rows are
+reported under that suite, never beside SimplerEnv's.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ from dataclasses import dataclass
 
 from .errors import EvalError
 
-SUITES = ("widowx", "google-vm", "google-va")
-
+SUITES = ("widowx", "google-vm", "google-va", "libero", "libero_pro")
+LIBERO_FAMILIES = ("libero", "libero_pro")
 WIDOWX_TASKS = {
     "spoon_on_towel": "PutSpoonOnTableClothInScene-v1",
     "carrot_on_plate": "PutCarrotOnPlateInScene-v1",
@@ -34,9 +37,25 @@ class Task:
     suite: str  # widowx | google-vm | google-va | maniskill:ENV_ID
     name: str  # SimplerEnv's short name (the ENV_ID for maniskill:)
     env_id: str  # the simulator's task id
-    backend: str  # maniskill3 | simpler_env
-    robot: str | None  # widowx | google_robot | None (take the checkpoint's)
+    backend: str  # maniskill3 | simpler_env | libero
+    robot: str | None  # widowx | google_robot | libero_panda | None (take the checkpoint's)
     grasp: bool  # the task reports SimplerEnv's grasp metric
+
+
+# the robot whose conventions a suite's tasks take (maniskill:ENV_ID: the checkpoint's)
+SUITE_ROBOTS = {
+    "widowx": "widowx",
+    "google-vm": "google_robot",
+    "google-va": "google_robot",
+    "libero": "libero_panda",
+    "libero_pro": "libero_panda",
+}
+
+
+def scene_key(task: Task) -> str:
+    """What a demos folder and a replay name a task's scenes by: the simulator's task id, or for LIBERO its
+    SUITE/ID (a LIBERO-PRO suite perturbs its base suite's tasks under the same task names)."""
+    return task.name if task.backend == "libero" else task.env_id
 
 
 def parse_suite(suite: str) -> str:
@@ -53,6 +72,14 @@ def suite_tasks(suite: str, names: list[str] | None = None) -> list[Task]:
         if names:
             raise EvalError("--tasks does not apply to maniskill:ENV_ID (the suite is that one task)")
         return [Task(suite, env_id, env_id, "maniskill3", None, False)]
+    if suite in LIBERO_FAMILIES:
+        from .backends.libero import libero_tasks
+
+        # name = SUITE/ID (what --tasks takes), env_id = LIBERO's task name (its BDDL file)
+        return [
+            Task(t.suite, f"{t.suite}/{t.task_id}", t.name, "libero", "libero_panda", False)
+            for t in libero_tasks(suite, names)
+        ]
     table = WIDOWX_TASKS if suite == "widowx" else GOOGLE_TASKS
     chosen = names or (list(WIDOWX_TASKS) if suite == "widowx" else list(GOOGLE_DEFAULT))
     unknown = [n for n in chosen if n not in table]

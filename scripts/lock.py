@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "constraints.txt"
-EXTRAS = "dev,train,sim,ray,viz"  # the extras README command 2 installs (keep in sync with it and .ci/run)
+EXTRAS = "dev,train,sim,ray,viz,libero"  # the extras README command 2 installs (keep in sync with it and .ci/run)
 TORCH = "torch==2.13.0"
 UNLOCKED = ("torch",)  # pinned by the command itself
 

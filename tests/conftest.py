@@ -215,6 +215,7 @@ SHARED_FIXTURE_GROUPS = (
 LONGEST_FIRST = (
     "tests/evaluate/test_closed_loop.py",
     "eval-policies",
+    "tests/evaluate/test_libero.py",  # ~2.7 min: LIBERO's env, a scripted demo, its replay, a tiny policy on the CPU
     "ray-cluster",
     "tests/train/test_distributed.py",
 )

@@ -30,8 +30,10 @@ def test_wheel_contains_package_data_and_no_bare_top_level_modules(tmp_path: Pat
         "refinevla/annotate/prices.json",
         "refinevla/train/configs/ddp.yaml",
         "refinevla/evaluate/simplerenv_baselines.csv",
+        "refinevla/evaluate/libero_baselines.csv",
         "refinevla/evaluate/backends/maniskill.py",
         "refinevla/evaluate/backends/simpler.py",
+        "refinevla/evaluate/backends/libero.py",
         "refinevla/annotate/prompts/rationale-v1.txt",
         "refinevla/datacards/template.md",
         "refinevla/schemas/rationale-v1.json",
@@ -65,7 +67,7 @@ def test_the_readme_test_command_and_ci_install_from_the_lock_that_covers_every_
     assert install, command
     assert f"pip install -q {install.group(1)}" in ci
     pins = lock_pins("constraints.txt")
-    for needed in ("transformers", "ray", "rerun-sdk", "mani-skill", "datasets", "accelerate", "pytest"):
+    for needed in ("transformers", "ray", "rerun-sdk", "mani-skill", "datasets", "accelerate", "pytest", "robosuite"):
         assert needed in pins, needed
 
 

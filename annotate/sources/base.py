@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..episode import Episode
+from ..errors import SourceError
 
 
 @dataclass
@@ -46,3 +48,24 @@ class EpisodeSource(Protocol):
     def __len__(self) -> int: ...
 
     def iter_episodes(self, options: ReadOptions | None = None) -> Iterator[Episode]: ...
+
+
+DECLARATION_FILE = "refinevla_source.json"  # beside features.json: what a dataset declares about itself
+
+
+def read_declaration(directory: str) -> dict[str, Any]:
+    """What the dataset in `directory` declares about itself (`refinevla_source.json`: e.g. the transform
+    its actions need and the robot they drive — `refine-eval demos` writes one, for RLDS and LeRobot folders
+    alike); {} where there is none."""
+    from etils import epath
+
+    path = epath.Path(directory) / DECLARATION_FILE
+    try:
+        if not path.exists():
+            return {}
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: expected a JSON object")
+    return data

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 
 from ..episode import Episode, FrameSequence
 from ..errors import SourceError
-from .base import ReadCounters, ReadOptions, SourceOverrides
+from .base import ReadCounters, ReadOptions, SourceOverrides, read_declaration
 from .lerobot_writer import CAMERA_PREFIX
 
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
@@ -86,11 +86,15 @@ class LeRobotSource:
                 "or a Hub dataset repo id such as lerobot/pusht)"
             )
         self.info = _read_info(self.root)
+        # what the folder says about itself (refinevla_source.json: transform, robot), as the RLDS reader reads it
+        self.declared = read_declaration(str(self.root)) if self._repo_id is None else {}
         self.version: str = self.info["codebase_version"]
         self.features: dict[str, dict[str, Any]] = self.info["features"]
         self.fps = float(self.info.get("fps") or 0) or None
         self.cameras = self._select_cameras()
-        self.state_keys = self._select_keys(self._overrides.state_key or ("observation.state",), "state", "--state-key")
+        # the state: --state-key, else the features the folder declares as its 7-d eef state, else LeRobot's own
+        declared_state = tuple(self.declared.get("state_key") or ()) or ("observation.state",)
+        self.state_keys = self._select_keys(self._overrides.state_key or declared_state, "state", "--state-key")
         self.action_keys = self._select_keys(self._overrides.action_key or ("action",), "action", "--action-key")
         if self._overrides.instruction_key:
             self._select_keys((self._overrides.instruction_key,), "instruction", "--instruction-key")

@@ -17,7 +17,6 @@ and without decoding frames nobody looks at.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -31,7 +30,7 @@ from ...schemas.truth import EpisodeTruth, TruthError, read_truth
 from ..episode import Episode, FrameSequence
 from ..errors import CorruptRecordError, SourceError
 from . import tfrecord
-from .base import ReadCounters, ReadOptions
+from .base import ReadCounters, ReadOptions, read_declaration
 from .remote import remote_errors
 
 _STEPS = "steps/"
@@ -374,26 +373,6 @@ def _decode_task(
             raise
         # A broken frame: nothing after it in this shard can be located. Count it, go on.
         note(exc)
-
-
-DECLARATION_FILE = "refinevla_source.json"  # beside features.json: what a dataset declares about itself
-
-
-def read_declaration(directory: str) -> dict[str, Any]:
-    """What the dataset in `directory` declares about itself (`refinevla_source.json`: e.g. the transform
-    its actions need and the robot they drive — `refine-eval demos` writes one); {} where there is none."""
-    from etils import epath
-
-    path = epath.Path(directory) / DECLARATION_FILE
-    try:
-        if not path.exists():
-            return {}
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise SourceError(f"{path}: unreadable ({exc})") from None
-    if not isinstance(data, dict):
-        raise SourceError(f"{path}: expected a JSON object")
-    return data
 
 
 class RldsSource:

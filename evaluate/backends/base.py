@@ -21,6 +21,8 @@ class StepOutput:
     infos: list[dict[str, Any]]  # per env: the env's info as plain Python scalars
     done: bool  # every env reached the end of its episode
     instructions: list[str] = field(default_factory=list)  # per env (may change for multi-stage tasks)
+    # more of the observation, (B, ...) per name, for policies that take it (LIBERO: "wrist" frames, 8-D "state")
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class Simulator(Protocol):

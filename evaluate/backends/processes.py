@@ -87,6 +87,7 @@ class ProcessSims:
             [i for o in outs for i in o.infos],
             all(o.done for o in outs),
             [t for o in outs for t in o.instructions],
+            {k: np.concatenate([o.extras[k] for o in outs]) for k in outs[0].extras},
         )
 
     def reset(self, seeds: Sequence[int], configs: Sequence[int]) -> StepOutput:

@@ -1,0 +1,328 @@
+"""`refine-eval demos --suite libero`: scripted pick-and-place demonstrations in LIBERO's scenes, as a LeRobot v3
+dataset in the layout of LeRobot's LIBERO datasets.
+
+LIBERO ships human demonstrations, but not for LIBERO-PRO's scenes nor for whatever a user wants to check end to
+end offline; a scripted expert closes the loop (demos -> refine-train -> refine-eval) on this machine. It reads the
+privileged poses of the task's two objects of interest (LIBERO's `obj_of_interest`: what to move and where, from
+the BDDL goal), then drives robosuite's OSC controller closed loop (a proportional step towards each waypoint,
+clipped to the action's [-1, 1]): above the object -> down to it -> close -> lift -> above the target (the object's
+offset in the hand kept) -> down -> open -> up (a bowl is taken by its rim, anything else about its origin), until
+the env's own success predicate holds (the episode ends there, as in LIBERO's reference evaluation) or the
+suite's step limit passes. Only successful tries are kept.
+Made for the pick-and-place tasks of libero_object ("pick up the X and place it in the basket") and
+libero_spatial ("pick up the black bowl ... and place it on the plate"); a task without a movable object and a
+target is refused in one line.
+
+What is stored is what the policy sees and does, in LeRobot's LIBERO layout: `observation.images.image`
+(agentview) and `observation.images.wrist_image`, both turned 180 degrees as in the published datasets and as
+`backends/libero.py` shows them to the policy, stored as PNG (lossless: a frame read back equals the one the
+policy saw); `observation.state` (8-D: eef position, eef axis-angle, finger joints); `action` (7-D, the env's
+own: OSC delta position and axis-angle in [-1, 1], gripper -1 open / +1 close); and the 7-D end-effector state
+refinevla's motion primitives read (`observation.states.ee_state` xyz + roll/pitch/yaw, `observation.states.gripper`
+the finger opening in 0..1). Per episode, `refinevla_demos.json` records its suite, task id, initial-state index and
+seed (the scene it replays in), and `refinevla_source.json` declares the robot (`libero_panda`), that the actions
+need no transform, and those two features as the state: `refine-data annotate` and `refine-train` take the folder
+with no flag, and the trained policy declares LIBERO's conventions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..annotate.outputs import hold_output
+from ..annotate.sources.base import DECLARATION_FILE
+from ..schemas.dataset_layout import PRIVATE_DIR
+from .errors import EvalError
+from .suites import Task, suite_tasks
+
+SCENES_FILE = "refinevla_demos.json"  # episode index -> the LIBERO scene it was recorded in
+DATASET_NAME = "libero_demos"
+CAMERAS = ("image", "wrist_image")  # observation.images.<camera>, as LeRobot's LIBERO datasets name them
+DECLARATION = {
+    "transform": "none",
+    "robot": "libero_panda",
+    # what refinevla reads as the episodes' state (annotate's motion primitives, training): the 7-D one;
+    # LIBERO's 8-D observation.state is there for policies that take it (`--state-key observation.state`)
+    "state_key": ["observation.states.ee_state", "observation.states.gripper"],
+    "why": "actions are the env's own (robosuite OSC_POSE deltas in [-1, 1], gripper -1 open / +1 close), as "
+    "LeRobot's LIBERO datasets store them: trained and replayed as stored",
+}
+GAIN = 15.0  # action per metre of error: 1 (the controller's 5 cm) from about 7 cm away
+HOVER, LIFT, PLACE = 0.12, 0.20, 0.12  # heights (m) of the approach, the carry and the release above the origins
+GRIP_STEPS = 10  # steps spent closing or opening in place
+FINGER_GAP = 0.08  # m between the Panda's fingers when open (robot0_gripper_qpos is +-0.04 each)
+# the 7-D state refine-data annotate's motion primitives need, as two features (LeRobot's LIBERO datasets name the
+# first); the folder declares them as its state (DECLARATION), so annotate and refine-train read them unasked
+EE_STATE_KEYS = ("observation.states.ee_state", "observation.states.gripper")
+# where the fingers close, from the object's origin, by kind: a bowl by its rim, 5 cm off its centre along y (the
+# fingers close along y: they straddle the rim's wall) and 2 cm up; anything else 1 cm below its origin
+GRASP_AT = {"bowl": np.array([0.0, 0.05, 0.02])}
+
+
+@dataclass(frozen=True)
+class Leg:
+    """A stretch of the expert's motion: towards `goal` (None: hold still) with the gripper at `grip`."""
+
+    phase: str
+    goal: np.ndarray | None
+    grip: float  # -1 open, +1 close (robosuite's sign)
+    speed: float  # the largest action per axis
+    tolerance: float  # metres: the leg ends within it (or when the arm stops moving, or after `limit` steps)
+    limit: int
+
+
+class LiberoExpert:
+    """Privileged pick-and-place: the legs above, each a few dozen steps at most."""
+
+    def __init__(self, sim: Any, obs: dict[str, Any]) -> None:
+        interest = list(getattr(sim.env, "obj_of_interest", []) or [])
+        if len(interest) < 2 or f"{interest[0]}_pos" not in obs:
+            raise EvalError(
+                f"{sim.label}: not a pick-and-place task (objects of interest {interest}); the LIBERO expert moves "
+                "one object onto or into another (libero_object, libero_spatial)"
+            )
+        self.obj, self.target = interest[0], interest[-1]
+        up = np.array([0.0, 0.0, 1.0])
+        grasp = next((g for kind, g in GRASP_AT.items() if kind in self.obj), -0.01 * up)
+        o = np.asarray(obs[f"{self.obj}_pos"], dtype=np.float64) + grasp
+        self.legs = [
+            Leg("approach", o + HOVER * up, -1.0, 0.5, 0.006, 60),
+            Leg("descend", o, -1.0, 0.5, 0.008, 40),
+            Leg("grasp", None, 1.0, 0.0, 0.0, GRIP_STEPS),
+            Leg("lift", o + LIFT * up, 1.0, 0.5, 0.02, 40),
+            Leg("transport", None, 1.0, 0.5, 0.02, 90),  # goal set at the end of the lift (the hand's offset)
+            Leg("place", None, 1.0, 0.5, 0.01, 30),
+            Leg("release", None, -1.0, 0.0, 0.0, GRIP_STEPS),
+            Leg("retreat", None, -1.0, 1.0, 0.02, 30),
+        ]
+        self.leg = 0
+        self.t = 0
+        self.offset = np.zeros(3)  # the hand's offset from the object, measured after the lift
+        self.hold = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+        self.last = self.hold.copy()
+
+    def _enter(self, obs: dict[str, Any]) -> None:
+        """Start the next leg: goals that depend on where the object ended up are set now."""
+        self.leg += 1
+        self.t = 0
+        eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+        self.hold = eef.copy()
+        if self.leg >= len(self.legs):
+            return
+        leg = self.legs[self.leg]
+        target = np.asarray(obs[f"{self.target}_pos"], dtype=np.float64)
+        in_hand = eef - np.asarray(obs[f"{self.obj}_pos"], dtype=np.float64)
+        in_hand[2] = 0.0  # the object hangs off the grasp point: aim the object, not the hand, at the target
+        if leg.phase == "transport":
+            self.offset = in_hand
+            self.legs[self.leg] = Leg(leg.phase, target + self.offset + [0, 0, LIFT], *_rest(leg))
+        elif leg.phase == "place":
+            self.legs[self.leg] = Leg(leg.phase, target + self.offset + [0, 0, PLACE], *_rest(leg))
+        elif leg.phase == "retreat":
+            self.legs[self.leg] = Leg(leg.phase, eef + 0.1 * np.array([0.0, 0.0, 1.0]), *_rest(leg))
+
+    @property
+    def phase(self) -> str:
+        return self.legs[min(self.leg, len(self.legs) - 1)].phase
+
+    def action(self, obs: dict[str, Any]) -> np.ndarray:
+        """The next 7-D env action (after the last leg: hold still, gripper open)."""
+        eef = np.asarray(obs["robot0_eef_pos"], dtype=np.float64)
+        while self.leg < len(self.legs):
+            leg = self.legs[self.leg]
+            goal = self.hold if leg.goal is None else leg.goal
+            error = goal - eef
+            stalled = self.t > 3 and np.linalg.norm(eef - self.last) < 5e-4 and leg.goal is not None
+            reached = leg.goal is not None and np.linalg.norm(error) < leg.tolerance
+            if self.t >= leg.limit or reached or stalled:
+                self._enter(obs)
+                continue
+            self.t += 1
+            self.last = eef
+            out = np.zeros(7)
+            out[:3] = np.clip(error * GAIN, -leg.speed, leg.speed) if leg.goal is not None else 0.0
+            out[6] = leg.grip
+            return out
+        out = np.zeros(7)
+        out[6] = -1.0
+        return out
+
+
+def _rest(leg: Leg) -> tuple[float, float, float, int]:
+    return (leg.grip, leg.speed, leg.tolerance, leg.limit)
+
+
+@dataclass
+class LiberoDemo:
+    """One try: per step the two turned frames, the 8-D state and the env action."""
+
+    task: Task
+    config: int
+    seed: int
+    instruction: str
+    images: list[np.ndarray] = field(default_factory=list)
+    wrists: list[np.ndarray] = field(default_factory=list)
+    states: list[np.ndarray] = field(default_factory=list)
+    actions: list[np.ndarray] = field(default_factory=list)
+    ee_states: list[np.ndarray] = field(default_factory=list)  # 7-D: eef xyz, roll/pitch/yaw, gripper opening
+    phases: list[str] = field(default_factory=list)
+    success: bool = False
+
+    def scene(self) -> dict[str, Any]:
+        suite, task_id = self.task.name.split("/")
+        return {"suite": suite, "task_id": int(task_id), "init_state": self.config, "seed": self.seed}
+
+
+def ee_state(obs: dict[str, Any]) -> np.ndarray:
+    """[x, y, z, roll, pitch, yaw, gripper opening in 0..1]: the 7-D end-effector state refinevla's motion
+    primitives read (`refine-data annotate --state-key` EE_STATE_KEYS), beside LIBERO's own 8-D state."""
+    from scipy.spatial.transform import Rotation
+
+    rpy = Rotation.from_quat(np.asarray(obs["robot0_eef_quat"], dtype=np.float64)).as_euler("xyz")  # xyzw
+    qpos = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)
+    opening = np.clip((qpos[0] - qpos[1]) / FINGER_GAP, 0.0, 1.0)
+    return np.concatenate([obs["robot0_eef_pos"], rpy, [opening]]).astype(np.float32)
+
+
+def record(sim: Any, task: Task, config: int, seed: int) -> LiberoDemo:
+    """One scripted episode from initial state `config`; ends at the env's success or the step limit."""
+    out = sim.reset([seed], [config])
+    expert = LiberoExpert(sim, sim.obs)
+    demo = LiberoDemo(task, config, seed, out.instructions[0])
+    while True:
+        action = expert.action(sim.obs)
+        demo.images.append(out.images[0])
+        demo.wrists.append(out.extras["wrist"][0])
+        demo.states.append(out.extras["state"][0])
+        demo.ee_states.append(ee_state(sim.obs))
+        demo.actions.append(action.astype(np.float32))
+        demo.phases.append(expert.phase)
+        out = sim.step(action[None])
+        if out.done:
+            demo.success = bool(out.infos[0]["success"])
+            return demo
+
+
+def record_libero_demos(
+    suite: str,
+    tasks: list[str] | None,
+    episodes: int,
+    out: Path,
+    seed: int = 0,
+    resolution: int | None = None,
+    progress: Callable[[str], None] = print,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Try initial states 0..episodes-1 of each task, keep the successes, write them to `out` (LeRobot v3).
+    Returns (tries, kept) per task."""
+    from .backends.libero import LiberoSim, import_libero
+
+    if suite != "libero":
+        raise EvalError(f"--suite {suite!r}: LIBERO demonstrations are recorded in --suite libero's scenes")
+    if episodes < 1:
+        raise EvalError(f"--episodes {episodes}: must be at least 1")
+    import_libero()
+    chosen = suite_tasks(suite, tasks or ["libero_object"])
+    if out.exists() and any(p.name != PRIVATE_DIR for p in out.iterdir()):
+        raise EvalError(f"--out {out}: exists and is not empty; demonstrations are written to a new folder")
+    tried: dict[str, int] = {}
+    kept_count: dict[str, int] = {}
+    kept: list[LiberoDemo] = []
+    with hold_output(out, "refine-eval demos"):
+        for task in chosen:
+            suite_name, task_id = task.name.split("/")
+            sim = LiberoSim(suite_name, int(task_id), resolution)
+            try:
+                for config in range(min(episodes, sim.n_configs)):
+                    demo = record(sim, task, config, seed + config)
+                    tried[task.name] = tried.get(task.name, 0) + 1
+                    verdict = "kept" if demo.success else "dropped (no success)"
+                    progress(f"  {task.name} initial state {config}: {len(demo.actions)} steps, {verdict}")
+                    if demo.success:
+                        kept.append(demo)
+                        kept_count[task.name] = kept_count.get(task.name, 0) + 1
+            finally:
+                sim.close()
+        if not kept:
+            raise EvalError(f"no try succeeded ({sum(tried.values())} tried); nothing written to {out}")
+        write_libero_demos(kept, out, float(sim.control_freq))
+    return tried, kept_count
+
+
+def write_libero_demos(demos: list[LiberoDemo], out: Path, fps: float) -> None:
+    """The LeRobot v3 dataset in `out`, its scenes file and its declaration."""
+    from ..annotate.episode import Episode, FrameSequence
+    from ..annotate.sources.lerobot_writer import encode_png, write_lerobot
+
+    def episode(i: int, demo: LiberoDemo) -> Episode:
+        n = len(demo.actions)
+        last = np.zeros(n, bool)
+        last[-1] = True
+        return Episode(
+            episode_id=f"{DATASET_NAME}:episode_{i}",
+            dataset=DATASET_NAME,
+            instruction=demo.instruction,
+            actions=np.stack(demo.actions).astype(np.float32),
+            states=np.stack(demo.states).astype(np.float32),
+            frames={
+                CAMERAS[0]: FrameSequence([encode_png(f) for f in demo.images]),
+                CAMERAS[1]: FrameSequence([encode_png(f) for f in demo.wrists]),
+            },
+            is_first=np.arange(n) == 0,
+            is_last=last,
+            is_terminal=last.copy(),
+            rewards=last.astype(np.float32),  # LIBERO's sparse reward: 1 at the success
+        )
+
+    import pyarrow as pa
+
+    from ..annotate.sources.lerobot_writer import ExtraColumn
+
+    pose, grip = EE_STATE_KEYS
+    extras = {
+        pose: ExtraColumn(
+            [[s[:6].tolist() for s in d.ee_states] for d in demos],
+            pa.list_(pa.float32()),
+            {"dtype": "float32", "shape": [6], "names": ["x", "y", "z", "roll", "pitch", "yaw"]},
+        ),
+        grip: ExtraColumn(
+            [[s[6:].tolist() for s in d.ee_states] for d in demos],
+            pa.list_(pa.float32()),
+            {"dtype": "float32", "shape": [1], "names": ["gripper"]},
+        ),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_lerobot(
+        out,
+        (episode(i, d) for i, d in enumerate(demos)),
+        fps=fps,
+        robot_type="panda",
+        camera_storage="image",
+        extra_columns=extras,
+    )
+    scenes = {str(i): {**d.scene(), "steps": len(d.actions), "phases": d.phases} for i, d in enumerate(demos)}
+    (out / SCENES_FILE).write_text(json.dumps(scenes, indent=1) + "\n", encoding="utf-8")
+    (out / DECLARATION_FILE).write_text(json.dumps(DECLARATION, indent=2) + "\n", encoding="utf-8")
+
+
+def libero_scenes(source: Any, what: str) -> Callable[[Any], tuple[str, int, int]] | None:
+    """For a LIBERO demos folder (a LeRobot source with its scenes file): episode -> (SUITE/ID, initial state,
+    seed), what a replay and --episodes-from match scenes by; None for any other source."""
+    root = getattr(source, "root", None)
+    if root is None or not (Path(root) / SCENES_FILE).is_file():
+        return None
+    scenes = json.loads((Path(root) / SCENES_FILE).read_text(encoding="utf-8"))
+
+    def scene(episode: Any) -> tuple[str, int, int]:
+        index = str(episode.metadata.get("episode_index"))
+        if index not in scenes:
+            raise EvalError(f"{what}: episode {index} is not in {SCENES_FILE} (not a refine-eval demos episode)")
+        got = scenes[index]
+        return f"{got['suite']}/{got['task_id']}", int(got["init_state"]), int(got["seed"])
+
+    return scene
