@@ -131,20 +131,19 @@ def test_ctrl_c_while_a_batch_runs_exits_130_with_the_resume_line_and_a_worker_n
     (journal / "hold").touch()  # the worker waits once it has started its batch: Ctrl-C lands mid-batch
     env = {**sim_env, JOURNAL_ENV: str(journal), "RAY_ADDRESS": ray_cluster.address}
     policy = ("--policy", str(paligemma_policy))
-    proc = start_eval(env, "--backend", "ray", "--ray-address", "auto", *policy, "--out", str(out))
+    one = ("--workers", "1", "--cpus-per-worker", "2")  # the session cluster's only node with 2 CPUs: held by it
+    proc = start_eval(env, "--backend", "ray", "--ray-address", "auto", *policy, *one, "--out", str(out))
     started = journal / "batches.log"
     try:
         wait_until(lambda: started.is_file() or proc.poll() is not None, "a batch to start", 300)
-        # meanwhile its workers (one per CPU) hold every CPU: another run's worker cannot be placed, and that run
-        # stops at its --placement-timeout, in one line (it would otherwise wait for as long as the first runs)
+        # meanwhile its worker holds the only node with room for one of 2 CPUs: another such worker cannot be
+        # placed, and that run stops at its --placement-timeout, in one line (else it waits as long as the first runs)
         other = finish(
-            on_ray(
-                env, ray_cluster, *policy, "--workers", "1", "--placement-timeout", "3", "--out", str(tmp_path / "p")
-            )
+            on_ray(env, ray_cluster, *policy, *one, "--placement-timeout", "3", "--out", str(tmp_path / "p"))
         )
         assert other.returncode == 1 and other.stderr.count("\n") == 1, other.stdout + other.stderr
         assert (
-            "no Ray worker (1 CPU(s) and 0 GPU(s) each) could be placed in 3 s (--placement-timeout)" in other.stderr
+            "no Ray worker (2 CPU(s) and 0 GPU(s) each) could be placed in 3 s (--placement-timeout)" in other.stderr
         ), other.stderr
         assert "run the same command again once the cluster has room" in other.stderr
     finally:
