@@ -143,8 +143,7 @@ def check_same_assets(out: Path, task: Task, description: dict[str, Any]) -> Non
     """Per backend: the asset digest recorded the first time must match."""
     run = read_run(out)
     sims = run.setdefault("simulators", {})
-    # a LIBERO-PRO suite perturbs its base suite's tasks under the same task names: LIBERO keys by SUITE/ID
-    key = f"{description['backend']}:{task.name if task.backend == 'libero' else task.env_id}"
+    key = f"{description['backend']}:{scene_key(task)}"  # LIBERO's by SUITE/ID: LIBERO-PRO reuses task names
     old = sims.get(key)
     if old is not None and old.get("assets", {}).get("digest") != description.get("assets", {}).get("digest"):
         raise EvalError(
@@ -362,11 +361,12 @@ def settled(
     """
     if not (args.out / RUN_FILE).is_file():
         return None
+    # keyed "BACKEND:SCENE" as check_same_assets records them
     recorded = {key.split(":", 1)[-1]: sim for key, sim in read_run(args.out).get("simulators", {}).items()}
     done = {episode_key(r["suite"], r["task"], r["config"], r["repeat"]) for r in read_episodes(args.out)}
     summary, lines = RunSummary(), []
     for task in tasks:
-        n_configs = recorded.get(task.env_id, {}).get("n_configs")
+        n_configs = recorded.get(scene_key(task), {}).get("n_configs")
         if not isinstance(n_configs, int):
             return None
         todo, already = schedule(task, n_configs, args, done, demos)

@@ -72,6 +72,16 @@ def test_the_trivial_policy_episode_logs_the_right_keys(zero_run: Path) -> None:
     sim = run["simulators"][f"libero:{TASK}"]
     assert (sim["n_configs"], sim["reference_max_steps"], sim["settle_steps"]) == (50, 220, 10)
     assert run["assets"]["digest"] and run["versions"]["robosuite"] == "1.4.0"
+    # its rerun opens no simulator: the schedule comes from that record, keyed by SUITE/ID as the demos are
+    from refinevla.evaluate.config import RunArgs
+    from refinevla.evaluate.runner import settled
+    from refinevla.evaluate.suites import suite_tasks
+
+    rerun = RunArgs(policy=Path("zero:"), suite="libero", out=zero_run, tasks=[TASK], max_episodes=1, max_steps=3)
+    lines: list[str] = []
+    summary = settled(rerun, suite_tasks("libero", [TASK]), None, lines.append)
+    assert summary is not None and summary.skipped == 1 and summary.per_task == {TASK: (0, 1)}
+    assert len(lines) == 1 and lines[0].endswith(": 0 episodes to run, 1 already done"), lines
 
 
 def test_the_policy_sees_frames_turned_and_the_8d_state(spatial_sim: Any) -> None:
