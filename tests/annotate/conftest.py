@@ -82,6 +82,12 @@ class Recorded:
         return ""
 
 
+def _set_event() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 @dataclass
 class FakeTeacherServer:
     """State shared with the handler threads."""
@@ -89,6 +95,9 @@ class FakeTeacherServer:
     scripts: dict[int, list[str]] = field(default_factory=dict)  # seed -> behaviours, one per request
     default: str = "ok"
     latency: float = 0.0  # seconds before every answer
+    # answers wait until this is set: a test that must see runs still going holds them here
+    # instead of guessing a latency long enough for a loaded machine
+    released: threading.Event = field(default_factory=lambda: _set_event())
     hang: float = 3.0  # seconds a "hang" sleeps (longer than the client timeout in tests)
     usage: tuple[int, int] = (1000, 200)  # prompt, completion tokens reported per answer
     answer: Callable[[Recorded], dict[str, Any]] | None = None  # the "ok" answer (default: rationale_for_prompt)
@@ -149,6 +158,7 @@ def _handler(state: FakeTeacherServer) -> type[BaseHTTPRequestHandler]:
             if not self.path.endswith("/chat/completions"):
                 self._send(404, {"error": {"message": "not found"}})
                 return
+            state.released.wait(timeout=300)
             if state.latency:
                 time.sleep(state.latency)
             if kind == "429":

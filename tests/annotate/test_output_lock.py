@@ -86,11 +86,12 @@ def test_kill_9_of_the_holder_leaves_no_lock_behind(tiny_rlds, teacher_server, t
 def test_shards_share_an_out_and_merge_waits_for_them(tiny_rlds, teacher_server, tmp_path):
     uri = tiny_rlds(8)
     out = tmp_path / "out"
-    teacher_server.latency = 0.25
+    teacher_server.released.clear()  # both shards stay in flight until the refusals are seen
     shard0 = start_annotate(uri, teacher_server.url, out, "--shard", "0/2")
-    wait_for_holder(shard0, out / LOCK_DIR / f"{LOCK_NAME}-00000-of-00002")
     shard1 = start_annotate(uri, teacher_server.url, out, "--shard", "1/2")
     try:
+        wait_for_holder(shard0, out / LOCK_DIR / f"{LOCK_NAME}-00000-of-00002")
+        wait_for_holder(shard1, out / LOCK_DIR / f"{LOCK_NAME}-00001-of-00002")
         # the same shard twice is refused; merge (the whole folder) is refused while shards write
         again = start_annotate(uri, teacher_server.url, out, "--shard", "0/2")
         _, err = again.communicate(timeout=60)
@@ -99,6 +100,7 @@ def test_shards_share_an_out_and_merge_waits_for_them(tiny_rlds, teacher_server,
         assert merged.returncode == 1 and "Traceback" not in merged.stderr
         assert "is in use by" in merged.stderr and f"pid {shard0.pid}" in merged.stderr
     finally:
+        teacher_server.released.set()
         for proc in (shard0, shard1):
             _, err = proc.communicate(timeout=120)
             assert proc.returncode == 0, err
