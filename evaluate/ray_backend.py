@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from collections import deque
@@ -71,6 +72,11 @@ from .runner import (
 from .suites import Task
 
 WORKER_ENV = ("MS_ASSET_DIR",)  # the driver's, when set, are the workers' (the simulator reads them at import)
+# A worker's thread pools, sized to the CPUs it reserved: OpenMP/BLAS (torch's CPU ops) and lavapipe's
+# rasterizer (LP_NUM_THREADS; Mesa's default is one thread per core of the machine). Left at their
+# defaults, each worker of a node spreads over every core, so W workers on a node contend instead of
+# adding up (measured: benchmarks/eval_ray.py). Read when each library starts, hence set per actor.
+WORKER_THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "LP_NUM_THREADS")
 LOSSES_PER_WORKER = 3  # workers lost per worker asked for before the run gives up: the cluster keeps failing
 WAITING_NOTE_S = 60.0  # say so when no worker has been alive for this long (the cluster cannot place one)
 # ... and stop when none has been for --placement-timeout (this by default): on a cluster that can never place
@@ -143,6 +149,11 @@ def worker_shape(ray: Any, args: RunArgs) -> WorkerShape:
             f"({len(alive)} node(s)); lower --cpus-per-worker / --gpus-per-worker"
         )
     return WorkerShape(cpus, gpus, args.workers or sum(room(n) for n in nodes), nodes)
+
+
+def worker_threads(cpus: int) -> dict[str, str]:
+    """Each thread pool of a worker sized to its --cpus-per-worker (WORKER_THREADS says why)."""
+    return {name: str(max(1, cpus)) for name in WORKER_THREADS}
 
 
 def node_preflight(tasks: list[Task]) -> str:
@@ -255,6 +266,8 @@ class EvalWorker:
             "node": self.node,
             "pid": os.getpid(),
             "episodes": [[task.name, c, r] for c, r, _ in batch],
+            "threads": {name: os.environ.get(name) for name in WORKER_THREADS},
+            "torch_threads": sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None,
         }
         with open(self.journal / "batches.log", "a") as f:  # one short append: whole lines from every worker
             f.write(json.dumps(line) + "\n")
@@ -436,8 +449,8 @@ def run_held(args: RunArgs, tasks: list[Task], progress: Callable[[str], None], 
     try:
         shape = worker_shape(ray, args)
         env_vars = {name: os.environ[name] for name in WORKER_ENV if name in os.environ}
-        runtime_env = {"env_vars": env_vars} if env_vars else None
-        check_nodes(ray, shape, tasks, runtime_env)  # before any worker loads the policy
+        # before any worker loads the policy
+        check_nodes(ray, shape, tasks, {"env_vars": env_vars} if env_vars else None)
         if isinstance(setup, PolicySetup) and setup.budget_warning:
             progress(f"warning: {setup.budget_warning}")
         alive = len([n for n in ray.nodes() if n.get("Alive")])
@@ -456,6 +469,7 @@ def run_held(args: RunArgs, tasks: list[Task], progress: Callable[[str], None], 
             f"ray: {alive} node(s), {shape.workers} worker(s) of {shape.cpus} CPU(s) and {shape.gpus:g} GPU(s) "
             f"each, {args.num_envs} env(s) per worker"
         )
+        runtime_env = {"env_vars": {**env_vars, **worker_threads(shape.cpus)}}
         dispatch = Dispatch(ray, args, shape, runtime_env, demos, log, progress)
         summary = dispatch.run(tasks)
         final = read_run(args.out)

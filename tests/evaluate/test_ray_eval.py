@@ -9,6 +9,7 @@ in test_ray_eval_replay.py (beside the demos it replays: the two files go with d
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -153,6 +154,9 @@ def test_ctrl_c_while_a_batch_runs_exits_130_with_the_resume_line_and_a_worker_n
     assert "Run the same command again to continue" in r.stderr
     assert "ray: " in r.stdout, r.stdout  # joined the session's cluster (its node count, workers)
     assert read_episodes(out) == []  # the batch was in flight: nothing half-written
+    # the worker's thread pools are its 2 reserved CPUs, not every core of its node (nor the driver's 1)
+    (held,) = [json.loads(line) for line in started.read_text().splitlines()]
+    assert set(held["threads"].values()) == {"2"} and held["torch_threads"] == 2, held
     cluster = read_run(out)["cluster"]
     # the cluster joined: its GCS's port (the GCS names its host by the machine's address, not the loopback one)
     assert (
