@@ -69,12 +69,27 @@ def _panda_fingers(qpos: np.ndarray) -> bool:
     return bool(np.all((qpos[:, 0] >= lo) & (qpos[:, 0] <= hi) & (-qpos[:, 1] >= lo) & (-qpos[:, 1] <= hi)))
 
 
+def axis_angle_to_euler(rotvec: np.ndarray) -> np.ndarray:
+    """(T, 3) axis * angle -> (T, 3) roll/pitch/yaw, extrinsic xyz (R = Rz(yaw) Ry(pitch) Rx(roll)), as
+    scipy's `as_euler("xyz")`. numpy alone: the core install (annotate) has no scipy."""
+    v = np.asarray(rotvec, dtype=np.float64).reshape(-1, 3)
+    angle = np.linalg.norm(v, axis=1)
+    axis = v / np.where(angle > 1e-12, angle, 1.0)[:, None]
+    x, y, z = axis[:, 0], axis[:, 1], axis[:, 2]
+    c, s, t = np.cos(angle), np.sin(angle), 1.0 - np.cos(angle)
+    # Rodrigues' rotation matrix: only the entries the angles need
+    r00, r10 = t * x * x + c, t * x * y + s * z
+    r20, r21, r22 = t * x * z - s * y, t * y * z + s * x, t * z * z + c
+    roll = np.arctan2(r21, r22)
+    pitch = np.arctan2(-r20, np.hypot(r21, r22))
+    yaw = np.arctan2(r10, r00)
+    return np.stack([roll, pitch, yaw], axis=1)
+
+
 def libero_state(state: np.ndarray, where: str) -> np.ndarray:
     """LIBERO's 8-D states (T, 8) -> the 7-D states (T, 7) motion primitives read: xyz, roll/pitch/yaw (extrinsic
     xyz Euler angles of the axis-angle's rotation, as `refine-eval demos` computes them from the quaternion),
     gripper opening. `where` names the file and feature in the one-line error for a state that is not LIBERO's."""
-    from scipy.spatial.transform import Rotation
-
     s = np.asarray(state, dtype=np.float64)
     if s.ndim != 2 or s.shape[1] != LIBERO_STATE_DIM:
         raise SourceError(f"{where}: LIBERO's state is 8-D (eef xyz, axis-angle, finger qpos); got {s.shape}")
@@ -85,6 +100,6 @@ def libero_state(state: np.ndarray, where: str) -> np.ndarray:
             f"-{FINGER_TRAVEL}..0 m; found {fingers.min():.3f}..{fingers.max():.3f}), so this is not LIBERO's "
             "8-D state; map a 7-D [x, y, z, roll, pitch, yaw, gripper] state with --state-key"
         )
-    rpy = Rotation.from_rotvec(s[:, 3:6]).as_euler("xyz")
+    rpy = axis_angle_to_euler(s[:, 3:6])
     out = np.concatenate([s[:, :3], rpy, gripper_opening(fingers)[:, None]], axis=1)
     return out.astype(np.float32)

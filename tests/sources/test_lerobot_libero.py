@@ -183,3 +183,13 @@ def test_the_state_key_and_cameras_given_are_recorded_in_the_published_dataset(t
     assert annotate("sample", "--out", str(rlds), "--limit", "1").exit_code == 0
     layout = json.loads((rlds / "refinevla.json").read_text())["source"]["layout"]
     assert (layout["state"], layout["cameras"]) == (["observation/state"], ["observation/image_0"])
+
+
+def test_the_numpy_euler_angles_are_scipys_extrinsic_xyz() -> None:
+    """annotate's core install has no scipy: its own conversion must equal scipy's, gimbal lock aside."""
+    rotation = pytest.importorskip("scipy.spatial.transform").Rotation
+    from refinevla.annotate.sources.libero_layout import axis_angle_to_euler
+
+    rotvecs = np.random.default_rng(0).normal(size=(500, 3)) * 1.5
+    rotvecs = np.concatenate([rotvecs, [[0.0, 0.0, 0.0], [1e-9, 0.0, 0.0], [0.0, 0.0, np.pi / 2], [np.pi, 0, 0]]])
+    np.testing.assert_allclose(axis_angle_to_euler(rotvecs), rotation.from_rotvec(rotvecs).as_euler("xyz"), atol=1e-9)
