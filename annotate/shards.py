@@ -33,6 +33,7 @@ _IDENTITY = (
     ("source", "uri"),
     ("source", "dataset"),
     ("source", "split"),
+    ("source", "layout"),
     ("teacher", "name"),
     ("teacher", "model"),
     ("teacher", "sampling"),

@@ -301,6 +301,19 @@ def _citations(manifest: dict[str, Any]) -> list[str]:
     return [CITATIONS[k] for k in keys]
 
 
+def _layout_cell(layout: Any) -> str:
+    """The source features a dataset was read from (state, cameras, ...); "—" for a manifest from before they
+    were recorded."""
+    if not isinstance(layout, dict):
+        return "—"
+    state = ", ".join(f"`{k}`" for k in layout.get("state") or [])
+    if layout.get("state_transform"):
+        state += f" (converted: `{layout['state_transform']}`)"
+    cameras = ", ".join(f"`{k}`" for k in layout.get("cameras") or [])
+    action = ", ".join(f"`{k}`" for k in layout.get("action") or [])
+    return _cell(f"state {state or '—'}; cameras {cameras or '—'}; action {action or '—'}")
+
+
 def card_context(out_dir: Path, manifest: dict[str, Any], license_id: str, license_note: str | None) -> dict[str, Any]:
     """Everything the template needs, computed from the files in `out_dir`."""
     source = manifest.get("source", {})
@@ -322,6 +335,8 @@ def card_context(out_dir: Path, manifest: dict[str, Any], license_id: str, licen
     sampling = teacher.get("sampling")
     provenance = [
         ("source", f"`{source.get('uri', dataset)}` (dataset `{dataset}`, split `{source.get('split', 'train')}`)"),
+        ("features read", _layout_cell(source.get("layout"))),
+        ("declared", _cell(json.dumps(source["declared"], sort_keys=True)) if source.get("declared") else "—"),
         ("selection", _cell(json.dumps(manifest["selection"])) if manifest.get("selection") else "—"),
         ("teacher", f"`{teacher.get('name', 'unknown')}`"),
         ("model", f"`{teacher.get('model', 'unknown')}`"),

@@ -31,22 +31,25 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..annotate.outputs import hold_output
 from ..annotate.sources.base import DECLARATION_FILE
+from ..annotate.sources.libero_layout import LIBERO_DECLARATION, LIBERO_ROBOT_TYPE, gripper_opening
 from ..schemas.dataset_layout import PRIVATE_DIR
 from .errors import EvalError
 from .suites import Task, suite_tasks
+
+if TYPE_CHECKING:
+    from ..annotate.sources.lerobot_writer import ExtraColumn
 
 SCENES_FILE = "refinevla_demos.json"  # episode index -> the LIBERO scene it was recorded in
 DATASET_NAME = "libero_demos"
 CAMERAS = ("image", "wrist_image")  # observation.images.<camera>, as LeRobot's LIBERO datasets name them
 DECLARATION = {
-    "transform": "none",
-    "robot": "libero_panda",
+    **LIBERO_DECLARATION,  # robot libero_panda, no transform: what the lerobot: reader infers for LIBERO's layout
     # what refinevla reads as the episodes' state (annotate's motion primitives, training): the 7-D one;
     # LIBERO's 8-D observation.state is there for policies that take it (`--state-key observation.state`)
     "state_key": ["observation.states.ee_state", "observation.states.gripper"],
@@ -56,7 +59,6 @@ DECLARATION = {
 GAIN = 15.0  # action per metre of error: 1 (the controller's 5 cm) from about 7 cm away
 HOVER, LIFT, PLACE = 0.12, 0.20, 0.12  # heights (m) of the approach, the carry and the release above the origins
 GRIP_STEPS = 10  # steps spent closing or opening in place
-FINGER_GAP = 0.08  # m between the Panda's fingers when open (robot0_gripper_qpos is +-0.04 each)
 # the 7-D state refine-data annotate's motion primitives need, as two features (LeRobot's LIBERO datasets name the
 # first); the folder declares them as its state (DECLARATION), so annotate and refine-train read them unasked
 EE_STATE_KEYS = ("observation.states.ee_state", "observation.states.gripper")
@@ -185,8 +187,7 @@ def ee_state(obs: dict[str, Any]) -> np.ndarray:
     from scipy.spatial.transform import Rotation
 
     rpy = Rotation.from_quat(np.asarray(obs["robot0_eef_quat"], dtype=np.float64)).as_euler("xyz")  # xyzw
-    qpos = np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64)
-    opening = np.clip((qpos[0] - qpos[1]) / FINGER_GAP, 0.0, 1.0)
+    opening = gripper_opening(np.asarray(obs["robot0_gripper_qpos"], dtype=np.float64))
     return np.concatenate([obs["robot0_eef_pos"], rpy, [opening]]).astype(np.float32)
 
 
@@ -255,7 +256,37 @@ def record_libero_demos(
 
 
 def write_libero_demos(demos: list[LiberoDemo], out: Path, fps: float) -> None:
-    """The LeRobot v3 dataset in `out`, its scenes file and its declaration."""
+    """The LeRobot v3 dataset in `out` with the 7-D state beside LIBERO's 8-D one, its scenes file and its
+    declaration."""
+    import pyarrow as pa
+
+    from ..annotate.sources.lerobot_writer import ExtraColumn
+
+    pose, grip = EE_STATE_KEYS
+    extras = {
+        pose: ExtraColumn(
+            [[s[:6].tolist() for s in d.ee_states] for d in demos],
+            pa.list_(pa.float32()),
+            {"dtype": "float32", "shape": [6], "names": ["x", "y", "z", "roll", "pitch", "yaw"]},
+        ),
+        grip: ExtraColumn(
+            [[s[6:].tolist() for s in d.ee_states] for d in demos],
+            pa.list_(pa.float32()),
+            {"dtype": "float32", "shape": [1], "names": ["gripper"]},
+        ),
+    }
+    write_libero_lerobot(demos, out, fps, extras)
+    scenes = {str(i): {**d.scene(), "steps": len(d.actions), "phases": d.phases} for i, d in enumerate(demos)}
+    (out / SCENES_FILE).write_text(json.dumps(scenes, indent=1) + "\n", encoding="utf-8")
+    (out / DECLARATION_FILE).write_text(json.dumps(DECLARATION, indent=2) + "\n", encoding="utf-8")
+
+
+def write_libero_lerobot(
+    demos: list[LiberoDemo], out: Path, fps: float, extra_columns: dict[str, ExtraColumn] | None = None
+) -> None:
+    """`demos` as a LeRobot v3 dataset in `out`, in the layout of LeRobot's published LIBERO datasets (robot_type
+    panda, the two cameras as PNG, the 8-D `observation.state`, the 7-D `action`) plus `extra_columns`; with
+    none, exactly what such a published dataset holds (the tests read it as one)."""
     from ..annotate.episode import Episode, FrameSequence
     from ..annotate.sources.lerobot_writer import encode_png, write_lerobot
 
@@ -279,35 +310,15 @@ def write_libero_demos(demos: list[LiberoDemo], out: Path, fps: float) -> None:
             rewards=last.astype(np.float32),  # LIBERO's sparse reward: 1 at the success
         )
 
-    import pyarrow as pa
-
-    from ..annotate.sources.lerobot_writer import ExtraColumn
-
-    pose, grip = EE_STATE_KEYS
-    extras = {
-        pose: ExtraColumn(
-            [[s[:6].tolist() for s in d.ee_states] for d in demos],
-            pa.list_(pa.float32()),
-            {"dtype": "float32", "shape": [6], "names": ["x", "y", "z", "roll", "pitch", "yaw"]},
-        ),
-        grip: ExtraColumn(
-            [[s[6:].tolist() for s in d.ee_states] for d in demos],
-            pa.list_(pa.float32()),
-            {"dtype": "float32", "shape": [1], "names": ["gripper"]},
-        ),
-    }
     out.mkdir(parents=True, exist_ok=True)
     write_lerobot(
         out,
         (episode(i, d) for i, d in enumerate(demos)),
         fps=fps,
-        robot_type="panda",
+        robot_type=LIBERO_ROBOT_TYPE,
         camera_storage="image",
-        extra_columns=extras,
+        extra_columns=extra_columns,
     )
-    scenes = {str(i): {**d.scene(), "steps": len(d.actions), "phases": d.phases} for i, d in enumerate(demos)}
-    (out / SCENES_FILE).write_text(json.dumps(scenes, indent=1) + "\n", encoding="utf-8")
-    (out / DECLARATION_FILE).write_text(json.dumps(DECLARATION, indent=2) + "\n", encoding="utf-8")
 
 
 def libero_scenes(source: Any, what: str) -> Callable[[Any], tuple[str, int, int]] | None:

@@ -217,6 +217,9 @@ def _write_manifest(
             "dataset": source.name,
             "split": args.split,
             "episodes_in_source": len(source),
+            # which features were read (--state-key, --camera, ...) and what the source declares (robot, transform)
+            "layout": source.layout(),
+            "declared": dict(source.declared),
         },
         "selection": {
             "shard": f"{i}/{n}",

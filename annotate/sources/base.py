@@ -44,8 +44,11 @@ class EpisodeSource(Protocol):
 
     name: str
     counters: ReadCounters
+    declared: dict[str, Any]  # what the dataset says about itself (robot, transform; see `read_declaration`)
 
     def __len__(self) -> int: ...
+
+    def layout(self) -> dict[str, Any]: ...
 
     def iter_episodes(self, options: ReadOptions | None = None) -> Iterator[Episode]: ...
 

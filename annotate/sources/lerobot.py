@@ -35,6 +35,13 @@ from ..episode import Episode, FrameSequence
 from ..errors import SourceError
 from .base import ReadCounters, ReadOptions, SourceOverrides, read_declaration
 from .lerobot_writer import CAMERA_PREFIX
+from .libero_layout import (
+    LIBERO_DECLARATION,
+    LIBERO_STATE_KEY,
+    LIBERO_STATE_TRANSFORM,
+    is_libero_layout,
+    libero_state,
+)
 
 SUPPORTED_VERSIONS = ("v2.1", "v3.0")
 CAMERA_DTYPES = ("video", "image")
@@ -93,8 +100,14 @@ class LeRobotSource:
         self.fps = float(self.info.get("fps") or 0) or None
         self.cameras = self._select_cameras()
         # the state: --state-key, else the features the folder declares as its 7-d eef state, else LeRobot's own
-        declared_state = tuple(self.declared.get("state_key") or ()) or ("observation.state",)
-        self.state_keys = self._select_keys(self._overrides.state_key or declared_state, "state", "--state-key")
+        # (LIBERO's 8-D one converted to 7-D: libero_layout)
+        chosen_state = self._overrides.state_key or tuple(self.declared.get("state_key") or ())
+        self.state_keys = self._select_keys(chosen_state or ("observation.state",), "state", "--state-key")
+        self.state_transform: str | None = None  # the conversion applied to the state on read
+        if is_libero_layout(self.info):
+            # LIBERO's actions drive libero_panda as stored, whatever the state; the folder's own word wins
+            self.declared = {**LIBERO_DECLARATION, **self.declared}
+            self.state_transform = None if chosen_state else LIBERO_STATE_TRANSFORM
         self.action_keys = self._select_keys(self._overrides.action_key or ("action",), "action", "--action-key")
         if self._overrides.instruction_key:
             self._select_keys((self._overrides.instruction_key,), "instruction", "--instruction-key")
@@ -119,6 +132,17 @@ class LeRobotSource:
             yield self._episode(ref, table)
 
     # ------------------------------------------------------------------ layout
+
+    def layout(self) -> dict[str, Any]:
+        """Which features became the episodes' fields (and the state's conversion): what a published dataset
+        records as read from this source."""
+        return {
+            "state": list(self.state_keys),
+            "state_transform": self.state_transform,
+            "cameras": list(self.cameras.values()),
+            "action": list(self.action_keys),
+            "instruction": self._overrides.instruction_key or "task_index",
+        }
 
     def _select_cameras(self) -> dict[str, str]:
         """Camera name (suffix after `observation.images.`) -> feature key. Default: the first camera."""
@@ -190,7 +214,7 @@ class LeRobotSource:
             dataset=self.name,
             instruction=self._instruction(ref, table, where),
             actions=self._concat(table, self.action_keys, where),
-            states=self._concat(table, self.state_keys, where),
+            states=self._states(table, where),
             frames=self._frames(ref, table, where),
             is_first=is_first,
             is_last=is_last,
@@ -206,6 +230,13 @@ class LeRobotSource:
                 "camera_features": dict(self.cameras),
             },
         )
+
+    def _states(self, table: pa.Table, where: str) -> np.ndarray:
+        """The episode's states as refinevla reads them: the state features, converted where the layout needs."""
+        states = self._concat(table, self.state_keys, where)
+        if self.state_transform == LIBERO_STATE_TRANSFORM:
+            return libero_state(states, f"{where}: {LIBERO_STATE_KEY}")
+        return states
 
     def _concat(self, table: pa.Table, keys: Sequence[str], where: str) -> np.ndarray:
         parts = [_numpy(table[k], where, k).reshape(table.num_rows, -1) for k in keys]

@@ -396,6 +396,18 @@ class RldsSource:
     def __len__(self) -> int:
         return self.builder.num_episodes
 
+    def layout(self) -> dict[str, Any]:
+        """Which features became the episodes' fields (and the state's conversion): what a published dataset
+        records as read from this source."""
+        m = self.mapping
+        return {
+            "state": list(m.state),
+            "state_transform": None if m.state_transform == "none" else m.state_transform,
+            "cameras": list(m.cameras),
+            "action": list(m.action),
+            "instruction": m.instruction,
+        }
+
     def truth(self) -> dict[str, EpisodeTruth] | None:
         """The simulator's truth about the episodes, by episode id (`refinevla_truth.json`, which
         `refine-eval demos` writes beside its episodes; `refinevla.schemas.truth` defines it); None for a

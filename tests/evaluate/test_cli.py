@@ -140,3 +140,31 @@ def test_a_second_run_on_the_same_out_is_refused_before_the_policy_loads(tmp_pat
     finally:
         holder.kill()
         holder.wait(timeout=10)
+
+
+# The CLI as a user without the [libero] extra meets it: `libero` cannot be imported (a None in sys.modules makes
+# `import libero` fail and `importlib.util.find_spec` answer None, as for a package that is not there).
+WITHOUT_LIBERO = (
+    "import sys; sys.modules['libero'] = None; "
+    "from refinevla.evaluate.cli import main; sys.argv = ['refine-eval', *sys.argv[1:]]; main()"
+)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--policy", "zero:", "--suite", "libero", "--tasks", "libero_spatial/0"],
+        ["run", "--policy", "zero:", "--suite", "libero_pro", "--tasks", "libero_spatial_swap/0"],
+        ["demos", "--suite", "libero", "--tasks", "libero_object/0", "--episodes", "1"],
+    ],
+)
+def test_libero_without_the_extra_is_one_line_naming_it(tmp_path: Path, args: list[str]) -> None:
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", WITHOUT_LIBERO, *args, "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    text = (result.stdout + result.stderr).strip()
+    assert "Traceback" not in text
+    (line,) = text.splitlines()
+    assert "LIBERO is not installed" in line and "pip install 'refinevla[libero]'" in line
+    assert not out.exists()  # refused before anything is written
