@@ -15,8 +15,10 @@ Columns: the command's wall time (start-up included: imports, joining the cluste
 the policy and building its scene); episodes per second in the steady state, from the first episode's line
 to the last (so start-up is left out); that rate against the local run and against one worker; and the
 driver's CPU per episode (the command's own process: on Ray the workers are the cluster's, not its
-children). On 2 cores a second worker can at best double the rate; the renderer (lavapipe) and the
-physics already use some of the second core in one process.
+children). On 2 cores a second worker can at best double the rate. Each Ray worker's thread pools
+(OpenMP, lavapipe's rasterizer) are its one reserved CPU, while the local command's renderer spreads
+over both cores: one worker is slower than local, two add up (before that cap, two workers were no
+faster than one, each spreading over both cores).
 
     MS_ASSET_DIR=../shared/simpler_assets python benchmarks/eval_ray.py
     python benchmarks/eval_ray.py --episodes 8 --workers 1 2 --policies replay --rounds 2
