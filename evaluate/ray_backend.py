@@ -70,6 +70,7 @@ from .runner import (
     tally,
 )
 from .suites import Task
+from .zero import is_zero
 
 WORKER_ENV = ("MS_ASSET_DIR",)  # the driver's, when set, are the workers' (the simulator reads them at import)
 # A worker's thread pools, sized to the CPUs it reserved: OpenMP/BLAS (torch's CPU ops) and lavapipe's
@@ -120,10 +121,15 @@ class BatchOutcome:
 def absolute(args: RunArgs) -> RunArgs:
     """The run's paths as every node reads them: absolute (a worker's working directory is not the driver's)."""
     policy = str(args.policy)
-    where = Path(policy[len(PREFIX) :] if is_replay(policy) else policy).resolve()
+    if is_zero(policy):  # no path at all: the same on every node
+        resolved = args.policy
+    elif is_replay(policy):
+        resolved = Path(f"{PREFIX}{Path(policy[len(PREFIX) :]).resolve()}")
+    else:
+        resolved = Path(policy).resolve()
     return replace(
         args,
-        policy=Path(f"{PREFIX}{where}" if is_replay(policy) else where),
+        policy=resolved,
         out=args.out.resolve(),
         episodes_from=args.episodes_from.resolve() if args.episodes_from else None,
         held_out_from=args.held_out_from.resolve() if args.held_out_from else None,

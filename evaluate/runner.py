@@ -76,10 +76,12 @@ def make_simulator(task: Task, args: RunArgs) -> Simulator:
     if task.backend == "maniskill3":
         from .backends.maniskill import make_maniskill
 
-        return make_maniskill(task.env_id, args.num_envs, args.sim_backend, args.camera, args.control_mode)
+        return make_maniskill(
+            task.env_id, args.num_envs, args.sim_backend, args.camera, args.control_mode, max_steps=args.max_steps
+        )
     from .backends.simpler import make_simpler
 
-    return make_simpler(task, args.num_envs)
+    return make_simpler(task, args.num_envs, max_steps=args.max_steps)
 
 
 def preflight(task: Task) -> None:

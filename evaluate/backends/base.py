@@ -39,6 +39,12 @@ class Simulator(Protocol):
     def close(self) -> None: ...
 
 
+def step_limit(own: int, cap: int | None) -> int:
+    """An episode's step limit: the task's own, or `--max-steps` when that is lower (a quick check, not the
+    benchmark's numbers; run.json records both)."""
+    return min(own, cap) if cap else own
+
+
 def scalar_infos(info: dict[str, Any], n: int) -> list[dict[str, Any]]:
     """Batched env info (tensors / arrays of length n) -> n dicts of bool/int/float."""
     out: list[dict[str, Any]] = [{} for _ in range(n)]

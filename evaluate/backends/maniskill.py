@@ -26,7 +26,7 @@ import numpy as np
 
 from ..assets import asset_digest
 from ..errors import EvalError
-from .base import StepOutput, scalar_infos
+from .base import StepOutput, scalar_infos, step_limit
 from .processes import ProcessSims
 
 MANISKILL_INSTALL = "pip install 'refinevla[sim]'  (ManiSkill3)"
@@ -111,6 +111,7 @@ class ManiSkillSim:
         camera: str | None = None,
         control_mode: str | None = None,
         render_backend: str | None = None,
+        max_steps: int | None = None,
     ) -> None:
         import_maniskill()
         import gymnasium as gym
@@ -143,7 +144,8 @@ class ManiSkillSim:
             )
         u: Any = self.env.unwrapped  # the task class (gymnasium types it as a bare Env)
         self.n_envs = n_envs
-        self.max_steps = int(spec.max_episode_steps or getattr(u, "max_episode_steps", 0) or 100)
+        limit = int(spec.max_episode_steps or getattr(u, "max_episode_steps", 0) or 100)
+        self.max_steps = step_limit(limit, max_steps)
         self.control_freq = float(u.control_freq)
         sensors = list(u._sensor_configs.keys()) if hasattr(u, "_sensor_configs") else []
         self.camera = camera or ("3rd_view_camera" if self.bridge else None)
@@ -161,6 +163,7 @@ class ManiSkillSim:
             "n_envs": n_envs,
             "n_configs": self.n_configs,
             "max_steps": self.max_steps,
+            "reference_max_steps": limit,
             "control_freq": self.control_freq,
             "assets": self.assets,
             "versions": versions(),
@@ -227,6 +230,7 @@ def make_maniskill(
     sim_backend: str | None = None,
     camera: str | None = None,
     control_mode: str | None = None,
+    max_steps: int | None = None,
 ) -> ManiSkillSim | ProcessSims:
     """GPU-parallel when a GPU is there (or asked for), else one process per env on the CPU."""
     import_maniskill()
@@ -235,6 +239,6 @@ def make_maniskill(
 
         sim_backend = "gpu" if torch.cuda.is_available() else "cpu"
     if sim_backend == "gpu" or n_envs == 1:
-        return ManiSkillSim(env_id, n_envs, sim_backend, camera, control_mode)
-    factory = functools.partial(ManiSkillSim, env_id, 1, "cpu", camera, control_mode)
+        return ManiSkillSim(env_id, n_envs, sim_backend, camera, control_mode, max_steps=max_steps)
+    factory = functools.partial(ManiSkillSim, env_id, 1, "cpu", camera, control_mode, max_steps=max_steps)
     return ProcessSims(n_envs, factory)

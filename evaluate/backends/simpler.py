@@ -73,7 +73,7 @@ import numpy as np
 
 from ..assets import asset_digest
 from ..errors import EvalError
-from .base import StepOutput
+from .base import StepOutput, step_limit
 from .processes import ProcessSims
 
 if TYPE_CHECKING:
@@ -569,7 +569,14 @@ def grid_summary(script: str, episodes: Sequence[GoogleEpisode]) -> dict[str, An
 class SimplerSim:
     """One SimplerEnv env in this process (SAPIEN 2: one scene), re-made when a config needs other kwargs."""
 
-    def __init__(self, suite: str, name: str, env_id: str = "", assets: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        suite: str,
+        name: str,
+        env_id: str = "",
+        assets: dict[str, Any] | None = None,
+        max_steps: int | None = None,
+    ) -> None:
         self.modules = import_simpler()
         script, runs = script_runs(suite, name)
         self.episodes = [ep for run in runs for ep in expand(run)]
@@ -583,7 +590,8 @@ class SimplerSim:
         env = self._make(self.episodes[0])
         u = env.unwrapped
         spec = getattr(env, "spec", None)
-        self.max_steps = int(getattr(spec, "max_episode_steps", None) or self.episodes[0].max_episode_steps)
+        limit = int(getattr(spec, "max_episode_steps", None) or self.episodes[0].max_episode_steps)
+        self.max_steps = step_limit(limit, max_steps)
         self.control_freq = float(u.control_freq)
         self.description = {
             "backend": "simpler_env",
@@ -595,6 +603,7 @@ class SimplerSim:
             "control_freq": self.control_freq,
             "sim_freq": float(getattr(u, "sim_freq", self.episodes[0].sim_freq)),
             "max_steps": self.max_steps,
+            "reference_max_steps": limit,
             "camera": "overhead_camera",
             "n_envs": 1,
             "n_configs": self.n_configs,
@@ -663,13 +672,14 @@ class SimplerSim:
             self._env_key = None
 
 
-def make_simpler(task: Task, n_envs: int = 1) -> SimplerSim | ProcessSims:
+def make_simpler(task: Task, n_envs: int = 1, max_steps: int | None = None) -> SimplerSim | ProcessSims:
     """The Google Robot task of a google-vm / google-va suite on SimplerEnv; n_envs > 1: n processes."""
     if n_envs < 1:
         raise EvalError(f"--num-envs {n_envs}: must be at least 1")
     if n_envs == 1:
-        return SimplerSim(task.suite, task.name, task.env_id)
+        return SimplerSim(task.suite, task.name, task.env_id, max_steps=max_steps)
     modules = import_simpler()  # fail here, once, rather than in every worker
     label = f"{task.env_id or task.name} ({task.suite})"
     assets = check_assets(label, episode_grid(task.suite, task.name), modules.asset_dir)
-    return ProcessSims(n_envs, functools.partial(SimplerSim, task.suite, task.name, task.env_id, assets))
+    factory = functools.partial(SimplerSim, task.suite, task.name, task.env_id, assets, max_steps=max_steps)
+    return ProcessSims(n_envs, factory)

@@ -103,6 +103,21 @@ def test_a_tiny_policy_on_ray_equals_the_local_run_and_a_killed_driver_resumes_w
     assert "not comparable" not in md
 
 
+def test_the_trivial_policy_runs_on_ray_as_locally(
+    sim_env: dict[str, str], ray_cluster: LocalRayCluster, tmp_path: Path
+) -> None:
+    """`--policy zero:` names no path: the driver hands it to the workers as given (it once became
+    CWD/zero:, a checkpoint that does not exist)."""
+    args = ("--policy", "zero:", "--max-episodes", "1", "--max-steps", "3", "--log-actions")
+    ray = finish(on_ray(sim_env, ray_cluster, *args, "--workers", "1", "--out", str(tmp_path / "ray")), timeout=300)
+    assert ray.returncode == 0, ray.stdout + ray.stderr
+    local = finish(start_eval(sim_env, *args, "--out", str(tmp_path / "local")), timeout=300)
+    assert local.returncode == 0, local.stdout + local.stderr
+    assert by_key(tmp_path / "ray") == by_key(tmp_path / "local")
+    (episode,) = by_key(tmp_path / "ray").values()
+    assert episode["steps"] == 3 and [a["env_action"][6] for a in episode["actions"]] == [1.0] * 3  # held open
+
+
 def test_a_cluster_without_the_assets_or_no_cluster_at_all_is_one_line_before_any_model_loads(
     paligemma_policy: Path, sim_env: dict[str, str], ray_cluster: LocalRayCluster, tmp_path: Path
 ) -> None:
