@@ -131,13 +131,20 @@ def episodes(results: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (results / "episodes.jsonl").read_text().splitlines()]
 
 
+# The carrot_run's episodes: capped at a third of the task's own 60 steps (the tests read what an episode
+# records, not a success rate), so the run, its Ray twin and its rerun cost a third as much.
+CARROT_TASK_STEPS = 60  # PutCarrotOnPlateInScene-v1's own step limit (SimplerEnv: 60 steps at 5 Hz)
+CARROT_STEPS = 20
+CARROT_RUN = ("--max-rationale-tokens", "6", "--max-steps", str(CARROT_STEPS))  # every run over its folder
+
+
 @pytest.fixture(scope="session")
 def carrot_run(tmp_path_factory: pytest.TempPathFactory, paligemma_policy: Path, sim_env: dict[str, str]) -> Path:
     """3 carrot episodes with video and action logs: killed (SIGKILL) after the first, then resumed (the
     run tests read it; the Ray tests compare theirs with it)."""
     out = tmp_path_factory.mktemp("carrot") / "results"
     args = ["run", "--policy", str(paligemma_policy), "--suite", "widowx", "--tasks", "carrot_on_plate"]
-    args += ["--max-episodes", "3", "--max-rationale-tokens", "6", "--video", "--log-actions", "--out", str(out)]
+    args += ["--max-episodes", "3", *CARROT_RUN, "--video", "--log-actions", "--out", str(out)]
     proc = subprocess.Popen(
         [sys.executable, "-m", "refinevla.evaluate", *args],
         env=sim_env,

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from refinevla.evaluate.robots import euler_to_axis_angle
-from tests.evaluate.conftest import episodes, refine_eval
+from tests.evaluate.conftest import CARROT_RUN, CARROT_STEPS, CARROT_TASK_STEPS, episodes, refine_eval
 
-CARROT_STEPS = 60  # PutCarrotOnPlateInScene-v1's own step limit (SimplerEnv: 60 steps at 5 Hz)
 PICKCUBE_STEPS = 50  # PickCube-v1's max_episode_steps
+PICKCUBE_CAP = 15  # --max-steps there
 
 
 def test_killed_run_resumes_without_repeating_an_episode(carrot_run: Path) -> None:
@@ -37,7 +37,7 @@ def test_episode_records_come_from_the_task(carrot_run: Path) -> None:
     for ep in episodes(carrot_run):
         assert ep["env_id"] == "PutCarrotOnPlateInScene-v1"
         assert ep["instruction"] == "put carrot on plate"  # the task's own instruction
-        assert ep["steps"] == CARROT_STEPS == ep["info"]["elapsed_steps"]
+        assert ep["steps"] == CARROT_STEPS == ep["info"]["elapsed_steps"]  # --max-steps: the env's own count
         assert ep["success"] is ep["info"]["success"]  # taken from the env's info at the last step
         # SimplerEnv's grasp metric is an "ever" flag: at least what the last step's info says
         assert ep["grasp"] is True or ep["info"]["consecutive_grasp"] is False
@@ -83,7 +83,8 @@ def test_run_json_records_checkpoint_backend_and_assets(carrot_run: Path, palige
     assets = run["assets"]
     assert assets["dir"].endswith("simpler_assets/data") and len(assets["digest"]) == 64 and assets["files"] > 10
     sim = run["simulators"]["maniskill3:PutCarrotOnPlateInScene-v1"]
-    assert sim["max_steps"] == CARROT_STEPS and sim["control_freq"] == 5
+    assert sim["max_steps"] == CARROT_STEPS and sim["reference_max_steps"] == CARROT_TASK_STEPS
+    assert sim["control_freq"] == 5
     assert sim["n_configs"] == 24  # the task's built-in episode configurations
 
 
@@ -112,7 +113,7 @@ def test_rerun_of_a_finished_run_runs_nothing(
     """Nothing left to run: the policy is not even loaded (a --device this machine lacks is never touched);
     with one episode left it is, and that device is one line."""
     args = ["run", "--policy", str(paligemma_policy), "--suite", "widowx", "--tasks", "carrot_on_plate"]
-    args += ["--max-rationale-tokens", "6", "--device", "cuda:7", "--out", str(carrot_run)]
+    args += [*CARROT_RUN, "--device", "cuda:7", "--out", str(carrot_run)]
     result = refine_eval(sim_env, *args, "--max-episodes", "3")
     assert result.returncode == 0, result.stderr
     assert "0 episodes to run, 3 already done" in result.stdout
@@ -127,7 +128,7 @@ def test_rerun_with_other_settings_is_refused(
     carrot_run: Path, paligemma_policy: Path, sim_env: dict[str, str]
 ) -> None:
     args = ["run", "--policy", str(paligemma_policy), "--suite", "widowx", "--tasks", "carrot_on_plate"]
-    result = refine_eval(sim_env, *args, "--reasoning", "off", "--out", str(carrot_run))
+    result = refine_eval(sim_env, *args, *CARROT_RUN, "--reasoning", "off", "--out", str(carrot_run))
     assert result.returncode == 1
     assert "reasoning" in result.stderr and "another --out" in result.stderr
     assert "Traceback" not in result.stderr
@@ -153,6 +154,8 @@ def test_any_maniskill_task_with_parallel_cpu_envs(
         "2",
         "--reasoning",
         "off",
+        "--max-steps",
+        str(PICKCUBE_CAP),
         "--out",
         str(out),
         "--no-report",
@@ -163,10 +166,11 @@ def test_any_maniskill_task_with_parallel_cpu_envs(
     assert eps[0]["seed"] != eps[1]["seed"]
     for ep in eps:
         assert ep["suite"] == "maniskill:PickCube-v1" and ep["instruction"] == "pick up the red cube"
-        assert ep["steps"] == PICKCUBE_STEPS and ep["grasp"] is None
-        assert ep["rationales"] == [""] * PICKCUBE_STEPS  # --reasoning off: the action only
+        assert ep["steps"] == PICKCUBE_CAP and ep["grasp"] is None  # --max-steps reaches each env's process
+        assert ep["rationales"] == [""] * PICKCUBE_CAP  # --reasoning off: the action only
     run = json.loads((out / "run.json").read_text())
-    assert run["simulators"]["maniskill3:PickCube-v1"]["processes"] == 2
+    sim = run["simulators"]["maniskill3:PickCube-v1"]
+    assert sim["processes"] == 2 and (sim["max_steps"], sim["reference_max_steps"]) == (PICKCUBE_CAP, PICKCUBE_STEPS)
 
 
 def test_missing_assets_name_the_download_command(
@@ -233,7 +237,8 @@ def test_video_rationale_writes_each_steps_rationale_under_its_frame(
 
     out = tmp_path / "results"
     args = ["run", "--policy", str(paligemma_policy), "--suite", "widowx", "--tasks", "carrot_on_plate"]
-    args += ["--max-episodes", "1", "--max-rationale-tokens", "12", "--video", "--video-rationale", "--out", str(out)]
+    args += ["--max-episodes", "1", "--max-rationale-tokens", "12", "--max-steps", str(CARROT_STEPS)]
+    args += ["--video", "--video-rationale", "--out", str(out)]
     result = refine_eval(sim_env, *args, "--no-report")
     assert result.returncode == 0, result.stdout + result.stderr
     (ep,) = episodes(out)
