@@ -46,12 +46,30 @@ def invoke(*args: str) -> Any:
 
 @pytest.fixture(scope="module")
 def zero_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`refine-eval run --policy zero: --suite libero` on one episode of 3 steps, actions logged."""
+    """`refine-eval run --policy zero: --suite libero` on one episode of 3 steps, actions logged, with its video."""
     out = tmp_path_factory.mktemp("libero-zero") / "results"
     args = ["--policy", "zero:", "--suite", "libero", "--tasks", TASK, "--max-episodes", "1", "--max-steps", "3"]
-    result = invoke(*args, "--resolution", str(RESOLUTION), "--log-actions", "--no-report", "--out", str(out))
+    result = invoke(
+        *args, "--resolution", str(RESOLUTION), "--log-actions", "--video", "--no-report", "--out", str(out)
+    )
     assert result.exit_code == 0, result.output
     return out
+
+
+def test_the_video_and_the_viewer_show_what_the_policy_saw(zero_run: Path, spatial_sim: Any, tmp_path: Path) -> None:
+    """The video's frames are the policy's (turned 180 degrees), not robosuite's raw upside-down render."""
+    import av
+
+    (episode,) = [json.loads(line) for line in (zero_run / "episodes.jsonl").read_text().splitlines()]
+    with av.open(str(zero_run / episode["video"])) as container:
+        frames = [f.to_ndarray(format="rgb24").astype(np.int16) for f in container.decode(video=0)]
+    assert len(frames) == 4 and frames[0].shape == (RESOLUTION, RESOLUTION, 3)  # the reset frame, one per step
+    seen = spatial_sim.first.images[0].astype(np.int16)  # the same scene (config 0, seed 0) as the policy saw it
+    raw = spatial_sim.first_obs["agentview_image"].astype(np.int16)
+    near, far = np.abs(frames[0] - seen).mean(), np.abs(frames[0] - raw).mean()
+    assert near < 6 and far > 3 * near, (near, far)  # mp4 loses a little; the unturned frame is far off
+    viewed = CliRunner().invoke(app, ["view", str(zero_run), "--save", str(tmp_path / "libero.rrd")])
+    assert viewed.exit_code == 0 and "logged 1 episode(s), 4 frames" in viewed.output, viewed.output
 
 
 def test_the_trivial_policy_episode_logs_the_right_keys(zero_run: Path) -> None:
