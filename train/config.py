@@ -26,7 +26,7 @@ class TrainConfig:
     data_dir: str | None = option(None, "TFDS data dir for bridge/fractal presets.")  # as refine-data's --data-dir
     revision: str | None = option(None, "--dataset ORG/NAME: Hub branch, tag or commit (default main).")
     split: str | None = option(None, "Source split; default: the manifest's.")
-    camera: str | None = option(None, "Camera feature, e.g. image_1; default: primary.")
+    camera: str | None = option(None, "Camera feature, e.g. image_1; default: the one annotate read, else primary.")
     transform: str = option("auto", "bridge_orig | fractal | none | auto.")  # as refine-data stats
     stats: Path | None = option(None, "dataset_statistics.json to use; default: the training split's.")
     unnorm_key: str | None = option(None, "Statistics key; default: dataset name.")

@@ -264,6 +264,14 @@ class StepRows:
         return grouped
 
 
+def annotated_camera(source: dict[str, Any]) -> str | None:
+    """The camera annotate read (the teacher's view, `source.layout.cameras` in refinevla.json): a policy learns
+    from the frames its rationales describe unless `--camera` says otherwise. None for a manifest without a
+    layout (older datasets): the source's primary camera, as before."""
+    cameras = (source.get("layout") or {}).get("cameras") or []
+    return str(cameras[0]) if cameras else None
+
+
 def build_table(
     ds: PublishedDataset,
     *,
@@ -283,6 +291,7 @@ def build_table(
     if not uri:
         raise TrainError(f"{manifest_path(ds.root)}: no source.uri; pass --source")
     split = split or src_info.get("split") or "train"
+    camera = camera or annotated_camera(src_info)
     spec = TableSpec(ds.fingerprint(), uri, data_dir, split, camera, transform, ds.schema_id)
     cache = cache_dir or default_cache_dir()
     final = cache / spec.key()
@@ -390,7 +399,7 @@ def build_table(
             "source_name": src.name,
             "transform": transform,
             "robot": getattr(src, "declared", {}).get("robot"),  # a dataset may declare the robot it drives
-            "camera": camera or camera_name,
+            "camera": camera_name or camera,  # as the source names it (a LeRobot layout records feature keys)
             "schema_id": ds.schema_id,
             "serialisation": ser.describe(),
             "rows": n_rows,

@@ -62,3 +62,25 @@ def test_lerobot_video_dataset_trains_and_frames_match_the_source(lerobot_publis
     policy = json.loads((out / "refinevla_policy.json").read_text())
     assert policy["camera"] == "image_1" and policy["transform"] == "none" and policy["robot"] is None
     assert "action_token_accuracy" in result.metrics
+
+
+def test_the_table_defaults_to_the_camera_annotate_read(tmp_path: Path) -> None:
+    """annotate --camera image_1 (the teacher saw the second camera): refine-train learns from those frames
+    without being told again (refinevla.json's source.layout), and --camera still overrides."""
+    from refinevla.annotate.commands.annotate import AnnotateArgs, run_annotate
+
+    eps = [lerobot_episode(i, 6) for i in range(2)]
+    src = write_lerobot(tmp_path / "toy", eps, version="v3.0", fps=LEROBOT_FPS, camera_storage="image")
+    out = tmp_path / "out"
+    args = AnnotateArgs(source=f"lerobot:{src}", out=out, progress="none", license="apache-2.0", camera=["image_1"])
+    assert run_annotate(args) == 0
+    ds = open_published(str(out))
+    assert ds.manifest["source"]["layout"]["cameras"] == ["observation.images.image_1"]
+    table = build_table(ds, cache_dir=tmp_path / "cache")
+    assert table.meta["camera"] == "image_1"
+    frame = decode_resize(table.row(7)["frame"], (64, 64)).astype(int)  # episode 1, step 1
+    seed = 1 * 10 + 1  # episode 1, second camera
+    assert np.abs(frame - lerobot_frame(seed, 1).astype(int)).mean() < 8
+    first = build_table(open_published(str(out)), camera="image_0", cache_dir=tmp_path / "cache")
+    assert first.meta["camera"] == "image_0"
+    assert np.abs(decode_resize(first.row(7)["frame"], (64, 64)).astype(int) - frame).mean() > 8
