@@ -33,6 +33,13 @@ def parse_range(value: str | None, limit: int | None = None) -> tuple[int, int |
     return start, stop
 
 
+def recorded_cameras(source: dict[str, Any]) -> list[str]:
+    """The cameras annotate read, primary first (`source.layout.cameras` of a published dataset's
+    refinevla.json): what the teacher saw, so what the viewer and refine-train read by default. Empty for a
+    dataset published before the layout was recorded (the source's own default camera then)."""
+    return [str(c) for c in (source.get("layout") or {}).get("cameras") or []]
+
+
 def open_cli_source(
     source: str,
     data_dir: str | None,

@@ -68,12 +68,13 @@ class Selection:
 
 def select(data: Annotated, selection: str | None, data_dir: str | None) -> Selection:
     """The selection, checked before anything is written (one line when it matches nothing)."""
-    from .source_args import open_cli_source, parse_range
+    from .source_args import open_cli_source, parse_range, recorded_cameras
 
     src = data.manifest.get("source") or {}
     if not src.get("uri"):
         raise RefineError(f"{manifest_path(data.root)}: no source.uri to read the frames from")
-    source = open_cli_source(src["uri"], data_dir, src.get("split") or "train", None, None, None, None)
+    cameras = recorded_cameras(src) or None  # the teacher's view, whose boxes the viewer draws
+    source = open_cli_source(src["uri"], data_dir, src.get("split") or "train", cameras, None, None, None)
     if selection is not None and selection.startswith(WORST):
         return _worst(data, source, selection)
     start, stop = parse_range(selection or "0")

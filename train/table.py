@@ -265,11 +265,12 @@ class StepRows:
 
 
 def annotated_camera(source: dict[str, Any]) -> str | None:
-    """The camera annotate read (the teacher's view, `source.layout.cameras` in refinevla.json): a policy learns
-    from the frames its rationales describe unless `--camera` says otherwise. None for a manifest without a
-    layout (older datasets): the source's primary camera, as before."""
-    cameras = (source.get("layout") or {}).get("cameras") or []
-    return str(cameras[0]) if cameras else None
+    """The camera annotate read (the teacher's view): a policy learns from the frames its rationales describe
+    unless `--camera` says otherwise. None for a dataset without a recorded layout: the source's primary."""
+    from ..annotate.source_args import recorded_cameras
+
+    cameras = recorded_cameras(source)
+    return cameras[0] if cameras else None
 
 
 def build_table(

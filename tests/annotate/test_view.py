@@ -140,6 +140,8 @@ def test_a_lerobot_video_dataset_shows_the_decoded_frames(write_lerobot_dataset,
             str(out),
             "--license",
             "mit",
+            "--camera",
+            "image_1",  # the teacher saw the second camera: so does the viewer, unasked
         ],
         capture_output=True,
         text=True,
@@ -149,11 +151,13 @@ def test_a_lerobot_video_dataset_shows_the_decoded_frames(write_lerobot_dataset,
     v = view(out, tmp_path / "v.rrd", "--episodes", "2")  # the second episode of a shared video file
     assert v.returncode == 0, v.stderr
     rec = read_rrd(tmp_path / "v.rrd")
-    from refinevla.annotate.sources import ReadOptions, open_source
+    from refinevla.annotate.sources import ReadOptions, SourceOverrides, open_source
 
-    source = next(open_source(f"lerobot:{root}").iter_episodes(ReadOptions(start=2, stop=3)))
+    second = SourceOverrides(cameras=("image_1",))
+    source = next(open_source(f"lerobot:{root}", overrides=second).iter_episodes(ReadOptions(start=2, stop=3)))
     ep = episodes[2]
-    assert source.num_steps == ep.num_steps and source.cameras
+    assert source.num_steps == ep.num_steps and source.cameras == ["image_1"]
+    assert not [path for path in rec if "/camera/image_0" in path], sorted(rec)
     for camera in source.cameras:
         frames = rec[f"/episodes/2/camera/{camera}"]
         assert len(frames) == ep.num_steps, sorted(rec)
