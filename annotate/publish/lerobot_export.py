@@ -146,7 +146,8 @@ def export_lerobot(
     """Write a LeRobot v3.0 dataset at `dest` with the episodes of `out` (frames from `source`)."""
     import polars as pl
 
-    from ..sources import ReadOptions, open_source
+    from ..source_args import recorded_cameras
+    from ..sources import ReadOptions, SourceOverrides, open_source
     from ..sources.lerobot_writer import ExtraColumn, write_lerobot
 
     out, dest = Path(out), Path(dest)
@@ -161,8 +162,15 @@ def export_lerobot(
     step_rows: dict[str, list[dict[str, Any]]] = {}
     for row in steps.sort(["episode_id", "step"]).to_dicts():
         step_rows.setdefault(row["episode_id"], []).append(row)
-    src = open_source(source, data_dir=data_dir, split=split)
-    rate = fps or DEFAULT_FPS.get(src.name) or DEFAULT_FPS.get(manifest.get("source", {}).get("dataset", ""))
+    cameras = tuple(recorded_cameras(manifest.get("source") or {}))  # the frames the rationales describe
+    src = open_source(source, data_dir=data_dir, split=split, overrides=SourceOverrides(cameras=cameras))
+    # the control rate: --fps, else the source's own (a LeRobot dataset states it), else the known datasets'
+    rate = (
+        fps
+        or getattr(src, "fps", None)
+        or DEFAULT_FPS.get(src.name)
+        or DEFAULT_FPS.get(manifest.get("source", {}).get("dataset", ""))
+    )
     if not rate:
         raise RefineError(f"the control rate of {src.name!r} is not known; pass --fps")
     selection = manifest.get("selection") or {}

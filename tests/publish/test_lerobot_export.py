@@ -124,3 +124,25 @@ def test_language_columns_have_lerobots_arrow_schema_and_load_with_its_features(
     )
     assert ds.num_rows == 33
     assert ds[0]["language_persistent"][0]["role"] == "assistant" and ds[0]["language_events"] == []
+
+
+def test_export_carries_the_camera_annotate_read(tmp_path):
+    """annotate --camera image_1: the export's frames are that camera's (what the rationales describe)."""
+    from refinevla.annotate.commands.annotate import AnnotateArgs, run_annotate
+    from refinevla.annotate.sources.lerobot_writer import write_lerobot
+    from tests.sources.conftest import LEROBOT_FPS, lerobot_episode, lerobot_frame
+
+    src = write_lerobot(
+        tmp_path / "toy", [lerobot_episode(i, 6) for i in range(2)], fps=LEROBOT_FPS, camera_storage="image"
+    )
+    out = tmp_path / "out"
+    args = AnnotateArgs(source=f"lerobot:{src}", out=out, progress="none", license="mit", camera=["image_1"])
+    assert run_annotate(args) == 0
+    dest = tmp_path / "exported"
+    cmd = ["export", str(out), "--to", "lerobot", "--source", f"lerobot:{src}", "--out", str(dest)]
+    r = CliRunner().invoke(app, [*cmd, "--camera-storage", "image"])
+    assert r.exit_code == 0, r.output
+    (first, _) = list(open_source(f"lerobot:{dest}").iter_episodes(ReadOptions()))
+    assert first.cameras == ["image_1"]
+    assert json.loads((dest / "meta" / "info.json").read_text())["fps"] == LEROBOT_FPS  # the source's own rate
+    np.testing.assert_array_equal(np.asarray(first.frames["image_1"][2]), lerobot_frame(0 * 10 + 1, 2))
