@@ -178,10 +178,11 @@ def checked_run(args: RunArgs) -> tuple[list[Task], DemoPairs | None]:
         raise EvalError("--video-rationale writes the rationale under the frames of --video: give both")
     check_backend_flags(args)
     check_policy_robot(args)  # before any simulator or weights load
+    demos = selected_demos(args, tasks)  # a wrong folder is one line before the simulator's imports (~3 s)
     if args.backend == "local":  # on Ray each node the workers may run on is checked (ray_backend)
         for task in tasks:
             preflight(task)  # a missing simulator or asset is reported before minutes of model loading
-    return tasks, selected_demos(args, tasks)
+    return tasks, demos
 
 
 def holding(args: RunArgs) -> contextlib.AbstractContextManager[Path]:
