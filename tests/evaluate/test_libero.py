@@ -323,3 +323,39 @@ def test_a_policy_trained_on_the_demos_runs_on_libero_unasked_and_widowx_refuses
     assert (
         "drives libero_panda (its training data's conventions); --suite widowx needs a widowx policy" in refused.output
     )
+
+
+@pytest.mark.parametrize(
+    ("task", "message"),
+    [
+        (
+            "libero_goal/0",
+            "libero_goal/0: declined by the LIBERO expert: its goal (open wooden_cabinet_1_middle_region)",
+        ),
+        ("libero_10/0", "libero_10/0: declined by the LIBERO expert: its goal (in alphabet_soup_1 basket_1_contain"),
+        ("libero_spatial/4", "akita_black_bowl_1 starts inside something (in akita_black_bowl_1 wooden_cabinet_1_top"),
+        ("libero_goal/3", "(in akita_black_bowl_1 wooden_cabinet_1_top_region) is behind a drawer or door"),
+    ],
+)
+def test_the_expert_declines_a_task_it_cannot_do_in_one_line_before_building_an_env(
+    tmp_path: Path, task: str, message: str
+) -> None:
+    """Decided from the task's BDDL alone (no env, no tries), so a whole suite asked for costs nothing for its
+    drawer, stove and two-object tasks, and a task asked for alone is one line, not a silent 0/N."""
+    out = tmp_path / "demos"
+    result = CliRunner().invoke(
+        app, ["demos", "--suite", "libero", "--tasks", task, "--episodes", "1", "--out", str(out)]
+    )
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if "declined" in line]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_the_expert_takes_the_single_pick_and_place_goals() -> None:
+    from refinevla.evaluate.backends.libero import task_problem
+    from refinevla.evaluate.libero_demos import pick_and_place
+
+    assert pick_and_place(task_problem("libero_spatial", 0), "s") == ("on", "akita_black_bowl_1", "plate_1")
+    assert pick_and_place(task_problem("libero_object", 0), "o") == ("in", "alphabet_soup_1", "basket_1_contain_region")
+    assert pick_and_place(task_problem("libero_goal", 1), "g")[2] == "flat_stove_1_cook_region"  # a site as target
