@@ -312,6 +312,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, help="keep every stage's output here (default: a temporary folder)")
     args = p.parse_args(argv)
     args.task = args.task or ("carrot_on_plate" if args.suite == "widowx" else "libero_spatial/0")
+    if args.demos < 2:
+        # refine-train's action bounds are the q01/q99 quantiles (OpenVLA's): over one episode they cut its largest
+        # steps (0.017 off one sideways LIBERO step), so even the replay row fails; measured, not guessed
+        p.error("--demos must be at least 2: one episode's q01/q99 action bounds clip its own extreme steps")
     if args.suite == "widowx":  # LIBERO's scenes come with the [libero] extra
         os.environ["MS_ASSET_DIR"] = str(simulator_assets(args.assets))
     with tempfile.TemporaryDirectory(prefix="refinevla-loop-") as tmp:

@@ -3,15 +3,17 @@ dataset in the layout of LeRobot's LIBERO datasets.
 
 LIBERO ships human demonstrations, but not for LIBERO-PRO's scenes nor for whatever a user wants to check end to
 end offline; a scripted expert closes the loop (demos -> refine-train -> refine-eval) on this machine. It reads the
-privileged poses of the task's two objects of interest (LIBERO's `obj_of_interest`: what to move and where, from
-the BDDL goal), then drives robosuite's OSC controller closed loop (a proportional step towards each waypoint,
-clipped to the action's [-1, 1]): above the object -> down to it -> close -> lift -> above the target (the object's
-offset in the hand kept) -> down -> open -> up (a bowl is taken by its rim, anything else about its origin), until
-the env's own success predicate holds (the episode ends there, as in LIBERO's reference evaluation) or the
-suite's step limit passes. Only successful tries are kept.
+privileged poses of the object and the target of the task's BDDL goal (one `On` or `In`; the target may be a
+region's site, a stove's cook region), then drives robosuite's OSC controller closed loop (a proportional step towards
+each waypoint, clipped to the action's [-1, 1]): above the object -> down to it -> close -> lift (slowly) -> above
+the target (the object's offset in the hand kept) -> down -> open -> off the rim -> up (a bowl is taken by its rim,
+anything else about its origin), until the env's own success predicate holds (the episode ends there, as in
+LIBERO's reference evaluation) or the suite's step limit passes. Only successful tries are kept; a dropped one
+says why (the object did not come up, or where it was let go).
 Made for the pick-and-place tasks of libero_object ("pick up the X and place it in the basket") and
-libero_spatial ("pick up the black bowl ... and place it on the plate"); a task without a movable object and a
-target is refused in one line.
+libero_spatial ("pick up the black bowl ... and place it on the plate"); a task whose goal is not one such move
+(open a drawer, turn on the stove, two objects), whose object starts in a drawer, or whose target is behind a
+drawer or door is declined in one line before any env is built (`pick_and_place`).
 
 What is stored is what the policy sees and does, in LeRobot's LIBERO layout: `observation.images.image`
 (agentview) and `observation.images.wrist_image`, both turned 180 degrees as in the published datasets and as
@@ -58,8 +60,9 @@ DECLARATION = {
 }
 GAIN = 15.0  # action per metre of error: 1 (the controller's 5 cm) from about 7 cm away
 HOVER, LIFT, PLACE = 0.12, 0.20, 0.12  # heights (m) of the approach, the carry and the release above the origins
+FREE = 0.02  # after a rim release, the hand moves this far (m) towards the object's middle before it goes up
 MISSED = 0.03  # an object that rose less than this (m) in the lift is not in the hand
-DROP = 0.03  # `On` goals: the object's origin this far (m) above the target's when the gripper opens
+DROP = 0.05  # `On` goals: the object's origin this far (m) above the target's when the gripper opens
 GRIP_STEPS = 10  # steps spent closing or opening in place
 APPROACH_SPEED = 1.0  # the largest action per axis on the way to the object (free space)
 LIFT_SPEED = 0.25  # the largest action per axis in the lift: a rim-held bowl lifted at 0.5 can slip out
@@ -145,6 +148,7 @@ class LiberoExpert:
             Leg("transport", None, 1.0, 0.5, 0.02, 90),  # goal set at the end of the lift (the hand's offset)
             Leg("place", None, 1.0, 0.5, 0.01, 40),
             Leg("release", None, -1.0, 0.0, 0.0, GRIP_STEPS),
+            Leg("free", None, -1.0, 0.3, 0.005, 10),  # set at the release: off the rim, towards the bowl's middle
             Leg("retreat", None, -1.0, 1.0, 0.02, 30),
         ]
         self.leg = 0
@@ -184,6 +188,12 @@ class LiberoExpert:
             self.legs[self.leg] = Leg(leg.phase, target + self.offset + [0, 0, height], *_rest(leg))
         elif leg.phase == "release":
             self.gap = obj - target
+        elif leg.phase == "free":
+            # a rim grasp (the hand off the object's middle) leaves a finger against the wall: lifted straight up,
+            # the open fingers carried the bowl up and dropped it off the plate; 2 cm towards its middle frees them
+            side = np.linalg.norm(self.offset)
+            away = -FREE * self.offset / side if side > 0.01 else np.zeros(3)
+            self.legs[self.leg] = Leg(leg.phase, eef + away, *_rest(leg))
         elif leg.phase == "retreat":
             self.legs[self.leg] = Leg(leg.phase, eef + 0.1 * np.array([0.0, 0.0, 1.0]), *_rest(leg))
 
