@@ -65,7 +65,8 @@ MISSED = 0.03  # an object that rose less than this (m) in the lift is not in th
 DROP = 0.05  # `On` goals: the object's origin this far (m) above the target's when the gripper opens
 GRIP_STEPS = 10  # steps spent closing or opening in place
 APPROACH_SPEED = 1.0  # the largest action per axis on the way to the object (free space)
-LIFT_SPEED = 0.25  # the largest action per axis in the lift: a rim-held bowl lifted at 0.5 can slip out
+LIFT_SPEED = 0.25  # the largest action per axis in the lift's first BREAKAWAY: a rim-held bowl at 0.5 can slip out
+BREAKAWAY = 0.05  # m: the slow start of the lift (all of it slow put a bowl from the cabinet top past the 220 steps)
 # the 7-D state refine-data annotate's motion primitives need, as two features (LeRobot's LIBERO datasets name the
 # first); the folder declares them as its state (DECLARATION), so annotate and refine-train read them unasked
 EE_STATE_KEYS = ("observation.states.ee_state", "observation.states.gripper")
@@ -229,7 +230,10 @@ class LiberoExpert:
             self.t += 1
             self.last = eef
             out = np.zeros(7)
-            out[:3] = np.clip(error * GAIN, -leg.speed, leg.speed) if leg.goal is not None else 0.0
+            speed = leg.speed
+            if leg.phase == "lift" and eef[2] - self.hold[2] > BREAKAWAY:
+                speed = 0.5  # off the table the hold is sure: the rest of the lift at the carry's speed
+            out[:3] = np.clip(error * GAIN, -speed, speed) if leg.goal is not None else 0.0
             out[6] = leg.grip
             return out
         out = np.zeros(7)
