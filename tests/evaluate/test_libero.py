@@ -206,7 +206,7 @@ def test_a_missing_gl_library_is_one_line(tmp_path: Path, monkeypatch: pytest.Mo
 # --- scripted demonstrations, LeRobot v3, replay ----------------------------------------------------------------
 
 # the task of the rest of this file, so its first frame is spatial_sim's (no second env), and the expert's surest
-# scene measured here: libero_spatial/0 kept 10/10 initial states in ~160 steps (libero_object/0: 10/10 in ~200)
+# scene measured here: libero_spatial/0 kept 10/10 initial states in ~145 steps (libero_object/0: 5/5 in ~185)
 DEMO_TASK = TASK
 
 
