@@ -239,6 +239,22 @@ def policy_state(obs: dict[str, Any]) -> np.ndarray:
     ).astype(np.float32)
 
 
+def bddl_path(suite: str, task_id: int) -> Path:
+    """The BDDL file of one task (its scene, initial predicates and goal), inside the installed wheels."""
+    from libero.libero import get_libero_path
+
+    task = benchmark_suite(suite).get_task(task_id)
+    return Path(str(get_libero_path("bddl_files"))) / str(task.problem_folder) / str(task.bddl_file)
+
+
+def task_problem(suite: str, task_id: int) -> dict[str, Any]:
+    """The parsed BDDL problem of one task (`initial_state`, `goal_state`, `obj_of_interest`, ...), read without
+    building the env: what the scripted expert decides from whether it can do a task."""
+    from libero.libero.envs.bddl_utils import robosuite_parse_problem
+
+    return dict(robosuite_parse_problem(str(bddl_path(suite, task_id))))
+
+
 class LiberoSim:
     """One LIBERO task in this process: its env, built once, reset to initial state `config` per episode."""
 
@@ -250,7 +266,6 @@ class LiberoSim:
         max_steps: int | None = None,
     ) -> None:
         bench = benchmark_suite(suite)
-        from libero.libero import get_libero_path
         from libero.libero.envs import OffScreenRenderEnv
 
         task = bench.get_task(task_id)
@@ -260,7 +275,7 @@ class LiberoSim:
         self.resolution = int(resolution or RESOLUTION)
         limit = MAX_STEPS[libero_base(suite) or suite]
         self.max_steps = step_limit(limit, max_steps)
-        bddl = Path(get_libero_path("bddl_files")) / task.problem_folder / task.bddl_file
+        bddl = bddl_path(suite, task_id)
         try:
             self.env = OffScreenRenderEnv(
                 bddl_file_name=str(bddl), camera_heights=self.resolution, camera_widths=self.resolution
