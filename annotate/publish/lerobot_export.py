@@ -162,15 +162,11 @@ def export_lerobot(
     step_rows: dict[str, list[dict[str, Any]]] = {}
     for row in steps.sort(["episode_id", "step"]).to_dicts():
         step_rows.setdefault(row["episode_id"], []).append(row)
-    cameras = tuple(recorded_cameras(manifest.get("source") or {}))  # the frames the rationales describe
+    recorded = manifest.get("source") or {}
+    cameras = tuple(recorded_cameras(recorded))  # the frames the rationales describe
     src = open_source(source, data_dir=data_dir, split=split, overrides=SourceOverrides(cameras=cameras))
     # the control rate: --fps, else the source's own (a LeRobot dataset states it), else the known datasets'
-    rate = (
-        fps
-        or getattr(src, "fps", None)
-        or DEFAULT_FPS.get(src.name)
-        or DEFAULT_FPS.get(manifest.get("source", {}).get("dataset", ""))
-    )
+    rate = fps or getattr(src, "fps", None) or DEFAULT_FPS.get(src.name) or DEFAULT_FPS.get(recorded.get("dataset", ""))
     if not rate:
         raise RefineError(f"the control rate of {src.name!r} is not known; pass --fps")
     selection = manifest.get("selection") or {}
