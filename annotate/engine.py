@@ -191,6 +191,11 @@ class Engine:
         # Every store call runs on one thread: the fsync of a commit never blocks the event loop,
         # and the SQLite connection is only ever used from that thread.
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refinevla-store")
+        # Answers that arrived and wait for their commit, at most --concurrency: an answer's slot is given back
+        # when it arrives, so without this bound a store slower than the teacher (fsyncs on a loaded disk) lets
+        # the asks run ahead of the commits, and a kill loses every answer queued (13 of 16 in a CI run). With it,
+        # a killed run has paid for at most 2 x --concurrency answers it did not keep.
+        self._storing = asyncio.Semaphore(options.concurrency)
 
     async def _db(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._io, functools.partial(fn, *args))
@@ -435,25 +440,29 @@ class Engine:
                 await slot.take()
                 try:
                     response = await self._ask(request, item.estimated_prompt_tokens)
+                    await self._storing.acquire()
                 finally:
                     slot.give_back()
-                if self._streak.held:  # the teacher answers this setup: the refusals held were about their episodes
-                    await self._settle_refusals(stored=True)
-                answer, errors = check_answer(response, request.context, opts.schema_id)
-                cost = self.prices.cost(self.teacher.model, response.prompt_tokens, response.completion_tokens)
-                # Committed before anything else looks at it: a crash from here on never pays again.
-                await self._db(
-                    commit_response,
-                    self.store,
-                    item.key,
-                    item.episode_id,
-                    self.teacher.model,
-                    attempt,
-                    response,
-                    answer,
-                    errors,
-                    cost,
-                )
+                try:
+                    if self._streak.held:  # the teacher answers this setup: the refusals held were its episodes'
+                        await self._settle_refusals(stored=True)
+                    answer, errors = check_answer(response, request.context, opts.schema_id)
+                    cost = self.prices.cost(self.teacher.model, response.prompt_tokens, response.completion_tokens)
+                    # Committed before anything else looks at it: a crash from here on never pays again.
+                    await self._db(
+                        commit_response,
+                        self.store,
+                        item.key,
+                        item.episode_id,
+                        self.teacher.model,
+                        attempt,
+                        response,
+                        answer,
+                        errors,
+                        cost,
+                    )
+                finally:
+                    self._storing.release()
                 c = self.counters
                 c.requests += 1
                 c.prompt_tokens += response.prompt_tokens

@@ -17,8 +17,9 @@ What stays on the driver, and why:
 - The durable store: the run's SQLite file in `OUT/.refine/` on the driver's disk. Every answer
   arrives at the driver, and is committed there before it is used, so no storage shared by all
   nodes is needed and a lost worker node loses no answer at all (it held only preparation work,
-  which Ray runs again on the nodes left). A killed driver loses at most the requests in flight,
-  exactly as a killed local run does; the same command then resumes.
+  which Ray runs again on the nodes left). A killed driver loses at most the requests in flight and
+  the answers being committed (--concurrency of each), exactly as a killed local run does; the same
+  command then resumes.
 
 The anti-join: keys the store has settled (answered or rejected) are sent to the tasks, which hash
 each episode's request key before building its prompt (the keyframe steps follow from the states,

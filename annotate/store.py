@@ -2,7 +2,8 @@
 
 SQLite in WAL mode, one transaction per write, `synchronous=FULL`: when `record_attempt`
 or `commit_answer` returns, the answer is on disk, and only then does the engine use it.
-A `kill -9` (or a power cut) can lose only requests still in flight. A rerun reads the
+A `kill -9` (or a power cut) can lose only requests still in flight and answers still on their
+way into it (the engine holds at most --concurrency of each). A rerun reads the
 store first and asks the teacher nothing it has an answer for.
 
 Tables:

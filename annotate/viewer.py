@@ -43,6 +43,7 @@ LOOPBACK = "127.0.0.1"
 WEB_PORT = 9090  # Rerun's own default web viewer port
 GRPC_PORT = 9876  # Rerun's own default gRPC (viewer / proxy) port
 START_TIMEOUT_S = 30.0  # how long a starting `rerun` may take to listen (the binary starts in well under a second)
+EXIT_GRACE_S = 2.0  # a `rerun` whose socket just closed is given this long to end before its port counts as taken
 
 # The options both view commands take (Typer's Annotated reuse: declared once, the defaults are the constants above)
 SaveOpt = Annotated[Path | None, typer.Option("--save", help="Write a Rerun recording (.rrd) instead.")]
@@ -215,10 +216,10 @@ class RerunProcess:
             where = f"{host} port{'s' if len(ports) > 1 else ''} {', '.join(str(p) for p in ports)}"
             for port in ports:
                 while not server.listens(host, port):
+                    if accepts(host, port) and not server.listens(host, port):
+                        raise server.listener_error(host, port, what)
                     if proc.poll() is not None:
                         raise RefineError(f"{what} exited before listening on {where} ({server.last_error()})")
-                    if accepts(host, port) and not server.listens(host, port):
-                        raise RefineError(f"port {port} on {host} was taken by another process as {what} started")
                     if time.monotonic() > deadline:
                         raise RefineError(
                             f"{what} is not listening on {where} after {START_TIMEOUT_S:.0f} s ({server.last_error()})"
@@ -239,6 +240,22 @@ class RerunProcess:
 
     def exited(self) -> bool:
         return self.proc.poll() is not None
+
+    def listener_error(self, host: str, port: int, what: str) -> RefineError:
+        """Why it is not the one listening on `port`, which accepted a connection: another process took the port
+        (rerun 0.41 may then hang without a word, or exit with its own "Address already in use"), or it was
+        itself, gone since. A viewer that dies at its first connection (no graphics driver it can draw with) may
+        start listening just after `listens` looked, take the `accepts` probe's connection and close its socket
+        before `listens` looks again; its process ends a moment later, and then nothing listens there."""
+        try:
+            self.proc.wait(timeout=EXIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            return RefineError(f"port {port} on {host} was taken by another process as {what} started")
+        if accepts(host, port):
+            return RefineError(
+                f"port {port} on {host} was taken by another process as {what} started ({self.last_error()})"
+            )
+        return RefineError(f"{what} exited ({self.last_error()})")
 
     def last_error(self) -> str:
         """The last line of its log that says what went wrong (else its last line), without colours or timestamp."""

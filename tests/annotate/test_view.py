@@ -295,12 +295,13 @@ def test_a_viewer_that_dies_after_it_listens_is_one_line(tmp_path):
         f"#!{sys.executable}\n"
         + textwrap.dedent(
             """
-            import socket, sys
+            import socket, sys, time
             with socket.socket() as s:
                 s.bind(("127.0.0.1", int(sys.argv[sys.argv.index("--port") + 1])))
                 s.listen()
                 s.settimeout(30)
                 s.accept()  # dies once the command has connected (not after a fixed time: CI may be slow)
+            time.sleep(0.5)  # its socket closed, the process not yet ended: the port once looked taken by another then
             sys.exit("Error: app creation error: The GPU/graphics driver is lacking some abilities")
             """
         )
