@@ -136,7 +136,8 @@ class Profile:
     @property
     def covered_s(self) -> float:
         """Wall seconds each engine loop was sampled for while it ran (`run_part`): the engine's time
-        (the manifest's `this_run.seconds`) if no sample was missed."""
+        (the manifest's `this_run.seconds`) if no sample was missed. Only roughly: py-spy's intervals are
+        random (exponential) and its schedule absolute, so a lag is followed by samples taken back to back."""
         return sum(self.loop.values()) / self.rate / max(1, self.loops)
 
 

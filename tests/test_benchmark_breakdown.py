@@ -32,10 +32,13 @@ def test_the_cli_rows_stages_sum_to_its_measured_wall_time(tmp_path: Path) -> No
     loop_ms, wall, sampled = float(found.group(2)), float(found.group(3)), float(found.group(4))
     # one process: its event loop's stages and idle time while the engine ran sum to the engine's own clock
     # (the manifest's this_run.seconds), measured apart from the sampling, which covered a good part of it
-    # (py-spy drops samples on a loaded machine: a third of them under a load of 5 on 2 cores)
+    # (py-spy drops samples on a loaded machine: a third of them under a load of 5 on 2 cores). Its intervals
+    # are random (exponential, ~300 samples here: ±6% by chance alone) and its schedule is absolute, so after a
+    # lag (the start-up's imports on a loaded machine) it samples back to back to catch up: CI once saw 3.56 s
+    # sampled in the engine's 3.14. The bound still tells the engine's span from the whole process (2x and more).
     assert "annotate: 1 engine process (1: as given)" in r.stdout
     assert abs(loop_ms * 384 / 1000 - wall) <= 0.1 * wall, (loop_ms, wall)
-    assert 0.5 * wall <= sampled <= 1.1 * wall, (sampled, wall)
+    assert 0.5 * wall <= sampled <= 1.3 * wall, (sampled, wall)
     assert abs(sum(rows.values()) - loop_ms) <= 0.05 * loop_ms + 0.05  # the rows add up to the sum line
     assert rows["ask"] > 0 and rows["read"] == 0.0  # the loop asks; reading is the producer thread's
     assert (tmp_path / "cli-1.svg").read_text().startswith("<svg")
