@@ -41,6 +41,8 @@ import logging
 import os
 import pickle
 import socket
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -424,34 +426,85 @@ def prepared_dataset(ray: Any, setup: RunSetup, args: AnnotateArgs, cluster: Clu
     return ds
 
 
-def prepared_stream(ds: Any, expected: int) -> Iterator[PreparedRequest]:
+# How long the driver waits, before `ray.shutdown()`, for a thread still inside Ray Data's iterator (the engine's
+# producer, waiting for a block the cluster is still preparing when the run stopped): Ray ends the whole process
+# (exit 1, "The core worker has already been shutdown") when a thread touches it after shutdown.
+STREAM_IDLE_WAIT_S = 300.0
+
+
+class PreparedStream:
     """The prepared requests of `prepared_dataset`, unpickled on the driver in the order they are ready.
 
-    Every selected episode must come back: a shortfall is an error, never a smaller dataset.
+    Every selected episode must come back: a shortfall is an error, never a smaller dataset. An iterator
+    the driver can wait for before `ray.shutdown()`: a stopped run (max-cost, Ctrl-C, an error) leaves the
+    engine's producer inside `next` while the cluster prepares the next block, and the engine waits for it
+    only `engine.PRODUCER_CLOSE_S`; `wait_idle` lets `run_on_ray` wait until no thread is in Ray Data.
     """
-    if ds is None:
-        return
-    rows = iter(ds.iter_rows())
-    seen = 0
-    try:
-        while True:
+
+    def __init__(self, ds: Any, expected: int) -> None:
+        self._ds, self._expected, self._seen = ds, expected, 0
+        self._rows: Iterator[dict[str, Any]] | None = None
+        self._idle = threading.Event()  # set while no thread is inside Ray Data's iterator
+        self._idle.set()
+        self._closed = False
+
+    def __iter__(self) -> PreparedStream:
+        return self
+
+    def __next__(self) -> PreparedRequest:
+        if self._ds is None or self._closed:
+            raise StopIteration
+        self._idle.clear()
+        try:
+            if self._rows is None:
+                self._rows = iter(self._ds.iter_rows())
             try:
-                row = next(rows)
+                row = next(self._rows)
             except StopIteration:
-                if seen != expected:
-                    raise RefineError(f"the Ray cluster prepared {seen} of the {expected} selected episodes") from None
-                return
-            seen += 1
+                if self._seen != self._expected:
+                    message = f"the Ray cluster prepared {self._seen} of the {self._expected} selected episodes"
+                    raise RefineError(message) from None
+                raise
+            self._seen += 1
             if row["error"]:
                 raise RefineError(row["error"])
-            yield pickle.loads(row["payload"])
-    finally:
-        # Stopped early (an error row, Ctrl-C, max-cost): shut Ray Data's executor down now. Left to the
-        # garbage collector, its scheduling thread outlives `ray.shutdown()` and its next `ray.wait`
-        # would start a private cluster in this process, which then never exits.
+            return pickle.loads(row["payload"])  # type: ignore[no-any-return]
+        except BaseException:
+            self._close_rows()  # an error stops the stream: its executor goes down now, not at garbage collection
+            raise
+        finally:
+            self._idle.set()
+
+    def close(self) -> None:
+        """Shut Ray Data's executor down now. Left to the garbage collector, its scheduling thread outlives
+        `ray.shutdown()` and its next `ray.wait` would start a private cluster in this process."""
+        self._closed = True
+        self._close_rows()
+
+    def _close_rows(self) -> None:
+        rows, self._rows = self._rows, None
         close = getattr(rows, "close", None)
         if close is not None:
             close()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether no thread is inside Ray Data's iterator, waiting up to `timeout` s for the one that is."""
+        return self._idle.wait(timeout)
+
+
+def prepared_stream(ds: Any, expected: int) -> PreparedStream:
+    """The prepared requests of `prepared_dataset` (None: nothing to prepare), as a `PreparedStream`."""
+    return PreparedStream(ds, expected)
+
+
+def shut_down(ray: Any, stream: PreparedStream | None) -> None:
+    """`ray.shutdown()` once no thread is inside the stream (see STREAM_IDLE_WAIT_S) and its executor is down."""
+    if stream is not None:
+        if not stream.wait_idle(STREAM_IDLE_WAIT_S):
+            print(f"a thread still waits on the Ray cluster after {STREAM_IDLE_WAIT_S:.0f} s", file=sys.stderr)
+        else:
+            stream.close()
+    ray.shutdown()
 
 
 def settled_keys(setup: RunSetup) -> frozenset[str]:
@@ -472,6 +525,7 @@ def run_on_ray(args: AnnotateArgs, setup: RunSetup) -> tuple[Any, Cluster]:
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     ray = connect(args.ray_address)
+    stream: PreparedStream | None = None
     try:
         cluster = cluster_of(ray, args.ray_address, args.ray_workers)
         started = time.monotonic()
@@ -505,4 +559,4 @@ def run_on_ray(args: AnnotateArgs, setup: RunSetup) -> tuple[Any, Cluster]:
             c["completion_tokens"] += r.completion_tokens
         return part, cluster
     finally:
-        ray.shutdown()
+        shut_down(ray, stream)

@@ -4,7 +4,8 @@ Each stage is the command a user runs (`refine-eval demos`, `refine-data annotat
 rule-based teacher, `refine-train`, `refine-eval run`), so a convention mismatch between the halves
 (frames, statistics, action frames, gripper, transforms) shows up here as a policy that fails. Rows:
 
-- expert: the scripted expert's tries kept (`refine-eval demos`);
+- expert: the scripted expert's tries kept (`refine-eval demos`; not run with `--demos-from DIR`, demos
+  recorded before by the same command, whose replay `--replay-from RESULTS` may give too: the test suite's);
 - replay: `--policy replay:DEMOS` on the demos' own scenes, the success of a perfect imitator of the
   training view (transform + action-token round trip);
 - imitation: free-running decoding (the one decoder refine-eval uses) on the training frames, the
@@ -162,55 +163,67 @@ def imitation(
     return Rate(match, total)
 
 
-def run(args: argparse.Namespace, work: Path) -> Loop:
-    loop = Loop(args.task, args.mode, args.reasoning_weight)
-    demos, annotated, ckpt = work / "demos", work / "annotated", work / "policy"
-    frames = ["--resolution", str(args.resolution)] if args.resolution else []  # LIBERO's cameras
-    t = time.time()
-    out = sh(
-        [
-            *cli("evaluate"),
-            "demos",
-            "--suite",
-            args.suite,
-            *frames,
-            "--tasks",
-            args.task,
-            "--episodes",
-            str(args.demos),
-            "--seed",
-            str(args.seed),
-            "--out",
-            str(demos),
-        ],
-        "refine-eval demos",
-    )
+def record_demos(args: argparse.Namespace, demos: Path, frames: list[str]) -> Rate:
+    """`refine-eval demos`: the scripted expert's tries kept, as it prints them."""
+    cmd = [*cli("evaluate"), "demos", "--suite", args.suite, *frames, "--tasks", args.task]
+    cmd += ["--episodes", str(args.demos), "--seed", str(args.seed), "--out", str(demos)]
+    out = sh(cmd, "refine-eval demos")
     found = re.search(rf"{args.task}: (\d+)/(\d+) tries kept", out)
     if found is None:
         sys.exit(f"refine-eval demos printed no '{args.task}: K/N tries kept' line:\n{out[-3000:]}")
-    kept, tried = int(found[1]), int(found[2])
-    loop.expert, loop.demos_kept = Rate(kept, tried), kept
-    loop.seconds["demos"] = time.time() - t
+    return Rate(int(found[1]), int(found[2]))
+
+
+def given_demos(args: argparse.Namespace, demos: Path) -> int:
+    """The episodes of a --demos-from folder, checked to be demos of --task: the task of each is in the file
+    `refine-eval demos` writes beside them (WidowX: the truth file; LIBERO: the scenes file)."""
+    truth, scenes = demos / "refinevla_truth.json", demos / "refinevla_demos.json"
+    if truth.is_file():
+        tasks = [str(e.get("task")) for e in json.loads(truth.read_text()).get("episodes") or []]
+    elif scenes.is_file():
+        tasks = [f"{e.get('suite')}/{e.get('task_id')}" for e in json.loads(scenes.read_text()).values()]
+    else:
+        sys.exit(f"--demos-from {demos}: no truth or scenes file (`refine-eval demos` writes one)")
+    if sorted(set(tasks)) != [args.task]:
+        sys.exit(f"--demos-from {demos}: demos of {', '.join(sorted(set(tasks))) or 'nothing'}, not of {args.task}")
+    if len(tasks) < 2:
+        sys.exit(f"--demos-from {demos}: {len(tasks)} episode(s); the loop needs at least 2 (see --demos)")
+    return len(tasks)
+
+
+def given_replay(replay: Path, demos: Path) -> Rate:
+    """A --replay-from results folder, checked to be `--policy replay:DEMOS` of the demos in use."""
+    run_json = replay / "run.json"
+    if not run_json.is_file():
+        sys.exit(f"--replay-from {replay}: no run.json: not a refine-eval run's results")
+    policy = json.loads(run_json.read_text()).get("policy") or {}
+    if not str(policy.get("name", "")).startswith("replay:") or Path(policy.get("path", "")) != demos.resolve():
+        sys.exit(f"--replay-from {replay}: ran {policy.get('name')} of {policy.get('path')}, not replay:{demos}")
+    return successes(replay)
+
+
+def run(args: argparse.Namespace, work: Path) -> Loop:
+    loop = Loop(args.task, args.mode, args.reasoning_weight)
+    demos, annotated, ckpt = args.demos_from or work / "demos", work / "annotated", work / "policy"
+    frames = ["--resolution", str(args.resolution)] if args.resolution else []  # LIBERO's cameras
+    t = time.time()
+    if args.demos_from:  # made before by the same command (the test suite's session demos): not run again
+        loop.demos_kept = given_demos(args, demos)
+    else:
+        loop.expert = record_demos(args, demos, frames)
+        loop.demos_kept = loop.expert.k
+        loop.seconds["demos"] = time.time() - t
 
     t = time.time()
     common = ["--suite", args.suite, "--tasks", args.task, *frames, "--no-report"]
-    replay = work / "replay"
-    sh(
-        [
-            *cli("evaluate"),
-            "run",
-            "--policy",
-            f"replay:{demos}",
-            "--episodes-from",
-            str(demos),
-            "--out",
-            str(replay),
-            *common,
-        ],
-        "replay",
-    )
-    loop.replay = successes(replay)
-    loop.seconds["replay"] = time.time() - t
+    if args.replay_from:
+        loop.replay = given_replay(args.replay_from, demos)
+    else:
+        replay = work / "replay"
+        replay_cmd = [*cli("evaluate"), "run", "--policy", f"replay:{demos}", "--episodes-from", str(demos)]
+        sh([*replay_cmd, "--out", str(replay), *common], "replay")
+        loop.replay = successes(replay)
+        loop.seconds["replay"] = time.time() - t
 
     t = time.time()
     kind = SUITE_DEMOS[args.suite][0]
@@ -318,6 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--control", action=argparse.BooleanOptionalAction, default=True, help="also run step 0")
     p.add_argument("--assets", type=Path, help="SimplerEnv's assets (default $MS_ASSET_DIR, $REFINEVLA_SIMPLER_ASSETS)")
     p.add_argument("--work", type=Path, help="keep every stage's output here (default: a temporary folder)")
+    p.add_argument(
+        "--demos-from", type=Path, help="use these demos of --task (a `refine-eval demos` folder) instead of recording"
+    )
+    p.add_argument(
+        "--replay-from", type=Path, help="with --demos-from: their `--policy replay:` run's results, not run again"
+    )
     args = p.parse_args(argv)
     args.task = args.task or ("carrot_on_plate" if args.suite == "widowx" else "libero_spatial/0")
     if args.suite == "libero":
@@ -332,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
         # refine-train's action bounds are the q01/q99 quantiles (OpenVLA's): over one episode they cut its largest
         # steps (0.017 off one sideways LIBERO step), so even the replay row fails; measured, not guessed
         p.error("--demos must be at least 2: one episode's q01/q99 action bounds clip its own extreme steps")
+    if args.replay_from and not args.demos_from:
+        p.error("--replay-from needs --demos-from: a replay is of given demos")
+    if args.demos_from:
+        args.demos_from = args.demos_from.resolve()
     if args.suite == "widowx":  # LIBERO's scenes come with the [libero] extra
         os.environ["MS_ASSET_DIR"] = str(simulator_assets(args.assets))
     with tempfile.TemporaryDirectory(prefix="refinevla-loop-") as tmp:
@@ -347,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                     "mode": loop.mode,
                     "reasoning_weight": loop.reasoning_weight,
                     "demos_kept": loop.demos_kept,
-                    "expert_success": str(loop.expert),
+                    "expert_success": str(loop.expert) if loop.expert else None,
+                    "demos_from": str(args.demos_from) if args.demos_from else None,
                     "replay_success": str(loop.replay),
                     "imitation": str(loop.imitation),
                     "policy_success": str(loop.policy),

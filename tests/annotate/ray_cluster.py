@@ -10,6 +10,7 @@ journal (the `REFINEVLA_RAY_JOURNAL` test hook of `ray_backend`) and asking the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -37,6 +38,11 @@ __all__ = [
 def ray_cluster() -> Iterator[LocalRayCluster]:
     """A head (1 CPU) and a worker node (2 CPUs), shared by every Ray test of the session."""
     pytest.importorskip("ray.data", reason="ray.data: needs the [ray] extra")
+    given = os.environ.get("REFINEVLA_RAY_DRIVER_CHILD")  # a pytest run by the suite's: its cluster
+    if given:
+        spec = json.loads(given)
+        yield LocalRayCluster(spec["address"], Path(spec["temp_dir"]), {**os.environ, **DRIVER_ENV})
+        return
     with local_cluster(head_cpus=1, worker_cpus=2) as cluster:
         yield cluster
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import pytest
 from refinevla.annotate.errors import RefineError
 from tests.annotate.conftest import SECRET, answered, start_annotate
 from tests.annotate.test_crash_resume import seed
+from tests.conftest import RAY_DRIVER_CHILD, RAY_DRIVER_TESTS
 
 pytest.importorskip("ray.data", reason="ray.data: needs the [ray] extra")
 
@@ -39,6 +41,8 @@ from tests.annotate.ray_cluster import (
     lose_node_under,
     wait_until,
 )
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)
@@ -300,6 +304,7 @@ def annotate_in_process(uri: str, url: str, out: Path, cluster: LocalRayCluster)
     return CliRunner().invoke(app, args, env={"OPENAI_API_KEY": SECRET})
 
 
+@pytest.mark.ray_driver
 def test_a_bug_in_a_preparation_task_keeps_its_traceback(tiny_rlds, teacher_server, ray_cluster, tmp_path, monkeypatch):
     from refinevla.annotate import ray_backend
 
@@ -322,6 +327,7 @@ def slow_unless_an_error(batch: dict[str, Any]) -> dict[str, Any]:
     return batch
 
 
+@pytest.mark.ray_driver
 def test_a_stream_stopped_by_an_error_shuts_its_executor_down_before_ray_does(ray_cluster):
     """CI once hung here: the error stopped the stream, the driver called `ray.shutdown()`, and Ray
     Data's scheduling thread (shut down only when the garbage collector got to the iterator) then
@@ -340,6 +346,72 @@ def test_a_stream_stopped_by_an_error_shuts_its_executor_down_before_ray_does(ra
         assert not running  # ...and its executor is shut down all the same
     finally:
         ray.shutdown()
+
+
+def test_the_tests_that_drive_ray_in_their_own_process_pass_in_a_pytest_of_their_own(
+    ray_cluster: LocalRayCluster, request: pytest.FixtureRequest
+) -> None:
+    """The `ray_driver` tests make their process a Ray driver (`ray.init` in it, to patch what the driver runs):
+    Ray ends such a process when it frees an ObjectRef after `ray.shutdown()` (exit 1, "The core worker has
+    already been shutdown"; a test's exception holds Ray Data's frames, freed whenever the garbage collector gets
+    to them), and in CI that took a pytest-xdist worker down in the middle of a later test. So they run here, in a
+    pytest of their own on the session's cluster, and the suite's own run deselects them (tests/conftest.py)."""
+    expected = request.config.stash.get(RAY_DRIVER_TESTS, 0)
+    given = {"address": ray_cluster.address, "temp_dir": str(ray_cluster.temp_dir)}
+    env = {**os.environ, RAY_DRIVER_CHILD: json.dumps(given)}
+    files = ["tests/annotate/test_ray_backend.py", "tests/annotate/test_ray_vllm.py"]
+    cmd = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "0", "-m", "ray_driver", *files]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    summary = r.stdout.strip().splitlines()[-1] if r.stdout.strip() else ""
+    assert r.returncode == 0 and re.search(rf"\b{expected} passed", summary), (r.stdout + r.stderr)[-4000:]
+    assert expected == 4 and not re.search(r"failed|skipped|error", summary), summary
+
+
+# A driver of its own (not this pytest worker: Ray ends a process whose thread touches it after shutdown)
+STOPPED_UNDER_A_BLOCK = """
+import pathlib, pickle, sys, threading, time
+from refinevla.annotate import ray_backend
+
+hold = pathlib.Path(sys.argv[2])
+hold.touch()
+
+def held(batch):
+    while hold.exists():  # the block the cluster still prepares when the run stops
+        time.sleep(0.05)
+    return batch
+
+ray = ray_backend.connect(sys.argv[1])
+ds = ray.data.from_items([{"payload": pickle.dumps(7), "error": ""}]).map_batches(held, batch_size=1)
+stream = ray_backend.prepared_stream(ds, expected=1)
+got = []
+waiting = threading.Thread(target=lambda: got.append(next(stream)), daemon=True)  # the engine's producer
+waiting.start()
+time.sleep(1.0)
+inside = not stream.wait_idle(0)
+threading.Timer(2.0, hold.unlink).start()  # the block comes 2 s after the run has stopped
+t0 = time.monotonic()
+ray_backend.shut_down(ray, stream)  # the driver's exit, as after a max-cost stop
+print(inside, got, round(time.monotonic() - t0, 1), flush=True)
+"""
+
+
+def test_ray_is_shut_down_only_once_no_thread_waits_on_the_stream(ray_cluster: LocalRayCluster, tmp_path: Path) -> None:
+    """CI once failed here: a --max-cost run (test below) exited 1 with Ray's "The core worker has already been
+    shutdown ... The process will exit". The stop left the engine's producer inside `next` for a block the
+    cluster was still preparing, longer than the engine waits for it (10 s), and `ray.shutdown()` under it made
+    Ray end the process. The driver now waits for the stream to be idle, closes it, and only then shuts down."""
+    r = subprocess.run(
+        [sys.executable, "-c", STOPPED_UNDER_A_BLOCK, ray_cluster.address, str(tmp_path / "hold")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **DRIVER_ENV},
+    )
+    assert r.returncode == 0 and "already been shutdown" not in r.stderr, r.stdout + r.stderr[-2000:]
+    line = r.stdout.strip().splitlines()[-1]
+    inside, got, waited = line.split()
+    assert (inside, got) == ("True", "[7]"), line  # a thread was inside; shut_down waited for its block ...
+    assert float(waited) >= 1.9, line  # ... the 2 s until the block came
 
 
 def test_a_user_error_in_a_preparation_task_is_one_line(tiny_rlds, teacher_server, ray_cluster, tmp_path):

@@ -158,6 +158,7 @@ def prepared(tasks: Path) -> tuple[int, Counter[int]]:
     return sum(e["prompts"] for e in done), Counter(e["chunk"] for e in done)
 
 
+@pytest.mark.ray_driver
 def test_replicas_answer_into_the_store_and_invalid_answers_are_re_asked_in_the_next_pass(
     tiny_rlds, replicas, ray_cluster, tmp_path, capsys
 ):
@@ -234,6 +235,7 @@ def busy_rlds(directory: Path, steps: int = 44) -> str:
     return f"rlds:{write_rlds(directory, features, examples, name='bridge_orig')}"
 
 
+@pytest.mark.ray_driver
 def test_the_replicas_admit_exactly_as_many_images_as_the_largest_prompt_has(replicas, ray_cluster, tmp_path):
     out = tmp_path / "out"
     assert annotate(busy_rlds(tmp_path / "src"), out, ray_cluster) == 0  # the busy episode fits: no engine error
