@@ -40,7 +40,8 @@ def test_a_costly_session_fixture_lives_in_one_group(request: pytest.FixtureRequ
         assert not others, (fixture, others)
     ray_users = {i.location[0] for i in request.session.items if "ray_cluster" in getattr(i, "fixturenames", ())}
     if whole_suite(request):
-        assert {"tests/annotate/test_ray_backend.py", "tests/annotate/test_ray_vllm.py"} <= ray_users
+        # (test_ray_vllm.py's driver tests run in test_ray_backend.py's pytest of their own: deselected here)
+        assert {"tests/annotate/test_ray_backend.py", "tests/evaluate/test_ray_eval.py"} <= ray_users
 
 
 def test_the_longest_groups_come_first(request: pytest.FixtureRequest) -> None:
