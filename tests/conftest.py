@@ -19,7 +19,7 @@ import pytest
 
 from refinevla.annotate.sources import specs
 from refinevla.annotate.sources.rlds_writer import write_rlds
-from tests.annotate.ray_cluster import ray_cluster  # noqa: F401  (one Ray cluster for every Ray test of the session)
+from tests.annotate.ray_cluster import RAY_DRIVER_CHILD, ray_cluster  # noqa: F401  (one Ray cluster for every Ray test of the session)
 
 IMAGE = (64, 64)
 
@@ -71,10 +71,7 @@ def _note(line: str) -> None:
             fh.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
 
-# Tests marked `ray_driver` make their own process a Ray driver; the suite's run deselects them and one test
-# (test_ray_backend.py) runs them in a pytest of their own, given the session's cluster in RAY_DRIVER_CHILD.
-RAY_DRIVER_CHILD = "REFINEVLA_RAY_DRIVER_CHILD"
-RAY_DRIVER_TESTS = pytest.StashKey[int]()
+RAY_DRIVER_TESTS = pytest.StashKey[int]()  # how many `ray_driver` tests the suite's run deselected
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -23,6 +23,7 @@ from refinevla.annotate.ray_local import DRIVER_ENV, LocalRayCluster, free_port,
 
 __all__ = [
     "DRIVER_ENV",
+    "RAY_DRIVER_CHILD",
     "LocalRayCluster",
     "alive_nodes",
     "finish",
@@ -34,11 +35,16 @@ __all__ = [
 ]
 
 
+# Tests marked `ray_driver` make their own process a Ray driver; the suite's run deselects them (tests/conftest.py)
+# and one test (test_ray_backend.py) runs them in a pytest of their own, given the session's cluster in this variable.
+RAY_DRIVER_CHILD = "REFINEVLA_RAY_DRIVER_CHILD"
+
+
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[LocalRayCluster]:
     """A head (1 CPU) and a worker node (2 CPUs), shared by every Ray test of the session."""
     pytest.importorskip("ray.data", reason="ray.data: needs the [ray] extra")
-    given = os.environ.get("REFINEVLA_RAY_DRIVER_CHILD")  # a pytest run by the suite's: its cluster
+    given = os.environ.get(RAY_DRIVER_CHILD)  # a pytest run by the suite's: its cluster
     if given:
         spec = json.loads(given)
         yield LocalRayCluster(spec["address"], Path(spec["temp_dir"]), {**os.environ, **DRIVER_ENV})

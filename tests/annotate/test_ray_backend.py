@@ -26,13 +26,14 @@ import pytest
 from refinevla.annotate.errors import RefineError
 from tests.annotate.conftest import SECRET, answered, start_annotate
 from tests.annotate.test_crash_resume import seed
-from tests.conftest import RAY_DRIVER_CHILD, RAY_DRIVER_TESTS
+from tests.conftest import RAY_DRIVER_TESTS
 
 pytest.importorskip("ray.data", reason="ray.data: needs the [ray] extra")
 
 from refinevla.annotate.ray_backend import JOURNAL_ENV
 from tests.annotate.ray_cluster import (
     DRIVER_ENV,
+    RAY_DRIVER_CHILD,
     LocalRayCluster,
     alive_nodes,
     finish,
