@@ -19,6 +19,7 @@ import pytest
 
 from refinevla.annotate.sources import specs
 from refinevla.annotate.sources.rlds_writer import write_rlds
+from tests import watchdog
 from tests.annotate.ray_cluster import RAY_DRIVER_CHILD, ray_cluster  # noqa: F401  (one Ray cluster for every Ray test of the session)
 
 IMAGE = (64, 64)
@@ -71,11 +72,12 @@ def _note(line: str) -> None:
             fh.write(f"{time.strftime('%H:%M:%S')} {line}\n")
 
 
-RAY_DRIVER_TESTS = pytest.StashKey[int]()  # how many `ray_driver` tests the suite's run deselected
+RAY_DRIVER_TESTS = pytest.StashKey[list[str]]()  # the node ids of the `ray_driver` tests the suite's run deselected
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ray_driver: makes its process a Ray driver (run in a pytest of its own)")
+    config.pluginmanager.register(watchdog, "refinevla-watchdog")  # a long test's failure shows where it waited
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if hasattr(config, "workerinput") and worker and WORKER_LOGS in os.environ:
         _this_workers_log.append(_worker_log(worker))
@@ -324,7 +326,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         by_file.setdefault(item.location[0], set()).update(getattr(item, "fixturenames", ()))
     if not os.environ.get(RAY_DRIVER_CHILD):
         drivers = [item for item in items if item.get_closest_marker("ray_driver")]
-        config.stash[RAY_DRIVER_TESTS] = len(drivers)
+        config.stash[RAY_DRIVER_TESTS] = [item.nodeid for item in drivers]
         if drivers:
             config.hook.pytest_deselected(items=drivers)
             items[:] = [item for item in items if not item.get_closest_marker("ray_driver")]
