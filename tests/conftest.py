@@ -19,7 +19,7 @@ import pytest
 
 from refinevla.annotate.sources import specs
 from refinevla.annotate.sources.rlds_writer import write_rlds
-from tests import watchdog
+from tests import timeline, watchdog
 from tests.annotate.ray_cluster import RAY_DRIVER_CHILD, ray_cluster  # noqa: F401  (one Ray cluster for every Ray test of the session)
 
 IMAGE = (64, 64)
@@ -78,6 +78,7 @@ RAY_DRIVER_TESTS = pytest.StashKey[list[str]]()  # the node ids of the `ray_driv
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ray_driver: makes its process a Ray driver (run in a pytest of its own)")
     config.pluginmanager.register(watchdog, "refinevla-watchdog")  # a long test's failure shows where it waited
+    config.pluginmanager.register(timeline, "refinevla-timeline")  # REFINEVLA_TIMELINE=DIR: who ran what, when
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     if hasattr(config, "workerinput") and worker and WORKER_LOGS in os.environ:
         _this_workers_log.append(_worker_log(worker))
