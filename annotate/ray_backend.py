@@ -433,7 +433,8 @@ STREAM_IDLE_WAIT_S = 300.0
 
 
 class PreparedStream:
-    """The prepared requests of `prepared_dataset`, unpickled on the driver in the order they are ready.
+    """The prepared requests of `prepared_dataset` (None: nothing to prepare), unpickled on the driver in the
+    order they are ready.
 
     Every selected episode must come back: a shortfall is an error, never a smaller dataset. An iterator
     the driver can wait for before `ray.shutdown()`: a stopped run (max-cost, Ctrl-C, an error) leaves the
@@ -492,11 +493,6 @@ class PreparedStream:
         return self._idle.wait(timeout)
 
 
-def prepared_stream(ds: Any, expected: int) -> PreparedStream:
-    """The prepared requests of `prepared_dataset` (None: nothing to prepare), as a `PreparedStream`."""
-    return PreparedStream(ds, expected)
-
-
 def shut_down(ray: Any, stream: PreparedStream | None) -> None:
     """`ray.shutdown()` once no thread is inside the stream (see STREAM_IDLE_WAIT_S) and its executor is down."""
     if stream is not None:
@@ -547,7 +543,7 @@ def run_on_ray(args: AnnotateArgs, setup: RunSetup) -> tuple[Any, Cluster]:
             setup.options = replace(
                 setup.options, ask=False, unasked_reason="no answer from the vLLM replicas; rerun to ask again"
             )
-        stream = prepared_stream(ds, setup.total)
+        stream = PreparedStream(ds, setup.total)
         part = run_part(args, setup, setup.start, setup.stop, setup.out, live_progress=True, items=stream)
         part.seconds = max(part.seconds, time.monotonic() - started)
         if cluster.replies is not None:  # answered by the replicas in this run, settled from the store after

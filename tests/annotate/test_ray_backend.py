@@ -339,7 +339,7 @@ def test_a_stream_stopped_by_an_error_shuts_its_executor_down_before_ray_does(ra
     try:
         rows = [{"payload": b"", "error": "corrupt record in episode 0"}] + [{"payload": b"", "error": ""}] * 2
         ds = ray.data.from_items(rows, override_num_blocks=3).map_batches(slow_unless_an_error, batch_size=1)
-        stream = ray_backend.prepared_stream(ds, expected=3)
+        stream = ray_backend.PreparedStream(ds, expected=3)
         with pytest.raises(RefineError, match="corrupt record in episode 0") as caught:
             next(stream)
         assert caught.value.__traceback__ is not None  # it holds the stream's frame, the iterator in it
@@ -384,7 +384,7 @@ def held(batch):
 
 ray = ray_backend.connect(sys.argv[1])
 ds = ray.data.from_items([{"payload": pickle.dumps(7), "error": ""}]).map_batches(held, batch_size=1)
-stream = ray_backend.prepared_stream(ds, expected=1)
+stream = ray_backend.PreparedStream(ds, expected=1)
 got = []
 waiting = threading.Thread(target=lambda: got.append(next(stream)), daemon=True)  # the engine's producer
 waiting.start()
