@@ -56,24 +56,17 @@ def group_of(nodeid: str) -> str:
 
 
 def spans(folder: Path) -> Iterator[Span]:
-    """Consecutive tests of one group on one worker, as one span each, in the order they ran."""
-    rows = []
+    """Consecutive tests of one group on one worker (one file each), as one span each, in the order they ran."""
     for tsv in sorted(folder.glob("*.tsv")):
-        for line in tsv.read_text().splitlines():
-            start, end, nodeid = line.split("\t", 2)
-            rows.append((tsv.stem, float(start), float(end), nodeid))
-    by_worker: dict[str, list[tuple[str, float, float, str]]] = {}
-    for row in sorted(rows, key=lambda r: r[1]):
-        by_worker.setdefault(row[0], []).append(row)
-    for worker, ran in sorted(by_worker.items()):
+        rows = sorted((line.split("\t", 2) for line in tsv.read_text().splitlines()), key=lambda r: float(r[0]))
         span: Span | None = None
-        for _, start, end, nodeid in ran:
+        for start, end, nodeid in rows:
             group = group_of(nodeid)
             if span is None or span.group != group:
                 if span is not None:
                     yield span
-                span = Span(worker, group, start, end)
-            span.end, span.seconds, span.tests = end, span.seconds + end - start, span.tests + 1
+                span = Span(tsv.stem, group, float(start), float(end))
+            span.end, span.seconds, span.tests = float(end), span.seconds + float(end) - float(start), span.tests + 1
         if span is not None:
             yield span
 

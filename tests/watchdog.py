@@ -3,8 +3,8 @@
 Why: a subprocess that hangs (a simulator, a Ray driver, a training run) is killed by its test's timeout, and
 all the report then says is `TimeoutExpired` with the child's last output lines: where it waited is gone with
 it. One such hang was seen once (`refine-eval demos`, the session's demos fixture, after its first episode,
-with three pytest-xdist workers) and did not come back in 20 tries. So while a test's setup, call or
-teardown runs longer than `WATCHDOG_S`, this dumps, every `WATCHDOG_S`, the Python (and native) stacks of the
+with three pytest-xdist workers) and did not come back in 20 tries. So while a test (its setup, call and
+teardown together) runs longer than `WATCHDOG_S`, this dumps, every `WATCHDOG_S`, the Python (and native) stacks of the
 worker's descendant processes with py-spy (the `[dev]` extra), and a test that then fails carries them as a
 report section ("watchdog"). A test that passes shows nothing; a dump costs about a second per process.
 """
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-WATCHDOG_S = float(os.environ.get("REFINEVLA_WATCHDOG_S", "240"))  # the slowest test phase takes ~230 s under load
+# the closed loop, the slowest test, takes 210-250 s under load: a dump during it costs a second per process
+WATCHDOG_S = float(os.environ.get("REFINEVLA_WATCHDOG_S", "240"))
 DUMP_TIMEOUT_S = 30  # per process: py-spy attaches with ptrace and reads every thread's stack
 
 
